@@ -1,0 +1,41 @@
+# lstmserve: `make run` serves the demo model, `make test` runs the whole suite. Both set up .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(shell find proto -name '*.proto')
+GENERATED := $(PROTOS:.proto=_pb2.py)
+MODEL ?= models/demo.pt
+
+.PHONY: run test proto lint bench docker clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "grpcio-tools==1.85.1"
+	$(MAKE) proto
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+proto: $(GENERATED)
+
+proto/%_pb2.py: proto/%.proto
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $<
+
+$(MODEL): | $(STAMP)
+	$(VENV)/bin/lstmserve-export --demo --output $@
+
+run: $(STAMP) $(GENERATED) $(MODEL)
+	$(VENV)/bin/lstmserve --model-path $(MODEL)
+
+test: $(STAMP) $(GENERATED)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check server client tests
+
+docker:
+	docker build -t lstmserve:latest .
+
+clean:
+	rm -rf $(VENV) models $(GENERATED) $(GENERATED:_pb2.py=_pb2_grpc.py) $(GENERATED:.py=.pyi)

@@ -1,0 +1,43 @@
+"""Wire codec for `lstmserve.v1.Tensor`: a shape plus packed little-endian float32 bytes."""
+
+import math
+
+import numpy as np
+
+from lstmserve.v1 import lstm_service_pb2 as pb
+
+WIRE_DTYPE = np.dtype("<f4")
+
+
+class TensorFormatError(ValueError):
+    """A Tensor message whose shape and payload do not agree."""
+
+
+def to_proto(array) -> pb.Tensor:
+    """Packs any array-like (numpy array, torch tensor on CPU, nested lists) as a float32 Tensor."""
+    packed = np.ascontiguousarray(array, dtype=WIRE_DTYPE)
+    return pb.Tensor(shape=packed.shape, data=packed.tobytes())
+
+
+def from_proto(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
+    """Unpacks a Tensor without copying the bytes.
+
+    The declared shape is checked against the payload before anything is allocated, so a huge shape
+    with a small payload costs nothing.
+    """
+    shape = tuple(tensor.shape)
+    if any(dim < 0 for dim in shape):
+        raise TensorFormatError(f"{name}: shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if tensor.data and len(tensor.values):
+        raise TensorFormatError(f"{name}: set either data or values, not both")
+    if len(tensor.values):
+        if len(tensor.values) != count:
+            raise TensorFormatError(
+                f"{name}: shape {list(shape)} needs {count} values, got {len(tensor.values)}")
+        return np.asarray(tensor.values, dtype=np.float32).reshape(shape)
+    if len(tensor.data) != count * WIRE_DTYPE.itemsize:
+        raise TensorFormatError(
+            f"{name}: shape {list(shape)} needs {count * WIRE_DTYPE.itemsize} bytes of float32, "
+            f"got {len(tensor.data)}")
+    return np.frombuffer(tensor.data, dtype=WIRE_DTYPE).reshape(shape)

@@ -1,0 +1,1 @@
+"""lstmserve server: transport (gRPC) -> engine (sessions, batching) -> model runtime (TorchScript)."""

@@ -1,0 +1,15 @@
+"""The engine: sessions, their state pool and the batching scheduler. Knows nothing about gRPC."""
+
+from server.engine.engine import Engine, EngineLimits, SessionView
+from server.engine.errors import (
+    Draining,
+    EngineError,
+    InvalidInput,
+    LimitExceeded,
+    ModelFailure,
+    SequenceError,
+    SessionNotFound,
+)
+
+__all__ = ["Draining", "Engine", "EngineError", "EngineLimits", "InvalidInput", "LimitExceeded",
+           "ModelFailure", "SequenceError", "SessionNotFound", "SessionView"]

@@ -1,0 +1,29 @@
+"""Domain errors of the engine; the transport maps each class to one gRPC status code."""
+
+
+class EngineError(Exception):
+    """Base of every error the engine reports to a caller; the message is safe to show to clients."""
+
+
+class InvalidInput(EngineError):
+    """A request whose tensors or fields are malformed."""
+
+
+class SessionNotFound(EngineError):
+    """No live session has this id (never created, closed, expired, or owned by someone else)."""
+
+
+class SequenceError(EngineError):
+    """A request number that is not the next one for its session."""
+
+
+class LimitExceeded(EngineError):
+    """A configured resource limit would be exceeded."""
+
+
+class Draining(EngineError):
+    """The server is shutting down and takes no new work."""
+
+
+class ModelFailure(EngineError):
+    """The model call for this request's batch raised; no state was changed."""

@@ -1,0 +1,176 @@
+"""The batch loop: applies each session's requests in order, many sessions per model call."""
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+
+import numpy as np
+import torch
+
+from server.engine.batching import take_batch
+from server.engine.errors import Draining, ModelFailure, SequenceError
+from server.engine.sessions import Session, Work
+from server.engine.state_pool import StatePool
+from server.metrics import Metrics
+from server.model import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """One task owns the loop; the model runs on a single worker thread so the event loop keeps serving I/O."""
+
+    def __init__(self, runtime: ModelRuntime, pool: StatePool, metrics: Metrics,
+                 max_batch_size: int, max_batch_delay: float):
+        self._runtime = runtime
+        self._pool = pool
+        self._metrics = metrics
+        self.max_batch_size = max_batch_size
+        self._max_batch_delay = max_batch_delay
+        self._ready: collections.deque[Session] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._task: asyncio.Task | None = None
+        self._queued = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests accepted and not yet answered."""
+        return self._queued
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batch-loop")
+        self._task.add_done_callback(self._on_loop_exit)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._model_thread.shutdown(wait=True)
+
+    async def run_in_model_thread(self, fn, *args):
+        """Runs `fn` on the model thread, so whole-sequence calls queue behind (not beside) batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+
+    def enqueue(self, session: Session, work: Work) -> None:
+        if session.pending is None:
+            session.pending = collections.deque()
+        work.enqueued_at = time.perf_counter()
+        session.pending.append(work)
+        self._queued += 1
+        if len(session.pending) == 1 and not session.in_flight:
+            self._ready.append(session)
+            self._wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            if self._max_batch_delay and len(self._ready) < self.max_batch_size:
+                await asyncio.sleep(self._max_batch_delay)
+            self._apply_resets()
+            batch = take_batch(self._ready, self.max_batch_size)
+            if not self._ready:
+                self._wakeup.clear()
+            if batch:
+                await self._run_batch(batch)
+
+    def _apply_resets(self) -> None:
+        """Resets need no model call: apply them as soon as they reach the head of their session."""
+        for session in [s for s in self._ready if s.pending[0].inputs is None]:
+            self._ready.remove(session)
+            work = session.pending.popleft()
+            self._pool.write(session.slot, *work.reset_state)
+            self._complete(session, work, answer=None)
+            self._requeue(session)
+
+    async def _run_batch(self, batch: list[Session]) -> None:
+        works = [s.pending[0] for s in batch]
+        for session in batch:
+            session.in_flight = True
+        started = time.perf_counter()
+        for work in works:
+            self._metrics.queue_wait.observe(started - work.enqueued_at)
+        slots = torch.from_numpy(np.fromiter((s.slot for s in batch), dtype=np.int64, count=len(batch)))
+        x = torch.from_numpy(np.stack([w.inputs for w in works], axis=1))
+        h, c = self._pool.gather(slots)
+        try:
+            y, h_n, c_n = await self.run_in_model_thread(self._runtime.run, x, h, c)
+        except asyncio.CancelledError:
+            self._fail_batch(batch, lambda seq: Draining(f"the server stopped before request {seq} ran"))
+            raise
+        except Exception:
+            log.exception("model call failed for a batch of %d sessions", len(batch))
+            self._metrics.model_failures.inc()
+            self._fail_batch(batch, lambda seq: ModelFailure(
+                f"the model failed on request {seq}; the session's state is unchanged, retry it"))
+            return
+        finally:
+            self._metrics.compute_time.observe(time.perf_counter() - started)
+            self._metrics.batch_size.observe(len(batch))
+        self._pool.scatter(slots, h_n, c_n)
+        answers = y.transpose(0, 1).numpy()  # [B, T, output]
+        for i, session in enumerate(batch):
+            session.in_flight = False
+            work = session.pending.popleft()
+            session.steps_applied += work.steps
+            self._complete(session, work, answer=answers[i].copy())
+            self._after_flight(session)
+        self._metrics.steps_applied.inc(len(batch) * works[0].steps)
+
+    def _complete(self, session: Session, work: Work, answer: np.ndarray | None) -> None:
+        session.last_applied_seq = work.seq
+        session.last_answer = answer
+        self._queued -= 1
+        if not work.future.done():
+            work.future.set_result(answer)
+
+    def _after_flight(self, session: Session) -> None:
+        if session.closed:
+            self._pool.release(session.slot)
+        else:
+            self._requeue(session)
+
+    def _requeue(self, session: Session) -> None:
+        if session.pending:
+            self._ready.append(session)
+            self._wakeup.set()
+
+    def _fail_batch(self, batch: list[Session], error_for) -> None:
+        """Fails the batch's requests and everything queued behind them: those were sent assuming success."""
+        for session in batch:
+            session.in_flight = False
+            failed = session.pending.popleft()
+            self._queued -= 1
+            _fail(failed.future, error_for(failed.seq))
+            self.fail_pending(session, SequenceError(
+                f"request {failed.seq} failed before this one; resend from sequence number {failed.seq}"))
+            session.last_assigned_seq = session.last_applied_seq
+            if session.closed:
+                self._pool.release(session.slot)
+
+    def fail_pending(self, session: Session, error: Exception) -> None:
+        """Fails every queued (not in-flight) request of a session, e.g. when it is closed."""
+        if not session.pending:
+            return
+        keep = [session.pending.popleft()] if session.in_flight else []
+        while session.pending:
+            _fail(session.pending.popleft().future, error)
+            self._queued -= 1
+        session.pending.extend(keep)
+        if session in self._ready:
+            self._ready.remove(session)
+
+    def _on_loop_exit(self, task: asyncio.Task) -> None:
+        """If the batch loop ever dies, nobody may wait forever on a request it would have served."""
+        error = Draining("the server is stopping") if task.cancelled() else ModelFailure("the batch loop failed")
+        if not task.cancelled() and task.exception():
+            log.error("batch loop died", exc_info=task.exception())
+        for session in list(self._ready):
+            self.fail_pending(session, error)
+
+
+def _fail(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

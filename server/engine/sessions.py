@@ -1,0 +1,101 @@
+"""The session table: id -> slot and bookkeeping, kept in least-recently-used order."""
+
+import asyncio
+import collections
+import dataclasses
+import re
+import secrets
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from server.engine.errors import InvalidInput, SessionNotFound
+
+SESSION_ID_BYTES = 16  # 128 bits from the OS's cryptographic random source
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22}")
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(SESSION_ID_BYTES)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Work:
+    """One state-changing request of a session, waiting to be applied in order."""
+
+    seq: int
+    future: asyncio.Future
+    inputs: np.ndarray | None = None  # [T, input_size] for a step; None for a reset
+    reset_state: tuple | None = None  # (h, c) for a reset
+    enqueued_at: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return 0 if self.inputs is None else self.inputs.shape[0]
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Session:
+    id: str
+    slot: int
+    owner: str
+    created_at: float  # wall clock
+    last_used: float  # monotonic
+    last_applied_seq: int = 0
+    last_assigned_seq: int = 0
+    steps_applied: int = 0
+    last_answer: np.ndarray | None = None  # outputs of request last_applied_seq, for retries
+    pending: collections.deque | None = None  # Work in order; created on first use to keep idle sessions small
+    in_flight: bool = False
+    closed: bool = False  # closed while a batch held it: its slot is released when that batch ends
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight or bool(self.pending)
+
+
+class SessionTable:
+    """Live sessions by id; iteration order is least recently used first."""
+
+    def __init__(self, clock=time.monotonic):
+        self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
+
+    def add(self, slot: int, owner: str) -> Session:
+        session = Session(id=new_session_id(), slot=slot, owner=owner, created_at=time.time(),
+                          last_used=self._clock())
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str, owner: str) -> Session:
+        """The live session with this id owned by `owner`; another owner's session is reported as absent."""
+        if not _SESSION_ID.fullmatch(session_id):
+            raise InvalidInput("session_id is malformed: expected the 22-character id CreateSession returned")
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            raise SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)")
+        return session
+
+    def touch(self, session: Session) -> None:
+        session.last_used = self._clock()
+        self._sessions.move_to_end(session.id)
+
+    def remove(self, session: Session) -> None:
+        del self._sessions[session.id]
+
+    def idle_since(self, deadline: float) -> list[Session]:
+        """Sessions not used since `deadline` and with no work queued, oldest first."""
+        expired = []
+        for session in self._sessions.values():
+            if session.last_used >= deadline:
+                break
+            if not session.busy:
+                expired.append(session)
+        return expired

@@ -1,0 +1,36 @@
+"""Every Prometheus metric the server exports, registered on a registry passed in."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """Recorded in two places only: the RPC interceptor and the engine."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.rpcs = Counter("lstmserve_rpcs_total", "RPCs finished, by method and gRPC status code",
+                            ["method", "code"], registry=registry)
+        self.rpc_latency = Histogram("lstmserve_rpc_latency_seconds", "RPC duration (whole stream for streams)",
+                                     ["method"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.stream_messages = Counter("lstmserve_stream_messages_total",
+                                       "Requests received on streaming RPCs, by method",
+                                       ["method"], registry=registry)
+        self.live_sessions = Gauge("lstmserve_live_sessions", "Sessions currently open", registry=registry)
+        self.sessions_created = Counter("lstmserve_sessions_created_total", "Sessions opened", registry=registry)
+        self.sessions_closed = Counter("lstmserve_sessions_closed_total", "Sessions closed by their client",
+                                       registry=registry)
+        self.sessions_expired = Counter("lstmserve_sessions_expired_total", "Sessions expired after idling",
+                                        registry=registry)
+        self.steps_applied = Counter("lstmserve_steps_applied_total", "Time steps applied to session state",
+                                     registry=registry)
+        self.batch_size = Histogram("lstmserve_batch_size", "Sessions per model call", buckets=_BATCH_BUCKETS,
+                                    registry=registry)
+        self.queue_wait = Histogram("lstmserve_queue_wait_seconds", "Time a request waited for its batch",
+                                    buckets=_LATENCY_BUCKETS, registry=registry)
+        self.compute_time = Histogram("lstmserve_model_compute_seconds", "Duration of one batched model call",
+                                      buckets=_LATENCY_BUCKETS, registry=registry)
+        self.model_failures = Counter("lstmserve_model_failures_total", "Model calls that raised",
+                                      registry=registry)

@@ -1,0 +1,1 @@
+"""gRPC transport: servicers that translate messages, interceptors, and the error -> status table."""

@@ -1,0 +1,60 @@
+"""The one table from domain errors to gRPC status codes, applied by one decorator per RPC shape."""
+
+import functools
+import logging
+
+import grpc
+from lstmserve.tensors import TensorFormatError
+
+from server.engine import (
+    Draining,
+    InvalidInput,
+    LimitExceeded,
+    ModelFailure,
+    SequenceError,
+    SessionNotFound,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    SequenceError: grpc.StatusCode.FAILED_PRECONDITION,
+    LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Draining: grpc.StatusCode.UNAVAILABLE,
+    ModelFailure: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-safe message for an error; unexpected ones are logged, never echoed."""
+    for error_type, code in STATUS_BY_ERROR.items():
+        if isinstance(error, error_type):
+            return code, str(error)
+    log.error("unexpected error while serving a request", exc_info=error)
+    return grpc.StatusCode.INTERNAL, "internal server error; the details are in the server's log"
+
+
+def unary(method):
+    """Ends a unary RPC with the mapped status when the handler raises."""
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await context.abort(*status_for(error))
+    return wrapper
+
+
+def streaming(method):
+    """Ends a streaming RPC with the mapped status when the handler raises (in-band errors never get here)."""
+    @functools.wraps(method)
+    async def wrapper(self, request_iterator, context):
+        try:
+            async for response in method(self, request_iterator, context):
+                yield response
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await context.abort(*status_for(error))
+    return wrapper

@@ -1,0 +1,65 @@
+"""RPC metrics for every method, native or not, recorded in one place."""
+
+import inspect
+import time
+
+import grpc
+
+from server.metrics import Metrics
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts RPCs by method and status code and times them."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._timed(handler.unary_unary, method), handler.request_deserializer,
+                handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._timed(handler.stream_unary, method), handler.request_deserializer,
+                handler.response_serializer)
+        wrap = self._timed_stream
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            wrap(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer)
+
+    def _timed(self, behavior, method: str):
+        async def timed(request, context):
+            started = time.perf_counter()
+            try:
+                return await behavior(request, context)
+            finally:
+                self._record(method, context, started)
+        return timed
+
+    def _timed_stream(self, behavior, method: str):
+        """Streams may be written as async generators or as coroutines that call context.write."""
+        async def timed(request, context):
+            started = time.perf_counter()
+            try:
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for response in result:
+                        yield response
+                else:
+                    await result
+            finally:
+                self._record(method, context, started)
+        return timed
+
+    def _record(self, method: str, context, started: float) -> None:
+        code = context.code() or grpc.StatusCode.OK
+        name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
+        self._metrics.rpcs.labels(method, name).inc()
+        self._metrics.rpc_latency.labels(method).observe(time.perf_counter() - started)
