@@ -14,7 +14,9 @@ class TensorFormatError(ValueError):
 
 
 def to_proto(array) -> pb.Tensor:
-    """Packs any array-like (numpy array, torch tensor on CPU, nested lists) as a float32 Tensor."""
+    """Packs any array-like (numpy array, torch tensor, nested lists) as a float32 Tensor."""
+    if hasattr(array, "detach"):  # a torch tensor, possibly on a GPU or requiring grad
+        array = array.detach().cpu().numpy()
     packed = np.ascontiguousarray(array, dtype=WIRE_DTYPE)
     return pb.Tensor(shape=packed.shape, data=packed.tobytes())
 

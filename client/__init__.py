@@ -1,0 +1,7 @@
+"""Python client for lstmserve: `LstmClient` (blocking) and `AsyncLstmClient` (asyncio)."""
+
+from client.aio import AsyncLstmClient, AsyncSession
+from client.messages import Prediction, StepError
+from client.sync import LstmClient, Session
+
+__all__ = ["AsyncLstmClient", "AsyncSession", "LstmClient", "Prediction", "Session", "StepError"]

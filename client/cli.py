@@ -1,0 +1,86 @@
+"""`lstmserve-client`: model info, whole-sequence predictions from a file, and step-by-step streaming."""
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from client.sync import LstmClient
+
+
+def read_rows(stream) -> Iterator[np.ndarray]:
+    """One float vector per non-empty line, comma- or whitespace-separated; '#' starts a comment."""
+    for line in stream:
+        line = line.split("#", 1)[0].replace(",", " ").strip()
+        if line:
+            yield np.array(line.split(), dtype=np.float32)
+
+
+def load_sequence(path: str) -> np.ndarray:
+    """`[seq_len, batch, input]` from a .npy file (a 2-D array is one sequence) or CSV rows (one sequence)."""
+    array = np.load(path) if path.endswith(".npy") else np.stack(list(read_rows(open(path))))
+    return array[:, np.newaxis, :] if array.ndim == 2 else array
+
+
+def format_row(row: np.ndarray) -> str:
+    return ",".join(f"{v:.6g}" for v in np.atleast_1d(row))
+
+
+def run(args: argparse.Namespace, client: LstmClient) -> None:
+    if args.command == "info":
+        print(client.info(), end="")
+    elif args.command == "predict":
+        h0 = np.load(args.h0) if args.h0 else None
+        c0 = np.load(args.c0) if args.c0 else None
+        result = client.predict(load_sequence(args.file), h0, c0)
+        if args.output:
+            np.savez(args.output, outputs=result.outputs, h_n=result.h_n, c_n=result.c_n)
+        for t, step in enumerate(result.outputs):
+            print(f"t={t}", " | ".join(format_row(row) for row in step))
+        print("h_n", format_row(result.h_n.ravel()))
+        print("c_n", format_row(result.c_n.ravel()))
+    elif args.command == "stream":
+        source = sys.stdin if args.file == "-" else open(args.file)
+        with client.session() as session:
+            for output in session.stream(read_rows(source)):
+                print(format_row(output), flush=True)
+            if args.show_state:
+                h, c = session.state()
+                print("h", format_row(h.ravel()))
+                print("c", format_row(c.ravel()))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lstmserve-client", description=__doc__)
+    parser.add_argument("--address", default=os.environ.get("LSTMSERVE_ADDRESS", "127.0.0.1:50051"),
+                        help="server host:port [LSTMSERVE_ADDRESS]")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="print the served model's sizes and limits")
+    predict = commands.add_parser("predict", help="run whole sequences from a .npy or CSV file")
+    predict.add_argument("file", help=".npy [seq_len, batch, input] or [seq_len, input]; or CSV rows")
+    predict.add_argument("--h0", help=".npy [num_layers, batch, hidden]")
+    predict.add_argument("--c0", help=".npy [num_layers, batch, hidden]")
+    predict.add_argument("--output", help="also save outputs, h_n and c_n to this .npz file")
+    stream = commands.add_parser("stream", help="stream rows step by step through a new session")
+    stream.add_argument("file", nargs="?", default="-", help="CSV rows, one time step each (default: stdin)")
+    stream.add_argument("--show-state", action="store_true", help="print the session's final (h, c)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with LstmClient(args.address, timeout=args.timeout) as client:
+        try:
+            run(args, client)
+        except grpc.RpcError as error:
+            print(f"lstmserve-client: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

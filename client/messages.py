@@ -1,0 +1,93 @@
+"""Request building and answer decoding shared by the blocking and the asyncio clients."""
+
+from typing import NamedTuple
+
+import grpc
+import numpy as np
+from lstmserve import tensors
+from lstmserve.v1 import lstm_service_pb2 as pb
+
+
+class Prediction(NamedTuple):
+    outputs: np.ndarray  # [seq_len, batch, output_size]
+    h_n: np.ndarray  # [num_layers, batch, hidden_size]
+    c_n: np.ndarray
+
+
+class StepError(grpc.RpcError):
+    """A streamed request the server answered with an error; `code()` and `details()` as for a failed call."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, sequence_number: int):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+        self.sequence_number = sequence_number
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def optional(array) -> pb.Tensor | None:
+    return None if array is None else tensors.to_proto(array)
+
+
+def as_steps(x) -> tuple[np.ndarray, bool]:
+    """`x` as `[T, input]`, and whether it was a single step `[input]` (answered as `[output]`)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    array = np.asarray(x, dtype=np.float32)
+    return (array[np.newaxis], True) if array.ndim == 1 else (array, False)
+
+
+def step_request(session_id: str, seq: int, x) -> tuple[pb.StepRequest, bool]:
+    steps, single = as_steps(x)
+    return pb.StepRequest(session_id=session_id, sequence_number=seq, inputs=tensors.to_proto(steps)), single
+
+
+def step_outputs(response: pb.StepResponse, single: bool) -> np.ndarray:
+    """The outputs of a step answer, or StepError if the server answered it with an error."""
+    if response.HasField("error"):
+        raise StepError(_CODES.get(response.error.code, grpc.StatusCode.UNKNOWN), response.error.message,
+                        response.sequence_number)
+    outputs = tensors.from_proto(response.outputs, name="outputs")
+    return outputs[0] if single else outputs
+
+
+def predict_request(inputs, h0=None, c0=None) -> pb.PredictRequest:
+    return pb.PredictRequest(inputs=tensors.to_proto(inputs), h0=optional(h0), c0=optional(c0))
+
+
+def prediction(response: pb.PredictResponse) -> Prediction:
+    return Prediction(*(tensors.from_proto(t) for t in (response.outputs, response.h_n, response.c_n)))
+
+
+def create_request(h0=None, c0=None) -> pb.CreateSessionRequest:
+    return pb.CreateSessionRequest(h0=optional(h0), c0=optional(c0))
+
+
+def reset_request(session_id: str, seq: int, h=None, c=None) -> pb.ResetSessionRequest:
+    return pb.ResetSessionRequest(session_id=session_id, sequence_number=seq, h=optional(h), c=optional(c))
+
+
+def state(response: pb.SessionState) -> tuple[np.ndarray, np.ndarray]:
+    return tensors.from_proto(response.h), tensors.from_proto(response.c)
+
+
+class NumberedRequests:
+    """Gives each state-changing request of a session the next sequence number (for exactly-once)."""
+
+    id: str
+    _next_seq: int
+
+    def _numbered_steps(self, xs, singles: list):
+        """Step requests for `xs`, numbered as they are sent; `singles` records each one's shape kind."""
+        for x in xs:
+            request, single = step_request(self.id, self._next_seq, x)
+            singles.append(single)
+            self._next_seq += 1
+            yield request
