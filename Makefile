@@ -7,7 +7,7 @@ PROTOS := $(shell find proto -name '*.proto')
 GENERATED := $(PROTOS:.proto=_pb2.py)
 MODEL ?= models/demo.pt
 
-.PHONY: run test proto lint bench docker clean
+.PHONY: run test proto lint bench bench-quick docker clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,19 @@ test: $(STAMP) $(GENERATED)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server client tests
+	$(VENV)/bin/ruff check server client tests bench
+
+# Benchmarks against the transport and compute limits (bench/, docs/benchmarks.md): ~15 min, or < 2 min quick.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+bench: $(BENCH_STAMP) $(GENERATED)
+	$(PY) -m bench
+
+bench-quick: $(BENCH_STAMP) $(GENERATED)
+	$(PY) -m bench --quick
 
 docker:
 	docker build -t lstmserve:latest .
