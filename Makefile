@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "grpcio-tools==1.85.1"
 	$(MAKE) proto
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $@
 
 proto: $(GENERATED)
@@ -35,15 +35,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check server client tests bench
 
 # Benchmarks against the transport and compute limits (bench/, docs/benchmarks.md): ~15 min, or < 2 min quick.
-BENCH_STAMP := $(VENV)/.bench-installed
-$(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e ".[dev,bench]"
-	touch $@
-
-bench: $(BENCH_STAMP) $(GENERATED)
+bench: $(STAMP) $(GENERATED)
 	$(PY) -m bench
 
-bench-quick: $(BENCH_STAMP) $(GENERATED)
+bench-quick: $(STAMP) $(GENERATED)
 	$(PY) -m bench --quick
 
 docker:

@@ -113,14 +113,14 @@ class Bench:
     def closed(self, name: str) -> None:
         input_size = MODELS[name][0]
         rows = []
-        with (
-            self.server(name) as on,
-            self.server(name, "-b1", max_batch_size=1) as off,
-            self.echo(name) as echo,
-        ):
+        batch_off = set(self.plan.concurrency) & set(self.plan.batch_off_concurrency)
+        with contextlib.ExitStack() as stack:
+            on = stack.enter_context(self.server(name))
+            echo = stack.enter_context(self.echo(name))
+            off = stack.enter_context(self.server(name, "-b1", max_batch_size=1)) if batch_off else None
             for n in self.plan.concurrency:
                 configs = [(ECHO, echo), (SERVER, on)]
-                if n in self.plan.batch_off_concurrency:
+                if n in batch_off:
                     configs.append((BATCH_OFF, off))
                 runs, batches = collections.defaultdict(list), []
                 for repeat in range(self.plan.repeats):
