@@ -135,8 +135,11 @@ class Engine:
                 check_tensor(name, given, state_shape, self.limits.allow_nonfinite)
                 target.copy_(torch.from_numpy(given))
         x = torch.from_numpy(np.array(inputs, dtype=np.float32))
-        y, h_n, c_n = await self._scheduler.run_in_model_thread(self.runtime.run, x, h, c)
-        return y.numpy(), h_n.numpy(), c_n.numpy()
+        return await self._scheduler.run_in_model_thread(self._predict_on_host, x, h, c)
+
+    def _predict_on_host(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        """On the model thread: the call and the copies of its results to host memory."""
+        return tuple(t.cpu().numpy() for t in self.runtime.run(x, h, c))
 
     # -- internals ------------------------------------------------------------------------------
 
