@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--concurrency", help="comma-separated session counts for the closed loop")
+    parser.add_argument(
+        "--device", help="torch device for the servers and the in-process model (cuda, cuda:N)"
+    )
     parser.add_argument("--clients", type=int, help="client processes (default 1: see docs/benchmarks.md)")
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help="directory for results.json, table.md, plot.png"
@@ -41,6 +44,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     plan = (Plan.quick() if args.quick else Plan()).restricted(args.models, args.scenarios)
     if args.concurrency:
         plan = dataclasses.replace(plan, concurrency=tuple(int(n) for n in args.concurrency.split(",")))
+    if args.device:
+        plan = dataclasses.replace(plan, device=args.device)
     if args.clients:
         plan = dataclasses.replace(plan, clients=args.clients)
     return plan
@@ -52,6 +57,7 @@ def machine() -> dict:
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average_at_start": os.getloadavg(),
     }
 
@@ -60,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = build_plan(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    at_start = machine()
     with tempfile.TemporaryDirectory(prefix="lstmserve-bench-") as workdir:
         bench = Bench(plan, Path(workdir))
         try:
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.close()
         results = {
-            "machine": {**machine(), "load_average_at_end": os.getloadavg()},
+            "machine": {**at_start, "load_average_at_end": os.getloadavg()},
             "plan": dataclasses.asdict(plan),
             "seconds": time.monotonic() - bench.started,
             **bench.results,

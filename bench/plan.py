@@ -25,6 +25,7 @@ class Plan:
     duration: float = 2.0  # seconds in the measuring window
     clients: int = 1  # client processes; on 2 cores a second one only takes CPU from the server
     torch_threads: int = 1  # the server's default; the in-process baseline uses the same
+    device: str = "cpu"  # the servers' and the in-process baseline's torch device
     open_model: str = "small"
     open_sessions: int = 256
     open_load: tuple[float, ...] = (0.5, 0.9)  # fractions of the closed-loop maximum

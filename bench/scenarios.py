@@ -74,6 +74,7 @@ class Bench:
     @contextlib.contextmanager
     def server(self, name: str, tag: str = "", **settings):
         settings.setdefault("torch_threads", self.plan.torch_threads)
+        settings.setdefault("device", self.plan.device)
         with procs.lstmserve(self.model_path(name), self.workdir / f"{name}{tag}.log", **settings) as child:
             try:
                 yield child
@@ -149,7 +150,7 @@ class Bench:
                         "configs": {config: median_of(r) for config, r in runs.items()},
                     }
                 )
-        model = InProcessModel(self.model_path(name), self.plan.torch_threads)
+        model = InProcessModel(self.model_path(name), self.plan.torch_threads, self.plan.device)
         for row in rows:
             batch = max(1, round(row["formed_batch"]))
             row["configs"][IN_PROCESS] = {"throughput": model.steps_per_second(1, batch), "batch": batch}
@@ -274,7 +275,7 @@ class Bench:
                     f"predict {name} seq_len {seq_len} batch {batch}: {rows[-1]['server_seconds'] * 1e3:.1f}"
                     " ms per call over gRPC"
                 )
-        model = InProcessModel(self.model_path(name), self.plan.torch_threads)
+        model = InProcessModel(self.model_path(name), self.plan.torch_threads, self.plan.device)
         for row in rows:
             row["inprocess_seconds"] = model.seconds_per_call(
                 row["seq_len"], row["batch"], min_calls=self.plan.predict_calls
