@@ -4,6 +4,7 @@ import asyncio
 import logging
 import signal
 import sys
+import warnings
 
 import grpc
 import torch
@@ -111,6 +112,8 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_args(argv)
+    warnings.filterwarnings("ignore", message="`torch.jit.", category=DeprecationWarning)  # TorchScript by design
+    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # no Intel GPU here
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
