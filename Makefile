@@ -11,7 +11,6 @@ MODEL ?= models/demo.pt
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "grpcio-tools==1.85.1"
 	$(MAKE) proto
 	$(PY) -m pip install --quiet -e ".[dev]"
