@@ -36,6 +36,23 @@ class Settings:
     allow_nonfinite: bool = _setting(False, "accept NaN and Inf in inputs and states")
     shutdown_grace: float = _setting(30.0, "seconds in-flight work may take to finish on SIGTERM", 0)
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    tls_cert_file: str = _setting("", "PEM certificate chain of the gRPC port; with --tls-key-file turns TLS on")
+    tls_key_file: str = _setting("", "PEM private key of --tls-cert-file")
+    tls_client_ca_file: str = _setting("", "PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
+    tokens_file: str = _setting("", "bearer tokens: lines of '<sha256 hex of token> <principal>'; turns auth on")
+    open_health_and_reflection: bool = _setting(True, "health checks and reflection need no credentials")
+    rate_limit: float = _setting(0.0, "requests per second each principal may make (0: unlimited)", 0)
+    rate_limit_burst: int = _setting(100, "requests a principal may make at once before --rate-limit applies", 1)
+    max_sessions_per_owner: int = _setting(0, "most live sessions of one principal (0: only --max-sessions)", 0)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    @property
+    def auth(self) -> bool:
+        """Callers need a principal: a bearer token, or a client certificate under mutual TLS."""
+        return bool(self.tokens_file or self.tls_client_ca_file)
 
     def engine_limits(self) -> EngineLimits:
         names = {f.name for f in dataclasses.fields(EngineLimits)}
@@ -60,7 +77,18 @@ class Settings:
             minimum = field.metadata["minimum"]
             if minimum is not None and values[field.name] < minimum:
                 parser.error(f"--{field.name.replace('_', '-')} must be at least {minimum}")
-        return cls(**values)
+        settings = cls(**values)
+        if problem := settings.inconsistency():
+            parser.error(problem)
+        return settings
+
+    def inconsistency(self) -> str | None:
+        """Why these settings cannot work together, or None."""
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            return "--tls-cert-file and --tls-key-file go together"
+        if self.tls_client_ca_file and not self.tls:
+            return "--tls-client-ca-file needs --tls-cert-file and --tls-key-file (mutual TLS is TLS)"
+        return None
 
 
 def _parse(field, text: str, parser: argparse.ArgumentParser):

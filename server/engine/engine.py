@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 from server.engine.errors import Draining, LimitExceeded, SequenceError, SessionNotFound
+from server.engine.rate_limit import RateLimiter
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import Session, SessionTable, Work
 from server.engine.state_pool import StatePool
 from server.engine.validation import check_at_most, check_tensor
+from server.logsafe import fingerprint
 from server.metrics import Metrics
 from server.model import ModelRuntime
 
@@ -30,6 +32,9 @@ class EngineLimits:
     max_sequence_length: int = 100_000
     max_queued_requests: int = 100_000
     allow_nonfinite: bool = False
+    max_sessions_per_owner: int = 0  # 0: only max_sessions applies
+    rate_limit: float = 0.0  # requests per second per owner; 0: unlimited
+    rate_limit_burst: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,7 @@ class Engine:
         self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, limits.max_sessions,
                                device=str(runtime.device))
         self._sessions = SessionTable(clock)
+        self._rate = RateLimiter(limits.rate_limit, limits.rate_limit_burst, clock)
         self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay)
         self._expiry_task: asyncio.Task | None = None
         self._draining = False
@@ -76,35 +82,42 @@ class Engine:
             self._expiry_task.cancel()
         await self._scheduler.stop()
 
-    # -- sessions -------------------------------------------------------------------------------
+    # -- sessions: each call is one request of `owner`, who sees only the sessions it created -------
 
     def create_session(self, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                        owner: str = "") -> SessionView:
         self._check_accepting()
+        self._rate.admit(owner)
+        per_owner = self.limits.max_sessions_per_owner
+        if per_owner and self._sessions.count(owner) >= per_owner:
+            raise LimitExceeded(f"this principal already has {per_owner} live sessions "
+                                f"(max_sessions_per_owner={per_owner}); close one before opening another")
         h, c = self._initial_state(h0, c0)
         slot = self._pool.allocate(h, c)
         session = self._sessions.add(slot, owner)
         self._metrics.sessions_created.inc()
+        log.debug("session %s opened for principal %r", fingerprint(session.id), owner)
         return self._view(session)
 
     def get_session(self, session_id: str, owner: str = "") -> SessionView:
-        return self._view(self._sessions.get(session_id, owner))
+        return self._view(self._session(session_id, owner))
 
     def get_state(self, session_id: str, owner: str = "") -> tuple[int, np.ndarray, np.ndarray]:
         """`(last applied sequence number, h, c)`, consistent with each other."""
-        session = self._sessions.get(session_id, owner)
+        session = self._session(session_id, owner)
         h, c = self._pool.read(session.slot)
         return session.last_applied_seq, h.numpy(), c.numpy()
 
     def close_session(self, session_id: str, owner: str = "") -> None:
-        session = self._sessions.get(session_id, owner)
+        session = self._session(session_id, owner)
         self._close(session, SessionNotFound(f"session {session_id} was closed before this request ran"))
         self._metrics.sessions_closed.inc()
+        log.debug("session %s closed by its principal", fingerprint(session_id))
 
     def step(self, session_id: str, inputs: np.ndarray, seq: int = 0, owner: str = ""
              ) -> tuple[int, asyncio.Future]:
         """Queues `inputs[T, input_size]`; returns its sequence number and a future of `outputs[T, output]`."""
-        session = self._sessions.get(session_id, owner)
+        session = self._session(session_id, owner)
         check_tensor("inputs", inputs, (None, self.runtime.metadata.input_size), self.limits.allow_nonfinite)
         check_at_most("inputs' time steps", inputs.shape[0], self.limits.max_steps_per_request,
                       "max_steps_per_request")
@@ -113,16 +126,17 @@ class Engine:
     def reset(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
               seq: int = 0, owner: str = "") -> tuple[int, asyncio.Future]:
         """Queues a reset to zeros or `(h, c)` behind the session's pending steps."""
-        session = self._sessions.get(session_id, owner)
+        session = self._session(session_id, owner)
         state = self._initial_state(h, c)
         return self._submit(session, seq, lambda future, n: Work(n, future, reset_state=state))
 
     # -- stateless sequences --------------------------------------------------------------------
 
-    async def predict(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    async def predict(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
+                      owner: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)`."""
         self._check_accepting()
+        self._rate.admit(owner)
         m = self.runtime.metadata
         check_tensor("inputs", inputs, (None, None, m.input_size), self.limits.allow_nonfinite)
         check_at_most("inputs' seq_len", inputs.shape[0], self.limits.max_sequence_length, "max_sequence_length")
@@ -133,6 +147,11 @@ class Engine:
         return y.numpy(), h_n.numpy(), c_n.numpy()
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _session(self, session_id: str, owner: str) -> Session:
+        """Counts the request against `owner`'s rate, then finds the session (another owner's is absent)."""
+        self._rate.admit(owner)
+        return self._sessions.get(session_id, owner)
 
     def _submit(self, session: Session, seq: int, make_work) -> tuple[int, asyncio.Future]:
         """Applies the sequence-number rules, then queues the request behind the session's others."""
@@ -203,3 +222,4 @@ class Engine:
             for session in self._sessions.idle_since(self._clock() - self.limits.idle_timeout):
                 self._close(session, SessionNotFound(f"session {session.id} expired"))
                 self._metrics.sessions_expired.inc()
+                log.debug("session %s expired", fingerprint(session.id))
