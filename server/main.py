@@ -85,7 +85,8 @@ class App:
             log.warning("bearer tokens are accepted over plaintext: turn on TLS unless a proxy encrypts the "
                         "connection")
         self._authenticator = Authenticator(s.tokens_file, client_certificates=bool(s.tls_client_ca_file))
-        return [AuthInterceptor(self._authenticator, OPEN_SERVICE_NAMES if s.open_health_and_reflection else ())]
+        open_services = OPEN_SERVICE_NAMES if s.open_health_and_reflection else ()
+        return [AuthInterceptor(self._authenticator, open_services)]
 
     def _security_summary(self) -> str:
         s = self.settings

@@ -36,14 +36,14 @@ class Settings:
     allow_nonfinite: bool = _setting(False, "accept NaN and Inf in inputs and states")
     shutdown_grace: float = _setting(30.0, "seconds in-flight work may take to finish on SIGTERM", 0)
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
-    tls_cert_file: str = _setting("", "PEM certificate chain of the gRPC port; with --tls-key-file turns TLS on")
+    tls_cert_file: str = _setting("", "PEM certificate chain of the gRPC port; turns TLS on")
     tls_key_file: str = _setting("", "PEM private key of --tls-cert-file")
-    tls_client_ca_file: str = _setting("", "PEM CA bundle: clients must present a certificate it signed (mutual TLS)")
-    tokens_file: str = _setting("", "bearer tokens: lines of '<sha256 hex of token> <principal>'; turns auth on")
+    tls_client_ca_file: str = _setting("", "PEM CA(s) that must sign every client's certificate (mTLS)")
+    tokens_file: str = _setting("", "lines of '<sha256 hex of a token> <principal>'; turns auth on")
     open_health_and_reflection: bool = _setting(True, "health checks and reflection need no credentials")
-    rate_limit: float = _setting(0.0, "requests per second each principal may make (0: unlimited)", 0)
-    rate_limit_burst: int = _setting(100, "requests a principal may make at once before --rate-limit applies", 1)
-    max_sessions_per_owner: int = _setting(0, "most live sessions of one principal (0: only --max-sessions)", 0)
+    rate_limit: float = _setting(0.0, "requests per second of each principal (0: unlimited)", 0)
+    rate_limit_burst: int = _setting(100, "requests a principal may make at once above --rate-limit", 1)
+    max_sessions_per_owner: int = _setting(0, "most live sessions of one principal (0: no own limit)", 0)
 
     @property
     def tls(self) -> bool:

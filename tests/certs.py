@@ -2,7 +2,9 @@
 
 import dataclasses
 import datetime
+import hashlib
 import ipaddress
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -54,8 +56,8 @@ class CertificateAuthority:
         certificate = builder.sign(self._key, hashes.SHA256())
         issued = Issued(self.directory / f"{file_stem}.pem", self.directory / f"{file_stem}.key")
         issued.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-        issued.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()))
+        issued.key.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         return issued
 
 
@@ -70,3 +72,27 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.Certific
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    """Everything a security test needs: two CAs, a server certificate, clients, and a tokens file."""
+
+    ca: CertificateAuthority  # signs the server and the trusted clients
+    other_ca: CertificateAuthority  # trusted by nobody here
+    server: Issued
+    alice: Issued
+    bob: Issued
+    mallory: Issued  # signed by other_ca
+    tokens: dict[str, str]  # principal -> token
+    tokens_file: Path
+
+
+def make_pki(directory: Path) -> Pki:
+    ca, other = CertificateAuthority(directory, "trusted"), CertificateAuthority(directory, "other")
+    tokens = {name: secrets.token_urlsafe(32) for name in ("alice", "bob")}
+    tokens_file = directory / "tokens.txt"
+    tokens_file.write_text("# sha256 of the token, principal\n" + "".join(
+        f"{hashlib.sha256(token.encode()).hexdigest()} {name}\n" for name, token in tokens.items()))
+    return Pki(ca, other, ca.issue_server("server"), ca.issue_client("alice"), ca.issue_client("bob"),
+               other.issue_client("mallory"), tokens, tokens_file)

@@ -25,6 +25,7 @@ class RateLimiter:
         tokens = min(self._burst, tokens + (now - then) * self._rate)
         if tokens < 1:
             self._buckets[owner] = (tokens, now)
+            wait = (1 - tokens) / self._rate
             raise LimitExceeded(f"too many requests from this principal (rate_limit={self._rate:g}/s, "
-                                f"rate_limit_burst={self._burst:g}); retry after {(1 - tokens) / self._rate:.2g}s")
+                                f"rate_limit_burst={self._burst:g}); retry in {wait:.2g}s")
         self._buckets[owner] = (tokens - 1, now)

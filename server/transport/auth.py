@@ -45,7 +45,7 @@ class TokenTable:
             except ValueError:
                 raw = b""
             if len(raw) != hashlib.sha256().digest_size or not principal:
-                raise ValueError(f"{path}:{number}: expected '<64 hex digits of the token's sha256> <principal>'")
+                raise ValueError(f"{path}:{number}: expected '<token's sha256, 64 hex digits> <principal>'")
             if raw in seen:
                 raise ValueError(f"{path}:{number}: this token hash is listed twice")
             seen.add(raw)
@@ -63,7 +63,7 @@ class TokenTable:
 
 
 class Authenticator:
-    """A bearer token names the principal when present; otherwise, under mutual TLS, the certificate's subject."""
+    """A bearer token names the principal when present; else, under mutual TLS, the certificate's subject."""
 
     def __init__(self, tokens_file: str = "", client_certificates: bool = False):
         self._tokens_file = tokens_file

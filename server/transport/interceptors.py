@@ -27,7 +27,7 @@ def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary: Callable, wrap_stre
 
 
 async def responses(behavior, request, context) -> AsyncIterator:
-    """A streaming behavior's responses, whether it is an async generator or a coroutine using context.write."""
+    """A streaming behavior's responses, be it an async generator or a coroutine using context.write."""
     result = behavior(request, context)
     if inspect.isasyncgen(result):
         async for response in result:
@@ -47,7 +47,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        return wrap_handler(handler, lambda b: self._timed(b, method), lambda b: self._timed_stream(b, method))
+        return wrap_handler(handler, lambda behavior: self._timed(behavior, method),
+                            lambda behavior: self._timed_stream(behavior, method))
 
     def _timed(self, behavior, method: str):
         async def timed(request, context):
