@@ -23,8 +23,7 @@ class ServerCertificates:
     def reload(self) -> None:
         """Reads the files again: new connections get them, open connections (and their sessions) go on.
 
-        Raises OSError (ssl.SSLError included) or ValueError when the new files do not make a usable pair;
-        the previous certificate then stays in use."""
+        Raises OSError or ValueError when the files cannot be read or do not fit; the previous ones stay."""
         config = self._read()
         with self._lock:
             self._pending = config
@@ -39,10 +38,17 @@ class ServerCertificates:
         # The ssl module checks what gRPC would only find out at the next handshake: that the files parse
         # and that the key belongs to the certificate.
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(self._cert_file, self._key_file)
+        try:
+            context.load_cert_chain(self._cert_file, self._key_file)
+        except ssl.SSLError as error:
+            raise ValueError(f"{self._cert_file} and {self._key_file} are not a PEM certificate and its key "
+                             f"({error})") from error
         client_ca = None
         if self._client_ca_file:
-            context.load_verify_locations(self._client_ca_file)
+            try:
+                context.load_verify_locations(self._client_ca_file)
+            except ssl.SSLError as error:
+                raise ValueError(f"{self._client_ca_file} holds no PEM CA certificate ({error})") from error
             client_ca = Path(self._client_ca_file).read_bytes()
         pair = (Path(self._key_file).read_bytes(), Path(self._cert_file).read_bytes())
         return grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
