@@ -97,7 +97,8 @@ class App:
 
     def reload(self) -> None:
         """Re-reads certificate and token files (SIGHUP); open connections and live sessions are untouched."""
-        for name, part in (("TLS certificates", self._certificates), ("tokens file", self._authenticator)):
+        tokens = self._authenticator if self.settings.tokens_file else None
+        for name, part in (("TLS certificates", self._certificates), ("tokens file", tokens)):
             if part is None:
                 continue
             try:
