@@ -18,7 +18,7 @@ from server.engine import Engine
 from server.metrics import Metrics
 from server.model import ModelContractError, ModelRuntime
 from server.settings import Settings
-from server.transport.auth import AuthInterceptor, Authenticator
+from server.transport.auth import Authenticator, AuthInterceptor
 from server.transport.interceptors import MetricsInterceptor
 from server.transport.servicer import LstmServicer
 from server.transport.tls import ServerCertificates

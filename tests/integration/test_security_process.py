@@ -84,7 +84,8 @@ def test_the_log_holds_no_tokens_tensor_values_or_session_ids(tmp_path, demo_mod
             return LstmClient(server.address, timeout=10,
                               credentials=Credentials(root_certificates=str(pki.ca.cert), token=token))
 
-        with connect(pki.tokens["alice"]) as alice, connect(pki.tokens["bob"]) as bob, connect(forged) as mallory:
+        with connect(pki.tokens["alice"]) as alice, connect(pki.tokens["bob"]) as bob, \
+                connect(forged) as mallory:
             session = alice.session()
             outputs = [session.step(inputs), *session.stream([inputs[0], inputs[0]])]
             state = session.state()
@@ -102,7 +103,7 @@ def test_the_log_holds_no_tokens_tensor_values_or_session_ids(tmp_path, demo_mod
         assert server.process.wait(60) == 0
         log = server.log()
 
-    assert " DEBUG " in log and "refused /lstmserve.v1.LstmService/CreateSession" in log  # the log has content
+    assert " DEBUG " in log and "refused /lstmserve.v1.LstmService/CreateSession" in log  # it has content
     for token in (*pki.tokens.values(), forged):
         assert token not in log
     values = [*inputs.ravel(), *np.concatenate([np.ravel(a) for a in (*outputs, *state, *prediction)])]

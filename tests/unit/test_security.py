@@ -124,9 +124,11 @@ async def test_the_engine_hides_other_owners_sessions_and_limits_sessions_per_ow
         with pytest.raises(LimitExceeded, match="max_sessions_per_owner=2"):
             engine.create_session(owner="alice")
         engine.create_session(owner="bob")
-        for call in (lambda: engine.get_session(mine, owner="bob"), lambda: engine.get_state(mine, owner="bob"),
+        for call in (lambda: engine.get_session(mine, owner="bob"),
+                     lambda: engine.get_state(mine, owner="bob"),
                      lambda: engine.step(mine, np.ones((1, 2), np.float32), owner="bob"),
-                     lambda: engine.reset(mine, owner="bob"), lambda: engine.close_session(mine, owner="bob")):
+                     lambda: engine.reset(mine, owner="bob"),
+                     lambda: engine.close_session(mine, owner="bob")):
             with pytest.raises(SessionNotFound):
                 call()
         engine.close_session(mine, owner="alice")  # frees one of alice's two
