@@ -40,28 +40,27 @@ class App:
         self._metrics_http = None
 
     async def start(self) -> None:
+        """Loads and warms up the model, then opens the port; health turns SERVING last."""
         s = self.settings
         torch.set_num_threads(s.torch_threads)
+        self._start_metrics_http()
+        runtime = await asyncio.to_thread(self._load_model)
+        self.engine = Engine(runtime, s.engine_limits(), self.metrics)
+        await self.engine.start()
         self._server = grpc.aio.server(
             interceptors=[MetricsInterceptor(self.metrics)],
             options=[("grpc.max_receive_message_length", s.max_message_bytes),
                      ("grpc.max_send_message_length", s.max_message_bytes)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
-        await self._server.start()
-        self._start_metrics_http()
-        runtime = await asyncio.to_thread(self._load_model)
-        self.engine = Engine(runtime, s.engine_limits(), self.metrics)
-        await self.engine.start()
         lstm_service_pb2_grpc.add_LstmServiceServicer_to_server(
             LstmServicer(self.engine, s.stream_window), self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server)
+        self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        await self._server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving model %s version %s on %s:%d (metrics on port %s)", runtime.metadata.name,
