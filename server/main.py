@@ -2,7 +2,10 @@
 
 import asyncio
 import logging
+import os
+import secrets
 import signal
+import socket
 import sys
 import warnings
 
@@ -15,9 +18,11 @@ from lstmserve.v1 import lstm_service_pb2, lstm_service_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from server.engine import Engine
+from server.engine.persistence import Durability, Persistence
 from server.metrics import Metrics
 from server.model import ModelContractError, ModelRuntime
 from server.settings import Settings
+from server.store import RedisStateStore
 from server.transport.interceptors import MetricsInterceptor
 from server.transport.servicer import LstmServicer
 
@@ -38,6 +43,7 @@ class App:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
+        self._store: RedisStateStore | None = None
 
     async def start(self) -> None:
         """Loads and warms up the model, then opens the port; health turns SERVING last."""
@@ -45,7 +51,7 @@ class App:
         torch.set_num_threads(s.torch_threads)
         self._start_metrics_http()
         runtime = await asyncio.to_thread(self._load_model)
-        self.engine = Engine(runtime, s.engine_limits(), self.metrics)
+        self.engine = Engine(runtime, s.engine_limits(), self.metrics, persistence=await self._persistence(runtime))
         await self.engine.start()
         self._server = grpc.aio.server(
             interceptors=[MetricsInterceptor(self.metrics)],
@@ -65,6 +71,21 @@ class App:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving model %s version %s on %s:%d (metrics on port %s)", runtime.metadata.name,
                  runtime.metadata.version, s.host, self.port, self.metrics_port)
+
+    async def _persistence(self, runtime: ModelRuntime) -> Persistence | None:
+        """The shared state store, when one is configured with a durability other than none."""
+        s = self.settings
+        if not s.state_store or s.durability == Durability.NONE:
+            return None
+        replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._store = RedisStateStore(s.state_store, replica, lease_ttl=s.lease_ttl, state_ttl=s.idle_timeout,
+                                      lease_wait=s.lease_wait)
+        if not await self._store.ping():
+            log.warning("state store %s is unreachable; sessions that need it get UNAVAILABLE until it is back",
+                        s.state_store.split("@")[-1])
+        model_id = f"{runtime.metadata.name}@{runtime.metadata.version}"
+        return Persistence(self._store, Durability(s.durability), model_id, s.checkpoint_every, s.checkpoint_interval,
+                           self.metrics)
 
     def _load_model(self) -> ModelRuntime:
         runtime = ModelRuntime.load(self.settings.model_path, self.settings.device)
@@ -88,6 +109,8 @@ class App:
             await self._server.stop(grace)
         if self.engine:
             await self.engine.stop()
+        if self._store:
+            await self._store.close()
         if self._metrics_http:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -29,5 +29,8 @@ class Metrics:
                                     buckets=_LATENCY_BUCKETS, registry=registry)
         self.compute_time = Histogram("lstmserve_model_compute_seconds", "Duration of one batched model call",
                                       buckets=_LATENCY_BUCKETS, registry=registry)
+        self.state_store_errors = Counter("lstmserve_state_store_errors_total",
+                                          "State store operations that failed (unreachable or timed out)",
+                                          registry=registry)
         self.model_failures = Counter("lstmserve_model_failures_total", "Model calls that raised",
                                       registry=registry)

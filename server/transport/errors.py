@@ -14,6 +14,7 @@ from server.engine import (
     SequenceError,
     SessionNotFound,
 )
+from server.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ STATUS_BY_ERROR = {
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Draining: grpc.StatusCode.UNAVAILABLE,
     ModelFailure: grpc.StatusCode.INTERNAL,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, EngineLimits, InvalidInput, LimitExceeded, ModelFailure, SequenceError
-from server.engine import SessionNotFound
+from server.engine import (
+    Engine,
+    EngineLimits,
+    InvalidInput,
+    LimitExceeded,
+    ModelFailure,
+    SequenceError,
+    SessionNotFound,
+)
 from server.metrics import Metrics
 from tests.unit.fakes import FAIL_MARKER, FakeRuntime
 
