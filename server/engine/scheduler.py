@@ -115,16 +115,19 @@ class Scheduler:
             session.in_flight = False
             work = session.pending.popleft()
             session.steps_applied += work.steps
-            self._complete(session, work, answer=answers[i].copy())
+            state = (h_n[:, i].numpy().copy(), c_n[:, i].numpy().copy()) if work.with_state else None
+            self._complete(session, work, answer=answers[i].copy(), state=state)
             self._after_flight(session)
         self._metrics.steps_applied.inc(len(batch) * works[0].steps)
 
-    def _complete(self, session: Session, work: Work, answer: np.ndarray | None) -> None:
+    def _complete(self, session: Session, work: Work, answer: np.ndarray | None, state: tuple | None = None
+                  ) -> None:
+        """`state`, the session's `(h, c)` right after this request, is added to the answer when given."""
         session.last_applied_seq = work.seq
         session.last_answer = answer
         self._queued -= 1
         if not work.future.done():
-            work.future.set_result(answer)
+            work.future.set_result(answer if state is None else (answer, *state))
 
     def _after_flight(self, session: Session) -> None:
         if session.closed:
