@@ -39,22 +39,23 @@ def infer_each(address: str, model: str, requests: list[dict]) -> list:
         return [_failure_of(lambda r=r: _result(client.infer(**_infer_args(model, r)))) for r in requests]
 
 
-def stream_all(address: str, model: str, requests: list[dict]) -> list:
-    """Sends every request on one stream with `async_stream_infer()` without waiting; results by request id."""
+def stream_all(address: str, model: str, requests: list[dict]) -> list[tuple]:
+    """Sends every request on one stream with `async_stream_infer()` without waiting for answers; returns
+    `(response id, result)` or `(None, Failure)` per answer, in the order the answers arrived."""
     answers: queue.Queue = queue.Queue()
     with triton.InferenceServerClient(address) as client:
         client.start_stream(callback=lambda result, error: answers.put((result, error)))
         for i, request in enumerate(requests):
             client.async_stream_infer(request_id=str(i), **_infer_args(model, request))
         client.stop_stream()  # waits until every request is answered
-    by_id = {}
+    received = []
     while not answers.empty():
         result, error = answers.get()
         if error is None:
-            by_id[result.get_response().id] = _result(result)
+            received.append((result.get_response().id, _result(result)))
         else:
-            by_id[len(by_id)] = Failure(error.status(), error.message())
-    return [by_id.get(str(i), by_id.get(i)) for i in range(len(requests))]
+            received.append((None, Failure(str(error.status()), error.message())))
+    return received
 
 
 def raw_infer(address: str, request_json: dict, raw_input_contents: list[bytes] = ()) -> dict | Failure:
@@ -95,7 +96,7 @@ def _failure_of(call):
     try:
         return call()
     except InferenceServerException as error:
-        return Failure(error.status(), error.message())
+        return Failure(str(error.status()), error.message())
 
 
 if __name__ == "__main__":

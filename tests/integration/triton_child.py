@@ -63,7 +63,7 @@ def triton_child() -> Iterator[TritonChild]:
 
 
 def serve(functions: dict, requests, answers) -> None:
-    """The child's loop: unpickles `(function name, args)`, pickles `(True, result)` or `(False, traceback)`."""
+    """The child's loop: reads `(function name, args)`, writes `(True, result)` or `(False, traceback)`."""
     import traceback
 
     while True:
