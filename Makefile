@@ -1,5 +1,5 @@
 # lstmserve: `make run` serves the demo model, `make test` runs the whole suite. Both set up .venv first.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -11,7 +11,6 @@ MODEL ?= models/demo.pt
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "grpcio-tools==1.85.1"
 	$(MAKE) proto
 	$(PY) -m pip install --quiet -e ".[dev]"

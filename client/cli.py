@@ -29,7 +29,11 @@ def format_row(row: np.ndarray) -> str:
     return ",".join(f"{v:.6g}" for v in np.atleast_1d(row))
 
 
-def run(args: argparse.Namespace, client: LstmClient) -> None:
+def run(args: argparse.Namespace, client: LstmClient) -> int:
+    if args.command == "health":
+        status = client.health()
+        print(status)
+        return 0 if status == "SERVING" else 1
     if args.command == "info":
         print(client.info(), end="")
     elif args.command == "predict":
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace, client: LstmClient) -> None:
                 h, c = session.state()
                 print("h", format_row(h.ravel()))
                 print("c", format_row(c.ravel()))
+    return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="server host:port [LSTMSERVE_ADDRESS]")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("health", help="print the server's health; exit 0 only when SERVING")
     commands.add_parser("info", help="print the served model's sizes and limits")
     predict = commands.add_parser("predict", help="run whole sequences from a .npy or CSV file")
     predict.add_argument("file", help=".npy [seq_len, batch, input] or [seq_len, input]; or CSV rows")
@@ -75,11 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with LstmClient(args.address, timeout=args.timeout) as client:
         try:
-            run(args, client)
+            return run(args, client)
         except grpc.RpcError as error:
             print(f"lstmserve-client: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import asyncio
 import logging
 import signal
 import sys
+import warnings
 
 import grpc
 import torch
@@ -43,29 +44,28 @@ class App:
         self._metrics_http = None
 
     async def start(self) -> None:
+        """Loads and warms up the model, then opens the port; health turns SERVING last."""
         s = self.settings
         torch.set_num_threads(s.torch_threads)
+        self._start_metrics_http()
+        runtime = await asyncio.to_thread(self._load_model)
+        self.engine = Engine(runtime, s.engine_limits(), self.metrics)
+        await self.engine.start()
         self._server = grpc.aio.server(
             interceptors=[MetricsInterceptor(self.metrics)],
             options=[("grpc.max_receive_message_length", s.max_message_bytes),
                      ("grpc.max_send_message_length", s.max_message_bytes)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
-        await self._server.start()
-        self._start_metrics_http()
-        runtime = await asyncio.to_thread(self._load_model)
-        self.engine = Engine(runtime, s.engine_limits(), self.metrics)
-        await self.engine.start()
         lstm_service_pb2_grpc.add_LstmServiceServicer_to_server(
             LstmServicer(self.engine, s.stream_window), self._server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             OipServicer(self.engine, Sequences(self.engine), self.metrics, s.stream_window), self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        await self._server.start()
         for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving model %s version %s on %s:%d (metrics on port %s)", runtime.metadata.name,
@@ -116,6 +116,8 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_args(argv)
+    warnings.filterwarnings("ignore", message="`torch.jit.", category=DeprecationWarning)  # TorchScript by design
+    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")  # no Intel GPU here
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -15,9 +15,6 @@ class Metrics:
                             ["method", "code"], registry=registry)
         self.rpc_latency = Histogram("lstmserve_rpc_latency_seconds", "RPC duration (whole stream for streams)",
                                      ["method"], buckets=_LATENCY_BUCKETS, registry=registry)
-        self.stream_messages = Counter("lstmserve_stream_messages_total",
-                                       "Requests received on streaming RPCs, by method",
-                                       ["method"], registry=registry)
         self.live_sessions = Gauge("lstmserve_live_sessions", "Sessions currently open", registry=registry)
         self.sessions_created = Counter("lstmserve_sessions_created_total", "Sessions opened", registry=registry)
         self.sessions_closed = Counter("lstmserve_sessions_closed_total", "Sessions closed by their client",

@@ -146,13 +146,7 @@ class Engine:
         check_tensor("inputs", inputs, (None, None, m.input_size), self.limits.allow_nonfinite)
         check_at_most("inputs' seq_len", inputs.shape[0], self.limits.max_sequence_length, "max_sequence_length")
         check_at_most("inputs' batch", inputs.shape[1], self.limits.max_batch_size, "max_batch_size")
-        batch = inputs.shape[1]
-        state_shape = (m.num_layers, batch, m.hidden_size)
-        h, c = self.runtime.initial_state(batch)
-        for name, given, target in (("h0", h0, h), ("c0", c0, c)):
-            if given is not None:
-                check_tensor(name, given, state_shape, self.limits.allow_nonfinite)
-                target.copy_(torch.from_numpy(given))
+        h, c = self._initial_state(h0, c0, (m.num_layers, inputs.shape[1], m.hidden_size), names=("h0", "c0"))
         x = torch.from_numpy(np.array(inputs, dtype=np.float32))
         y, h_n, c_n = await self._scheduler.run_in_model_thread(self.runtime.run, x, h, c)
         return y.numpy(), h_n.numpy(), c_n.numpy()
@@ -190,12 +184,14 @@ class Engine:
         raise SequenceError(f"sequence number {seq} was applied earlier and only the last answer is kept; "
                             f"expected {session.last_assigned_seq + 1}")
 
-    def _initial_state(self, h: np.ndarray | None, c: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = self._pool.slot_shape
+    def _initial_state(self, h: np.ndarray | None, c: np.ndarray | None, shape: tuple | None = None,
+                       names: tuple[str, str] = ("h", "c")) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(h, c)` as float32 tensors of `shape` (one session's by default), zeros where not given."""
+        shape = shape or self._pool.slot_shape
         state = []
-        for name, given in (("h", h), ("c", c)):
+        for name, given in zip(names, (h, c)):
             if given is None:
-                state.append(torch.zeros(shape))
+                state.append(torch.zeros(shape, device=self.runtime.device))
             else:
                 check_tensor(name, given, shape, self.limits.allow_nonfinite)
                 state.append(torch.from_numpy(np.array(given, dtype=np.float32)))
