@@ -4,7 +4,9 @@ tritonclient runs in a child process (see triton_child.py); every answer is chec
 TorchScript model run in-process, and against the native API given the same inputs and state.
 """
 
+import re
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -248,3 +250,11 @@ def test_an_idle_sequence_expires_like_a_native_session(model, triton):
         expired, = triton.call("infer_each", server.address, MODEL, [
             {"inputs": {"INPUT": x}, "sequence_id": 9}])
         assert expired.status == NOT_FOUND and "expired" in expired.message
+
+
+@pytest.mark.parametrize(("document", "marker"), [("README.md", "oip-readme"), ("docs/oip.md", "oip")])
+def test_documented_examples_print_what_the_documents_show(demo_server, triton, document, marker):
+    text = (Path(__file__).parents[2] / document).read_text()
+    code, output = (re.search(rf"<!-- {marker}:{part} -->\n```\w*\n(.*?)```", text, re.S).group(1)
+                    for part in ("code", "output"))
+    assert triton.call("run_example", code.replace("127.0.0.1:50051", demo_server.address)) == output

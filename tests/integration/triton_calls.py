@@ -73,6 +73,17 @@ def raw_infer(address: str, request_json: dict, raw_input_contents: list[bytes] 
     return _result(triton.InferResult(response))
 
 
+def run_example(code: str) -> str:
+    """Runs a documentation example; returns what it printed."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "documentation example", "exec"), {})
+    return printed.getvalue()
+
+
 def _infer_args(model: str, request: dict) -> dict:
     inputs = []
     for name, array in request["inputs"].items():
