@@ -85,7 +85,7 @@ class Engine:
 
     # -- sessions -------------------------------------------------------------------------------
 
-    def create_session(self, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
+    async def create_session(self, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                        owner: str = "") -> SessionView:
         self._check_accepting()
         h, c = self._initial_state(h0, c0)
@@ -94,16 +94,16 @@ class Engine:
         self._metrics.sessions_created.inc()
         return self._view(session)
 
-    def get_session(self, session_id: str, owner: str = "") -> SessionView:
+    async def get_session(self, session_id: str, owner: str = "") -> SessionView:
         return self._view(self._sessions.get(session_id, owner))
 
-    def get_state(self, session_id: str, owner: str = "") -> tuple[int, np.ndarray, np.ndarray]:
+    async def get_state(self, session_id: str, owner: str = "") -> tuple[int, np.ndarray, np.ndarray]:
         """`(last applied sequence number, h, c)`, consistent with each other."""
         session = self._sessions.get(session_id, owner)
         h, c = self._pool.read(session.slot)
         return session.last_applied_seq, h.numpy(), c.numpy()
 
-    def close_session(self, session_id: str, owner: str = "") -> None:
+    async def close_session(self, session_id: str, owner: str = "") -> None:
         session = self._sessions.get(session_id, owner)
         self._close(session, SessionNotFound(f"session {session_id} was closed before this request ran"))
         self._metrics.sessions_closed.inc()
@@ -112,8 +112,8 @@ class Engine:
         """Calls `listener(session_id)` whenever a session is closed or expires."""
         self._close_listeners.append(listener)
 
-    def step(self, session_id: str, inputs: np.ndarray, seq: int = 0, owner: str = "",
-             with_state: bool = False) -> tuple[int, asyncio.Future]:
+    async def step(self, session_id: str, inputs: np.ndarray, seq: int = 0, owner: str = "",
+                   with_state: bool = False) -> tuple[int, asyncio.Future]:
         """Queues `inputs[T, input_size]`; returns its sequence number and a future of `outputs[T, output]`.
 
         With `with_state` the future holds `(outputs, h, c)`, `h` and `c` the state right after this request.
@@ -129,7 +129,7 @@ class Engine:
         check_at_most("inputs' time steps", inputs.shape[0], self.limits.max_steps_per_request,
                       "max_steps_per_request")
 
-    def reset(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
+    async def reset(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
               seq: int = 0, owner: str = "") -> tuple[int, asyncio.Future]:
         """Queues a reset to zeros or `(h, c)` behind the session's pending steps."""
         session = self._sessions.get(session_id, owner)

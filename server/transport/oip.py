@@ -71,7 +71,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def ModelInfer(self, request, context):
-        return await self._answer(request, *self._submit(request))
+        return await self._answer(request, *await self._submit(request))
 
     @streaming
     async def ModelStreamInfer(self, request_iterator, context):
@@ -96,7 +96,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 f"model {name!r} version {version!r} is not served here; this server serves "
                 f"{self._model.name!r} version {self._model.version!r} (leave the version empty for it)")
 
-    def _submit(self, request: pb.ModelInferRequest) -> tuple[convert.InferCall, asyncio.Future]:
+    async def _submit(self, request: pb.ModelInferRequest) -> tuple[convert.InferCall, asyncio.Future]:
         """Queues the request's work now, so requests on one stream keep their order; returns its future."""
         self._check_model(request.model_name, request.model_version)
         call = convert.decode_request(request)
@@ -104,15 +104,15 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         if call.sequence_id is None:
             pending = asyncio.ensure_future(self._engine.predict(call.inputs["INPUT"], h0, c0))
         else:
-            pending = self._sequences.step(
+            pending = await self._sequences.step(
                 call.sequence_id, call.inputs["INPUT"], call.start, call.end, h0, c0,
                 with_state=any(name in convert.STATE_OUTPUTS for name in call.outputs))
         return call, pending
 
-    def _submit_in_band(self, request: pb.ModelInferRequest):
+    async def _submit_in_band(self, request: pb.ModelInferRequest):
         """Like _submit, but a rejected request becomes a failed future instead of raising."""
         try:
-            return request, *self._submit(request)
+            return request, *await self._submit(request)
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
             failed = asyncio.get_running_loop().create_future()
             failed.set_exception(error)

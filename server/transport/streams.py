@@ -1,14 +1,16 @@
 """Pipelining for bidirectional streams, shared by every streaming servicer."""
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 
-async def read_ahead(request_iterator: AsyncIterator, submit: Callable, window: int) -> AsyncIterator:
-    """Yields `submit(request)` for each request in order while reading up to `window` requests ahead.
+async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awaitable], window: int
+                     ) -> AsyncIterator:
+    """Yields `await submit(request)` for each request in order while reading up to `window` requests ahead.
 
-    `submit` queues the request's work and returns without waiting for it, so a client that sends
-    requests back to back has them batched instead of answered one round trip at a time.
+    `submit` queues the request's work and returns without waiting for its answer, and requests are
+    submitted one at a time in stream order, so a client that sends requests back to back has them
+    batched instead of answered one round trip at a time.
     """
     submitted: asyncio.Queue = asyncio.Queue()
     slots = asyncio.Semaphore(window)
@@ -18,7 +20,7 @@ async def read_ahead(request_iterator: AsyncIterator, submit: Callable, window: 
         try:
             async for request in request_iterator:
                 await slots.acquire()
-                submitted.put_nowait(submit(request))
+                submitted.put_nowait(await submit(request))
         finally:
             submitted.put_nowait(done)
 
