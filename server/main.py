@@ -14,21 +14,25 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from lstmserve.v1 import lstm_service_pb2, lstm_service_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from server.engine import Engine
+from server.engine import Engine, Sequences
 from server.engine.persistence import Durability, Persistence
 from server.metrics import Metrics
 from server.model import ModelContractError, ModelRuntime
 from server.settings import Settings
 from server.store import RedisStateStore
 from server.transport.interceptors import MetricsInterceptor
+from server.transport.oip import OipServicer
 from server.transport.servicer import LstmServicer
 
 log = logging.getLogger("lstmserve")
 
 SERVICE_NAME = lstm_service_pb2.DESCRIPTOR.services_by_name["LstmService"].full_name
+OIP_SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class App:
@@ -60,14 +64,15 @@ class App:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         lstm_service_pb2_grpc.add_LstmServiceServicer_to_server(
             LstmServicer(self.engine, s.stream_window), self._server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            OipServicer(self.engine, Sequences(self.engine), self.metrics, s.stream_window), self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
+            (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.port}")
         await self._server.start()
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving model %s version %s on %s:%d (metrics on port %s)", runtime.metadata.name,
                  runtime.metadata.version, s.host, self.port, self.metrics_port)

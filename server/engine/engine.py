@@ -4,6 +4,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -64,6 +65,7 @@ class Engine:
         self._attaching: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self._draining = False
+        self._close_listeners: list[Callable[[str], None]] = []
         metrics.live_sessions.set_function(lambda: len(self._sessions))
 
     async def start(self) -> None:
@@ -72,6 +74,11 @@ class Engine:
         self._tasks.append(loop.create_task(self._expire_forever(), name="expiry"))
         if self._persistence:
             self._tasks.append(loop.create_task(self._maintain_store_forever(), name="state-store"))
+
+    @property
+    def draining(self) -> bool:
+        """True once shutdown began: no new work is taken."""
+        return self._draining
 
     async def drain(self, timeout: float) -> None:
         """Takes no new work and waits (up to `timeout`) for queued requests to be answered."""
@@ -121,14 +128,26 @@ class Engine:
             await self._persistence.forget(session, delete=True)
         self._metrics.sessions_closed.inc()
 
-    async def step(self, session_id: str, inputs: np.ndarray, seq: int = 0, owner: str = ""
-             ) -> tuple[int, asyncio.Future]:
-        """Queues `inputs[T, input_size]`; returns its sequence number and a future of `outputs[T, output]`."""
+    def on_session_closed(self, listener: Callable[[str], None]) -> None:
+        """Calls `listener(session_id)` whenever a session is closed or expires."""
+        self._close_listeners.append(listener)
+
+    async def step(self, session_id: str, inputs: np.ndarray, seq: int = 0, owner: str = "",
+                   with_state: bool = False) -> tuple[int, asyncio.Future]:
+        """Queues `inputs[T, input_size]`; returns its sequence number and a future of `outputs[T, output]`.
+
+        With `with_state` the future holds `(outputs, h, c)`, `h` and `c` the state right after this request.
+        """
         session = await self._session(session_id, owner)
+        self.check_step_inputs(inputs)
+        return self._submit(session, seq,
+                            lambda future, n: Work(n, future, inputs=inputs, with_state=with_state))
+
+    def check_step_inputs(self, inputs: np.ndarray) -> None:
+        """Raises InvalidInput unless `inputs` could be a step's `[T, input_size]`."""
         check_tensor("inputs", inputs, (None, self.runtime.metadata.input_size), self.limits.allow_nonfinite)
         check_at_most("inputs' time steps", inputs.shape[0], self.limits.max_steps_per_request,
                       "max_steps_per_request")
-        return self._submit(session, seq, lambda future, n: Work(n, future, inputs=inputs))
 
     async def reset(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
               seq: int = 0, owner: str = "") -> tuple[int, asyncio.Future]:
@@ -307,6 +326,8 @@ class Engine:
             session.closed = True
         else:
             self._pool.release(session.slot)
+        for listener in self._close_listeners:
+            listener(session.id)
 
     def _view(self, session: Session) -> SessionView:
         now_wall, now = time.time(), self._clock()

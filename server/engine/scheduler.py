@@ -123,11 +123,12 @@ class Scheduler:
         """Makes new states durable where a store requires it, then writes them and answers the requests."""
         errors = await self._persist(batch, works, h_n, c_n, answers) if self._persist else [None] * len(batch)
         kept = [i for i, error in enumerate(errors) if error is None]
-        if len(kept) < len(batch):
+        if len(kept) == len(batch):
+            self._pool.scatter(_slots(batch), h_n, c_n)
+        elif kept:
             index = torch.tensor(kept, dtype=torch.int64)
-            h_n, c_n = h_n.index_select(1, index), c_n.index_select(1, index)
-        if kept:
-            self._pool.scatter(_slots([batch[i] for i in kept]), h_n, c_n)
+            self._pool.scatter(_slots([batch[i] for i in kept]), h_n.index_select(1, index),
+                               c_n.index_select(1, index))
         for i, (session, work, error) in enumerate(zip(batch, works, errors)):
             if error is not None:
                 self._fail_head(session, error)
@@ -135,15 +136,18 @@ class Scheduler:
             session.in_flight = False
             session.pending.popleft()
             session.steps_applied += work.steps
-            self._complete(session, work, answer=None if answers is None else answers[i].copy())
+            state = (h_n[:, i].numpy().copy(), c_n[:, i].numpy().copy()) if work.with_state else None
+            self._complete(session, work, answer=None if answers is None else answers[i].copy(), state=state)
             self._after_flight(session)
 
-    def _complete(self, session: Session, work: Work, answer: np.ndarray | None) -> None:
+    def _complete(self, session: Session, work: Work, answer: np.ndarray | None, state: tuple | None = None
+                  ) -> None:
+        """`state`, the session's `(h, c)` right after this request, is added to the answer when given."""
         session.last_applied_seq = work.seq
         session.last_answer = answer
         self._queued -= 1
         if not work.future.done():
-            work.future.set_result(answer)
+            work.future.set_result(answer if state is None else (answer, *state))
 
     def _after_flight(self, session: Session) -> None:
         if session.closed:

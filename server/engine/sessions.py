@@ -28,6 +28,7 @@ class Work:
     future: asyncio.Future
     inputs: np.ndarray | None = None  # [T, input_size] for a step; None for a reset
     reset_state: tuple | None = None  # (h, c) for a reset
+    with_state: bool = False  # answer (outputs, h, c) instead of outputs, for callers that return the state
     enqueued_at: float = 0.0
 
     @property

@@ -15,12 +15,15 @@ from server.engine import (
     SessionNotFound,
 )
 from server.store import StoreUnavailable
+from server.transport.oip_convert import RequestFormatError, UnknownModel
 
 log = logging.getLogger(__name__)
 
 STATUS_BY_ERROR = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    RequestFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownModel: grpc.StatusCode.NOT_FOUND,
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     SequenceError: grpc.StatusCode.FAILED_PRECONDITION,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -9,6 +9,7 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 from server.engine import Engine
 from server.transport.errors import status_for, streaming, unary
 from server.transport.messages import optional_tensor, session_info
+from server.transport.streams import read_ahead
 
 
 class LstmServicer(pb_grpc.LstmServiceServicer):
@@ -42,7 +43,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         async def submit_one(request):
             return [await self._submit_step_in_band(request)]
 
-        async for submitted in self._read_ahead(request_iterator, submit_one):
+        async for submitted in read_ahead(request_iterator, submit_one, self._stream_window):
             yield await _answer_in_band(*submitted[0])
 
     @streaming
@@ -50,7 +51,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         async def submit_all(batch):
             return [await self._submit_step_in_band(step) for step in batch.steps]
 
-        async for submitted in self._read_ahead(request_iterator, submit_all):
+        async for submitted in read_ahead(request_iterator, submit_all, self._stream_window):
             yield pb.StepBatchResponse(steps=[await _answer_in_band(*s) for s in submitted])
 
     @unary
@@ -106,29 +107,6 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             failed = asyncio.get_running_loop().create_future()
             failed.set_exception(error)
             return request.session_id, request.sequence_number, failed
-
-    async def _read_ahead(self, request_iterator, submit):
-        """Yields each request's submissions in order while reading up to `stream_window` requests ahead."""
-        submitted: asyncio.Queue = asyncio.Queue()
-        window = asyncio.Semaphore(self._stream_window)
-        done = object()
-
-        async def read():
-            try:
-                async for request in request_iterator:
-                    await window.acquire()
-                    submitted.put_nowait(await submit(request))
-            finally:
-                submitted.put_nowait(done)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (item := await submitted.get()) is not done:
-                yield item
-                window.release()
-            await reader  # re-raises a failure to read the stream
-        finally:
-            reader.cancel()
 
 
 def _step_response(session_id: str, seq: int, outputs) -> pb.StepResponse:
