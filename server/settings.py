@@ -35,6 +35,12 @@ class Settings:
     stream_window: int = _setting(128, "requests one stream may have in flight before the server stops reading", 1)
     allow_nonfinite: bool = _setting(False, "accept NaN and Inf in inputs and states")
     shutdown_grace: float = _setting(30.0, "seconds in-flight work may take to finish on SIGTERM", 0)
+    state_store: str = _setting("", "redis://host:port/db or unix:///path.sock shared by replicas; empty: memory")
+    durability: str = _setting("every-step", "with a state store: none, checkpoint or every-step")
+    checkpoint_every: int = _setting(100, "checkpoint durability: write a session once this many steps are new", 1)
+    checkpoint_interval: float = _setting(5.0, "checkpoint durability: seconds between writes of unwritten state", 0.01)
+    lease_ttl: float = _setting(5.0, "seconds a replica's claim on a session lasts unless renewed", 0.1)
+    lease_wait: float = _setting(6.0, "seconds a request waits for another replica's claim to lapse", 0)
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     tls_cert_file: str = _setting("", "PEM certificate chain of the gRPC port; turns TLS on")
     tls_key_file: str = _setting("", "PEM private key of --tls-cert-file")
@@ -73,6 +79,8 @@ class Settings:
                 parser.add_argument(flag, type=field.type, default=default,
                                     help=f"{field.metadata['help']} (default: {field.default}) [{env}]")
         values = vars(parser.parse_args(argv))
+        if values["durability"] not in ("none", "checkpoint", "every-step"):
+            parser.error("--durability must be none, checkpoint or every-step")
         for field in dataclasses.fields(cls):
             minimum = field.metadata["minimum"]
             if minimum is not None and values[field.name] < minimum:

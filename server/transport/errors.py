@@ -14,6 +14,8 @@ from server.engine import (
     SequenceError,
     SessionNotFound,
 )
+from server.store import StoreUnavailable
+from server.transport.oip_convert import RequestFormatError, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +28,14 @@ STATUS_BY_ERROR = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    RequestFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownModel: grpc.StatusCode.NOT_FOUND,
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     SequenceError: grpc.StatusCode.FAILED_PRECONDITION,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Draining: grpc.StatusCode.UNAVAILABLE,
     ModelFailure: grpc.StatusCode.INTERNAL,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

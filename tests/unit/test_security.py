@@ -119,19 +119,19 @@ async def test_the_engine_hides_other_owners_sessions_and_limits_sessions_per_ow
     engine = Engine(FakeRuntime(), EngineLimits(max_sessions_per_owner=2), Metrics(CollectorRegistry()))
     await engine.start()
     try:
-        mine = engine.create_session(owner="alice").session_id
-        engine.create_session(owner="alice")
+        mine = (await engine.create_session(owner="alice")).session_id
+        await engine.create_session(owner="alice")
         with pytest.raises(LimitExceeded, match="max_sessions_per_owner=2"):
-            engine.create_session(owner="alice")
-        engine.create_session(owner="bob")
+            await engine.create_session(owner="alice")
+        await engine.create_session(owner="bob")
         for call in (lambda: engine.get_session(mine, owner="bob"),
                      lambda: engine.get_state(mine, owner="bob"),
                      lambda: engine.step(mine, np.ones((1, 2), np.float32), owner="bob"),
                      lambda: engine.reset(mine, owner="bob"),
                      lambda: engine.close_session(mine, owner="bob")):
             with pytest.raises(SessionNotFound):
-                call()
-        engine.close_session(mine, owner="alice")  # frees one of alice's two
-        engine.create_session(owner="alice")
+                await call()
+        await engine.close_session(mine, owner="alice")  # frees one of alice's two
+        await engine.create_session(owner="alice")
     finally:
         await engine.stop()
