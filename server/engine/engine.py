@@ -11,10 +11,12 @@ import torch
 
 from server.engine.errors import Draining, LimitExceeded, SequenceError, SessionNotFound
 from server.engine.persistence import Durability, Persistence
+from server.engine.rate_limit import RateLimiter
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import Session, SessionTable, Work
 from server.engine.state_pool import StatePool
 from server.engine.validation import check_at_most, check_tensor
+from server.logsafe import fingerprint
 from server.metrics import Metrics
 from server.model import ModelRuntime
 from server.store import SessionMoved, StoreUnavailable
@@ -33,6 +35,9 @@ class EngineLimits:
     max_sequence_length: int = 100_000
     max_queued_requests: int = 100_000
     allow_nonfinite: bool = False
+    max_sessions_per_owner: int = 0  # 0: only max_sessions applies
+    rate_limit: float = 0.0  # requests per second per owner; 0: unlimited
+    rate_limit_burst: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +64,7 @@ class Engine:
         self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, limits.max_sessions,
                                device=str(runtime.device))
         self._sessions = SessionTable(clock)
+        self._rate = RateLimiter(limits.rate_limit, limits.rate_limit_burst, clock)
         self._persistence = persistence
         self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay,
                                     persist=self._persist if persistence else None)
@@ -94,11 +100,16 @@ class Engine:
         if self._persistence:
             await self._hand_over_all()
 
-    # -- sessions -------------------------------------------------------------------------------
+    # -- sessions: each call is one request of `owner`, who sees only the sessions it created -------
 
     async def create_session(self, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                        owner: str = "") -> SessionView:
         self._check_accepting()
+        self._rate.admit(owner)
+        per_owner = self.limits.max_sessions_per_owner
+        if per_owner and self._sessions.count(owner) >= per_owner:
+            raise LimitExceeded(f"this principal already has {per_owner} live sessions "
+                                f"(max_sessions_per_owner={per_owner}); close one before opening another")
         h, c = self._initial_state(h0, c0)
         slot = self._pool.allocate(h, c)
         session = self._sessions.add(slot, owner)
@@ -110,6 +121,7 @@ class Engine:
                 self._pool.release(slot)
                 raise
         self._metrics.sessions_created.inc()
+        log.debug("session %s opened for principal %r", fingerprint(session.id), owner)
         return self._view(session)
 
     async def get_session(self, session_id: str, owner: str = "") -> SessionView:
@@ -127,6 +139,7 @@ class Engine:
         if self._persistence:
             await self._persistence.forget(session, delete=True)
         self._metrics.sessions_closed.inc()
+        log.debug("session %s closed by its principal", fingerprint(session_id))
 
     def on_session_closed(self, listener: Callable[[str], None]) -> None:
         """Calls `listener(session_id)` whenever a session is closed or expires."""
@@ -158,10 +171,11 @@ class Engine:
 
     # -- stateless sequences --------------------------------------------------------------------
 
-    async def predict(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    async def predict(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
+                      owner: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)`."""
         self._check_accepting()
+        self._rate.admit(owner)
         m = self.runtime.metadata
         check_tensor("inputs", inputs, (None, None, m.input_size), self.limits.allow_nonfinite)
         check_at_most("inputs' seq_len", inputs.shape[0], self.limits.max_sequence_length, "max_sequence_length")
@@ -174,7 +188,9 @@ class Engine:
     # -- internals ------------------------------------------------------------------------------
 
     async def _session(self, session_id: str, owner: str) -> Session:
-        """The session, fetched from the state store if it lives there but not here yet."""
+        """Counts a request of `owner`, then finds the session, from the state store if it lives there but not
+        here yet. Another owner's session is reported exactly like one that does not exist."""
+        self._rate.admit(owner)
         session = self._sessions.find(session_id)
         if self._persistence:
             if session is None:
@@ -204,7 +220,7 @@ class Engine:
         session = self._sessions.find(session_id) or self._sessions.add(
             self._pool.allocate(*self._initial_state(None, None)), owner, session_id)
         self._load(session, record)
-        log.info("took over session %s… at sequence number %d", session_id[:6], record.seq)
+        log.info("took over session %s at sequence number %d", fingerprint(session_id), record.seq)
         return session
 
     def _load(self, session: Session, record) -> None:
@@ -342,5 +358,6 @@ class Engine:
             for session in self._sessions.idle_since(self._clock() - self.limits.idle_timeout):
                 self._close(session, SessionNotFound(f"session {session.id} expired"))
                 self._metrics.sessions_expired.inc()
+                log.debug("session %s expired", fingerprint(session.id))
                 if self._persistence:
                     await self._persistence.forget(session, delete=True)

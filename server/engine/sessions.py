@@ -61,6 +61,7 @@ class SessionTable:
 
     def __init__(self, clock=time.monotonic):
         self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
+        self._per_owner: collections.Counter[str] = collections.Counter()
         self._clock = clock
 
     def __len__(self) -> int:
@@ -73,7 +74,12 @@ class SessionTable:
         session = Session(id=session_id or new_session_id(), slot=slot, owner=owner, created_at=time.time(),
                           last_used=self._clock())
         self._sessions[session.id] = session
+        self._per_owner[owner] += 1
         return session
+
+    def count(self, owner: str) -> int:
+        """Live sessions of `owner`."""
+        return self._per_owner[owner]
 
     def find(self, session_id: str) -> Session | None:
         """The live session with this id on this replica, if any."""
@@ -91,6 +97,9 @@ class SessionTable:
 
     def remove(self, session: Session) -> None:
         del self._sessions[session.id]
+        self._per_owner[session.owner] -= 1
+        if not self._per_owner[session.owner]:
+            del self._per_owner[session.owner]
 
     def idle_since(self, deadline: float) -> list[Session]:
         """Sessions not used since `deadline` and with no work queued, oldest first."""

@@ -19,7 +19,13 @@ from server.transport.oip_convert import RequestFormatError, UnknownModel
 
 log = logging.getLogger(__name__)
 
+
+class Unauthenticated(Exception):
+    """The caller presented no valid credentials; the message says what is missing, never echoes a secret."""
+
+
 STATUS_BY_ERROR = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
     RequestFormatError: grpc.StatusCode.INVALID_ARGUMENT,

@@ -10,6 +10,7 @@ from inference import grpc_service_pb2_grpc as pb_grpc
 from server.engine import Engine, Sequences
 from server.metrics import Metrics
 from server.transport import oip_convert as convert
+from server.transport.auth import current_principal
 from server.transport.errors import status_for, streaming, unary
 from server.transport.streams import read_ahead
 
@@ -102,11 +103,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         call = convert.decode_request(request)
         h0, c0 = call.inputs.get("H0"), call.inputs.get("C0")
         if call.sequence_id is None:
-            pending = asyncio.ensure_future(self._engine.predict(call.inputs["INPUT"], h0, c0))
+            pending = asyncio.ensure_future(self._engine.predict(call.inputs["INPUT"], h0, c0,
+                                                                 owner=current_principal()))
         else:
             pending = await self._sequences.step(
                 call.sequence_id, call.inputs["INPUT"], call.start, call.end, h0, c0,
-                with_state=any(name in convert.STATE_OUTPUTS for name in call.outputs))
+                with_state=any(name in convert.STATE_OUTPUTS for name in call.outputs), owner=current_principal())
         return call, pending
 
     async def _submit_in_band(self, request: pb.ModelInferRequest):

@@ -7,6 +7,7 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from server.engine import Engine
+from server.transport.auth import current_principal
 from server.transport.errors import status_for, streaming, unary
 from server.transport.messages import optional_tensor, session_info
 from server.transport.streams import read_ahead
@@ -58,36 +59,38 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
     async def Predict(self, request, context):
         outputs, h_n, c_n = await self._engine.predict(
             tensors.from_proto(request.inputs, name="inputs"),
-            optional_tensor(request, "h0"), optional_tensor(request, "c0"))
+            optional_tensor(request, "h0"), optional_tensor(request, "c0"), owner=current_principal())
         return pb.PredictResponse(outputs=tensors.to_proto(outputs), h_n=tensors.to_proto(h_n),
                                   c_n=tensors.to_proto(c_n))
 
     @unary
     async def GetSession(self, request, context):
-        return session_info(await self._engine.get_session(request.session_id))
+        return session_info(await self._engine.get_session(request.session_id, owner=current_principal()))
 
     @unary
     async def GetState(self, request, context):
-        seq, h, c = await self._engine.get_state(request.session_id)
+        seq, h, c = await self._engine.get_state(request.session_id, owner=current_principal())
         return pb.SessionState(session_id=request.session_id, last_sequence_number=seq,
                                h=tensors.to_proto(h), c=tensors.to_proto(c))
 
     @unary
     async def ResetSession(self, request, context):
+        owner = current_principal()
         _, done = await self._engine.reset(request.session_id, optional_tensor(request, "h"),
-                                     optional_tensor(request, "c"), request.sequence_number)
+                                           optional_tensor(request, "c"), request.sequence_number, owner=owner)
         await done
-        return session_info(await self._engine.get_session(request.session_id))
+        return session_info(await self._engine.get_session(request.session_id, owner=owner))
 
     @unary
     async def CloseSession(self, request, context):
-        await self._engine.close_session(request.session_id)
+        await self._engine.close_session(request.session_id, owner=current_principal())
         return pb.CloseSessionResponse()
 
     # -- helpers --------------------------------------------------------------------------------
 
     async def _create(self, request: pb.CreateSessionRequest):
-        return await self._engine.create_session(optional_tensor(request, "h0"), optional_tensor(request, "c0"))
+        return await self._engine.create_session(optional_tensor(request, "h0"), optional_tensor(request, "c0"),
+                                                 owner=current_principal())
 
     async def _submit_step(self, request: pb.StepRequest):
         """Opens the session if asked, queues the step; returns (session id, sequence number, future)."""
@@ -96,7 +99,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         else:
             session_id = request.session_id
         seq, answer = await self._engine.step(session_id, tensors.from_proto(request.inputs, name="inputs"),
-                                        request.sequence_number)
+                                              request.sequence_number, owner=current_principal())
         return session_id, seq, answer
 
     async def _submit_step_in_band(self, request: pb.StepRequest):

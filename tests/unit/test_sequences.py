@@ -139,3 +139,17 @@ async def test_sequence_steps_share_a_model_call_with_native_steps(engine, model
     assert registry.get_sample_value("lstmserve_batch_size_sum") == 2  # ... for both sessions
     np.testing.assert_allclose(y_sequence, reference(model, x)[0], atol=1e-5)
     np.testing.assert_allclose(y_native, y_sequence, atol=1e-6)
+
+
+async def test_sequence_ids_belong_to_their_principal(engine, model, metrics):
+    sequences = Sequences(engine)
+    x1, x2 = np.full((2, INPUT), 0.5, np.float32), np.full((1, INPUT), -0.3, np.float32)
+    await answer(sequences, 7, x1, start=True, owner="alice")
+    with pytest.raises(SessionNotFound, match="not active"):  # bob cannot drive alice's sequence 7...
+        await sequences.step(7, x2, owner="bob")
+    await answer(sequences, 7, x2, start=True, end=True, owner="bob")  # ...and his own 7 is another one
+    await settle()
+    y, _, _ = reference(model, np.concatenate([x1, x2]))
+    np.testing.assert_allclose(await answer(sequences, 7, x2, end=True, owner="alice"), y[2:], atol=1e-5)
+    await settle()
+    assert live_sessions(metrics) == 0
