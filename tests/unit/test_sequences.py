@@ -32,8 +32,11 @@ def live_sessions(metrics: Metrics) -> float:
 
 
 @pytest.fixture
-async def engine(model, metrics):
-    engine = Engine(ModelRuntime.load(model[0]), EngineLimits(idle_timeout=0.2), metrics)
+async def engine(model, metrics, request):
+    """An engine whose sessions outlive any test, unless the test is marked with a shorter idle timeout."""
+    marker = request.node.get_closest_marker("idle_timeout")
+    idle_timeout = marker.args[0] if marker else 600.0
+    engine = Engine(ModelRuntime.load(model[0]), EngineLimits(idle_timeout=idle_timeout), metrics)
     await engine.start()
     yield engine
     await engine.stop()
@@ -115,6 +118,7 @@ async def test_rejected_requests_change_no_sequence(engine, model):
     np.testing.assert_allclose(y2, reference(model, np.concatenate([x1, x2]))[0][2:], atol=1e-5)
 
 
+@pytest.mark.idle_timeout(0.2)
 async def test_an_idle_sequence_expires_with_its_session(engine):
     sequences = Sequences(engine)
     await answer(sequences, 1, chunk(1, 0), start=True)
