@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from client import LstmClient
+from client.messages import step_request
 from tests.integration.reference import TOLERANCE, Reference
 from tests.redis_server import redis_server
 from tests.servers import server_in_thread, server_process
@@ -80,7 +81,7 @@ def test_every_step_mode_loses_no_acknowledged_step_when_a_replica_is_killed(dem
             moved = on_b.session(session_id=session.id)
             assert moved.info().last_sequence_number == 10
             # the last acknowledged request, retried, is answered again and not applied twice
-            retried = on_b.stub.Step(moved_request(moved.id, 10, xs[9]))
+            retried = on_b.stub.Step(step_request(moved.id, 10, xs[9])[0])
             np.testing.assert_allclose(np.frombuffer(retried.outputs.data, np.float32), acknowledged[9], atol=0)
             continued = list(moved.stream(xs[10:]))
         expected = [reference.step(x[None])[0] for x in xs]
@@ -89,8 +90,8 @@ def test_every_step_mode_loses_no_acknowledged_step_when_a_replica_is_killed(dem
 
 def test_checkpoint_mode_loses_at_most_the_checkpoint_interval(demo_model, redis, tmp_path):
     every = 5
-    with server_process(demo_model, tmp_path / "a.log", *store_flags(redis, "checkpoint", "--checkpoint-every",
-                                                                       str(every), "--checkpoint-interval", "60")) as a, \
+    a_flags = store_flags(redis, "checkpoint", "--checkpoint-every", str(every), "--checkpoint-interval", "60")
+    with server_process(demo_model, tmp_path / "a.log", *a_flags) as a, \
             server_process(demo_model, tmp_path / "b.log", *store_flags(redis, "checkpoint")) as b:
         with LstmClient(a.address) as on_a:
             session = on_a.session()
@@ -121,8 +122,3 @@ def test_redis_restart_mid_run_refuses_then_recovers_without_losing_or_repeating
         for x in xs[3:]:  # the refused step is sent again with the same sequence number
             np.testing.assert_allclose(session.step(x), reference.step(x[None])[0], atol=TOLERANCE)
         assert session.info().steps_applied == 6
-
-
-def moved_request(session_id, seq, x):
-    from client.messages import step_request
-    return step_request(session_id, seq, x)[0]
