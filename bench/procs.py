@@ -67,7 +67,7 @@ def lstmserve(model_path: Path, log_path: Path, **settings) -> contextlib.Abstra
         "INFO",
         *flags,
     ]
-    return child(command, log_path, r"serving model .* on 127\.0\.0\.1:(\d+) \(metrics on port (\d+)\)")
+    return child(command, log_path, r"serving model .* on 127\.0\.0\.1:(\d+) \(.*metrics on port (\d+)\)")
 
 
 def echo(output_size: int, log_path: Path) -> contextlib.AbstractContextManager[Child]:

@@ -8,7 +8,19 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
+from client.channel import Credentials
 from client.sync import LstmClient
+
+# Credentials fields -> (flag, environment variable, help). Prefer the variable for the token: flags are
+# visible to other users of the machine in the process list.
+CREDENTIAL_FLAGS = {
+    "root_certificates": ("--tls-roots", "LSTMSERVE_TLS_ROOTS", "PEM file of the CA(s) to trust"),
+    "certificate_chain": ("--tls-client-cert", "LSTMSERVE_TLS_CLIENT_CERT", "PEM client certificate (mTLS)"),
+    "private_key": ("--tls-client-key", "LSTMSERVE_TLS_CLIENT_KEY", "PEM key of --tls-client-cert"),
+    "token": ("--token", "LSTMSERVE_TOKEN", "bearer token (prefer the environment variable)"),
+    "server_name": ("--tls-server-name", "LSTMSERVE_TLS_SERVER_NAME",
+                    "name to check the server's certificate against, if not the address's host"),
+}
 
 
 def read_rows(stream) -> Iterator[np.ndarray]:
@@ -29,7 +41,11 @@ def format_row(row: np.ndarray) -> str:
     return ",".join(f"{v:.6g}" for v in np.atleast_1d(row))
 
 
-def run(args: argparse.Namespace, client: LstmClient) -> None:
+def run(args: argparse.Namespace, client: LstmClient) -> int:
+    if args.command == "health":
+        status = client.health()
+        print(status)
+        return 0 if status == "SERVING" else 1
     if args.command == "info":
         print(client.info(), end="")
     elif args.command == "predict":
@@ -51,6 +67,7 @@ def run(args: argparse.Namespace, client: LstmClient) -> None:
                 h, c = session.state()
                 print("h", format_row(h.ravel()))
                 print("c", format_row(c.ravel()))
+    return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +75,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--address", default=os.environ.get("LSTMSERVE_ADDRESS", "127.0.0.1:50051"),
                         help="server host:port [LSTMSERVE_ADDRESS]")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
+    parser.add_argument("--tls", action="store_true", default=os.environ.get("LSTMSERVE_TLS", "") == "1",
+                        help="use TLS with the system's root certificates; implied by any option below "
+                             "[LSTMSERVE_TLS=1]")
+    for field, (flag, env, text) in CREDENTIAL_FLAGS.items():
+        parser.add_argument(flag, dest=field, default=os.environ.get(env) or None,
+                            metavar=flag.rsplit("-", 1)[1].upper(), help=f"{text} [{env}]")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("health", help="print the server's health; exit 0 only when SERVING")
     commands.add_parser("info", help="print the served model's sizes and limits")
     predict = commands.add_parser("predict", help="run whole sequences from a .npy or CSV file")
     predict.add_argument("file", help=".npy [seq_len, batch, input] or [seq_len, input]; or CSV rows")
@@ -73,13 +97,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with LstmClient(args.address, timeout=args.timeout) as client:
+    try:
+        credentials = Credentials(tls=args.tls, **{field: getattr(args, field) for field in CREDENTIAL_FLAGS})
+        client = LstmClient(args.address, timeout=args.timeout, credentials=credentials)
+    except (ValueError, OSError) as error:  # a certificate without its key, an unreadable file
+        print(f"lstmserve-client: {error}", file=sys.stderr)
+        return 2
+    with client:
         try:
-            run(args, client)
+            return run(args, client)
         except grpc.RpcError as error:
             print(f"lstmserve-client: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,19 +4,20 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
-
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+from client.channel import Credentials, open_channel
 
 
 class LstmClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None):
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """With `credentials` (TLS roots, client certificate, token) the channel is TLS, else plaintext."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
+                 credentials: Credentials | None = None):
+        self._channel = open_channel(grpc, address, credentials)
         self.stub = pb_grpc.LstmServiceStub(self._channel)
         self.timeout = timeout
 
@@ -31,6 +32,12 @@ class LstmClient:
 
     def info(self) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        """The standard gRPC health status by name: SERVING, NOT_SERVING, ..."""
+        response = health_pb2_grpc.HealthStub(self._channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def predict(self, inputs, h0=None, c0=None) -> messages.Prediction:
         """Whole sequences `inputs[seq_len, batch, input]`, statelessly, from `(h0, c0)` or zeros."""

@@ -15,9 +15,6 @@ class Metrics:
                             ["method", "code"], registry=registry)
         self.rpc_latency = Histogram("lstmserve_rpc_latency_seconds", "RPC duration (whole stream for streams)",
                                      ["method"], buckets=_LATENCY_BUCKETS, registry=registry)
-        self.stream_messages = Counter("lstmserve_stream_messages_total",
-                                       "Requests received on streaming RPCs, by method",
-                                       ["method"], registry=registry)
         self.live_sessions = Gauge("lstmserve_live_sessions", "Sessions currently open", registry=registry)
         self.sessions_created = Counter("lstmserve_sessions_created_total", "Sessions opened", registry=registry)
         self.sessions_closed = Counter("lstmserve_sessions_closed_total", "Sessions closed by their client",
@@ -32,5 +29,16 @@ class Metrics:
                                     buckets=_LATENCY_BUCKETS, registry=registry)
         self.compute_time = Histogram("lstmserve_model_compute_seconds", "Duration of one batched model call",
                                       buckets=_LATENCY_BUCKETS, registry=registry)
+        self.state_store_errors = Counter("lstmserve_state_store_errors_total",
+                                          "State store operations that failed (unreachable or timed out)",
+                                          registry=registry)
         self.model_failures = Counter("lstmserve_model_failures_total", "Model calls that raised",
                                       registry=registry)
+
+    def model_totals(self) -> tuple[int, int, float]:
+        """Batched model calls, time steps applied to sessions and seconds spent in those calls, so far."""
+        def value(name: str) -> float:
+            return self.registry.get_sample_value(name) or 0.0
+
+        return (int(value("lstmserve_batch_size_count")), int(value("lstmserve_steps_applied_total")),
+                value("lstmserve_model_compute_seconds_sum"))

@@ -65,11 +65,14 @@ class StatePool:
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(h, c)` of a batch of slots, each `[num_layers, len(slots), hidden]`."""
+        slots = slots.to(self.device)  # a no-op on the CPU
         return self._h.index_select(1, slots), self._c.index_select(1, slots)
 
     def scatter(self, slots: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> None:
-        self._h.index_copy_(1, slots, h)
-        self._c.index_copy_(1, slots, c)
+        """Writes `(h, c)` (on any device) into a batch of slots."""
+        slots = slots.to(self.device)
+        self._h.index_copy_(1, slots, h.to(self.device))
+        self._c.index_copy_(1, slots, c.to(self.device))
 
     def _grow(self) -> None:
         old = self.capacity

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from server.engine.errors import InvalidInput
+from server.engine.errors import InvalidInput, LimitExceeded
 
 
 def check_tensor(name: str, array: np.ndarray, expected: tuple, allow_nonfinite: bool) -> None:
@@ -25,7 +25,7 @@ def check_tensor(name: str, array: np.ndarray, expected: tuple, allow_nonfinite:
 
 def check_at_most(name: str, value: int, limit: int, setting: str) -> None:
     if value > limit:
-        raise InvalidInput(f"{name} is {value}, more than the server's {setting} of {limit}")
+        raise LimitExceeded(f"{name} is {value}, more than the server's {setting} of {limit}; split the request")
 
 
 def _shape_matches(shape: tuple, expected: tuple) -> bool:

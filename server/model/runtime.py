@@ -80,7 +80,7 @@ class ModelRuntime:
         """One model call over `x[T, B, input]` from state `(h, c)`; returns `(y, h_n, c_n)`."""
         use_onednn = x.shape[0] >= ONEDNN_MIN_STEPS
         with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=use_onednn):
-            y, (h_n, c_n) = self._forward(x.to(self.device), (h, c))
+            y, (h_n, c_n) = self._forward(x.to(self.device), (h.to(self.device), c.to(self.device)))
         return y, h_n, c_n
 
     def warm_up(self, max_batch_size: int) -> None:

@@ -1,0 +1,166 @@
+"""Each bad request gets the right status code and a useful message, and changes no session's state."""
+
+import grpc
+import numpy as np
+import pytest
+from lstmserve import tensors
+from lstmserve.v1 import lstm_service_pb2 as pb
+
+from client import LstmClient
+from tests.servers import server_in_thread
+
+pytestmark = pytest.mark.integration
+
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+PRECONDITION, EXHAUSTED = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.fixture(scope="module")
+def small_limits_server(demo_model):
+    with server_in_thread(demo_model, max_steps_per_request=8, max_sequence_length=50,
+                          max_message_bytes=64 * 1024) as server:
+        yield server
+
+
+@pytest.fixture
+def client(small_limits_server):
+    with LstmClient(small_limits_server.address) as client:
+        yield client
+
+
+@pytest.fixture
+def session(client):
+    """A session with two steps applied, so 'unchanged' means something."""
+    with client.session() as session:
+        session.step(np.ones((2, 4)))
+        yield session
+
+
+def snapshot(session):
+    info = session.info()
+    h, c = session.state()
+    return info.last_sequence_number, info.steps_applied, h.tobytes(), c.tobytes()
+
+
+def raw_tensor(shape, data=b"", values=()):
+    return pb.Tensor(shape=shape, data=data, values=values)
+
+
+def steps(*shape, fill=0.5):
+    return tensors.to_proto(np.full(shape, fill, np.float32))
+
+
+BAD_STEPS = {
+    "wrong input size": (lambda: steps(1, 5), INVALID, "expected [N, 4]"),
+    "payload shorter than shape": (lambda: raw_tensor([2, 4], data=b"\0" * 12), INVALID, "needs 32 bytes"),
+    "values count wrong": (lambda: raw_tensor([1, 4], values=[1.0, 2.0]), INVALID, "needs 4 values"),
+    "data and values both": (lambda: raw_tensor([1, 4], data=b"\0" * 16, values=[1, 2, 3, 4]), INVALID,
+                             "not both"),
+    "NaN": (lambda: steps(1, 4, fill=np.nan), INVALID, "NaN or Inf"),
+    "Inf": (lambda: steps(1, 4, fill=np.inf), INVALID, "NaN or Inf"),
+    "empty": (lambda: raw_tensor([0, 4]), INVALID, "empty"),
+    "rank 3": (lambda: steps(1, 1, 4), INVALID, "expected [N, 4]"),
+    "huge declared shape, small payload": (lambda: raw_tensor([1 << 40, 4], data=b"\0" * 16), INVALID, "bytes"),
+    "negative dimension": (lambda: raw_tensor([-1, 4]), INVALID, "negative"),
+    "over max_steps_per_request": (lambda: steps(9, 4), EXHAUSTED, "max_steps_per_request"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STEPS))
+def test_bad_unary_step_is_refused_and_changes_nothing(client, session, case):
+    make_inputs, code, message = BAD_STEPS[case]
+    before = snapshot(session)
+    with pytest.raises(grpc.RpcError) as error:
+        client.stub.Step(pb.StepRequest(session_id=session.id, sequence_number=2, inputs=make_inputs()))
+    assert error.value.code() == code
+    assert message in error.value.details()
+    assert snapshot(session) == before
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STEPS))
+def test_bad_streamed_step_is_answered_in_band_and_the_stream_goes_on(client, session, case):
+    make_inputs, code, message = BAD_STEPS[case]
+    before = snapshot(session)
+    requests = [pb.StepRequest(session_id=session.id, sequence_number=2, inputs=make_inputs()),
+                pb.StepRequest(session_id=session.id, sequence_number=2, inputs=steps(1, 4))]
+    bad, good = list(client.stub.Stream(iter(requests)))
+    assert (bad.error.code, bad.sequence_number) == (code.value[0], 2)
+    assert message in bad.error.message
+    assert not good.HasField("error")
+    assert snapshot(session)[:2] == (before[0] + 1, before[1] + 1)
+
+
+@pytest.mark.parametrize("session_id, code", [("A" * 22, NOT_FOUND), ("not-an-id", INVALID), ("", INVALID)])
+@pytest.mark.parametrize("rpc", ["GetSession", "GetState", "CloseSession", "Step", "ResetSession"])
+def test_unknown_or_malformed_session_ids(client, session, rpc, session_id, code):
+    before = snapshot(session)
+    request = {"Step": pb.StepRequest(session_id=session_id, sequence_number=1, inputs=steps(1, 4)),
+               "ResetSession": pb.ResetSessionRequest(session_id=session_id)}.get(
+        rpc, pb.SessionRef(session_id=session_id))
+    with pytest.raises(grpc.RpcError) as error:
+        getattr(client.stub, rpc)(request)
+    assert error.value.code() == code
+    assert "session" in error.value.details()
+    assert snapshot(session) == before
+
+
+def test_closed_session_is_not_found(client):
+    session = client.session()
+    session.close()
+    with pytest.raises(grpc.RpcError) as error:
+        session.step(np.ones(4))
+    assert error.value.code() == NOT_FOUND
+
+
+@pytest.mark.parametrize("seq, reason", [(4, "skips ahead"), (1, "applied earlier")])
+def test_out_of_order_sequence_numbers_are_failed_precondition(client, session, seq, reason):
+    session.step(np.ones(4))  # requests 1 and 2 applied; 2's answer is the one kept for retries
+    before = snapshot(session)
+    with pytest.raises(grpc.RpcError) as error:
+        client.stub.Step(pb.StepRequest(session_id=session.id, sequence_number=seq, inputs=steps(1, 4)))
+    assert error.value.code() == PRECONDITION
+    assert reason in error.value.details() and "expected 3" in error.value.details()
+    assert snapshot(session) == before
+
+
+def test_retry_of_the_last_request_returns_the_same_answer_and_applies_nothing(client, session):
+    first = client.stub.Step(pb.StepRequest(session_id=session.id, sequence_number=2, inputs=steps(1, 4)))
+    before = snapshot(session)
+    retry = client.stub.Step(pb.StepRequest(session_id=session.id, sequence_number=2, inputs=steps(1, 4, fill=9)))
+    assert retry.outputs.data == first.outputs.data
+    assert snapshot(session) == before
+
+
+def test_bad_initial_state_is_refused(client):
+    with pytest.raises(grpc.RpcError) as error:
+        client.session(h0=np.zeros((2, 3)))
+    assert error.value.code() == INVALID and "h has shape [2, 3], expected [1, 3]" in error.value.details()
+
+
+def test_bad_reset_state_changes_nothing(client, session):
+    before = snapshot(session)
+    with pytest.raises(grpc.RpcError) as error:
+        session.reset(h=np.full((1, 3), np.nan))
+    assert error.value.code() == INVALID
+    assert snapshot(session) == before
+
+
+@pytest.mark.parametrize("inputs, h0, code, message", [
+    (np.zeros((3, 2, 5)), None, INVALID, "expected [N, N, 4]"),
+    (np.zeros((3, 4)), None, INVALID, "expected [N, N, 4]"),
+    (np.zeros((3, 2, 4)), np.zeros((1, 3, 3)), INVALID, "h0 has shape [1, 3, 3], expected [1, 2, 3]"),
+    (np.zeros((51, 1, 4)), None, EXHAUSTED, "max_sequence_length"),
+])
+def test_bad_predict_requests(client, inputs, h0, code, message):
+    with pytest.raises(grpc.RpcError) as error:
+        client.predict(inputs, h0)
+    assert error.value.code() == code
+    assert message in error.value.details()
+
+
+def test_oversized_message_is_resource_exhausted(client, session):
+    before = snapshot(session)
+    with pytest.raises(grpc.RpcError) as error:
+        session.step(np.ones((20_000, 4)))
+    assert error.value.code() == EXHAUSTED
+    assert snapshot(session) == before
