@@ -7,13 +7,13 @@ PROTOS := $(shell find proto -name '*.proto')
 GENERATED := $(PROTOS:.proto=_pb2.py)
 MODEL ?= models/demo.pt
 
-.PHONY: run test proto lint bench docker clean system-deps
+.PHONY: run test proto lint bench bench-quick docker clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "grpcio-tools==1.85.1"
 	$(MAKE) proto
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $@
 
 proto: $(GENERATED)
@@ -35,7 +35,14 @@ test: $(STAMP) $(GENERATED) system-deps
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server client tests
+	$(VENV)/bin/ruff check server client tests bench
+
+# Benchmarks against the transport and compute limits (bench/, docs/benchmarks.md): ~15 min, or < 2 min quick.
+bench: $(STAMP) $(GENERATED)
+	$(PY) -m bench
+
+bench-quick: $(STAMP) $(GENERATED)
+	$(PY) -m bench --quick
 
 docker:
 	docker build -t lstmserve:latest .

@@ -15,10 +15,21 @@ class TensorFormatError(ValueError):
 
 def to_proto(array) -> pb.Tensor:
     """Packs any array-like (numpy array, torch tensor, nested lists) as a float32 Tensor."""
+    return fill(pb.Tensor(), array)
+
+
+def fill(tensor: pb.Tensor, array) -> pb.Tensor:
+    """Packs `array` into an existing Tensor field, e.g. `fill(response.outputs, y)`.
+
+    Passing a Tensor to a message's constructor copies it (the whole payload) once more; filling the
+    response's own field in place does not, which matters for Predict's megabytes.
+    """
     if hasattr(array, "detach"):  # a torch tensor, possibly on a GPU or requiring grad
         array = array.detach().cpu().numpy()
     packed = np.ascontiguousarray(array, dtype=WIRE_DTYPE)
-    return pb.Tensor(shape=packed.shape, data=packed.tobytes())
+    tensor.shape[:] = packed.shape
+    tensor.data = packed.tobytes()
+    return tensor
 
 
 def from_proto(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
@@ -28,18 +39,18 @@ def from_proto(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     with a small payload costs nothing.
     """
     shape = tuple(tensor.shape)
-    if any(dim < 0 for dim in shape):
+    if min(shape, default=0) < 0:
         raise TensorFormatError(f"{name}: shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
-    if tensor.data and len(tensor.values):
-        raise TensorFormatError(f"{name}: set either data or values, not both")
-    if len(tensor.values):
-        if len(tensor.values) != count:
-            raise TensorFormatError(
-                f"{name}: shape {list(shape)} needs {count} values, got {len(tensor.values)}")
-        return np.asarray(tensor.values, dtype=np.float32).reshape(shape)
-    if len(tensor.data) != count * WIRE_DTYPE.itemsize:
+    data, values = tensor.data, tensor.values  # read each field once: every read builds a new object
+    if len(values):
+        if data:
+            raise TensorFormatError(f"{name}: set either data or values, not both")
+        if len(values) != count:
+            raise TensorFormatError(f"{name}: shape {list(shape)} needs {count} values, got {len(values)}")
+        return np.asarray(values, dtype=np.float32).reshape(shape)
+    if len(data) != count * WIRE_DTYPE.itemsize:
         raise TensorFormatError(
             f"{name}: shape {list(shape)} needs {count * WIRE_DTYPE.itemsize} bytes of float32, "
-            f"got {len(tensor.data)}")
-    return np.frombuffer(tensor.data, dtype=WIRE_DTYPE).reshape(shape)
+            f"got {len(data)}")
+    return np.frombuffer(data, dtype=WIRE_DTYPE).reshape(shape)

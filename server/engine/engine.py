@@ -182,8 +182,11 @@ class Engine:
         check_at_most("inputs' batch", inputs.shape[1], self.limits.max_batch_size, "max_batch_size")
         h, c = self._initial_state(h0, c0, (m.num_layers, inputs.shape[1], m.hidden_size), names=("h0", "c0"))
         x = torch.from_numpy(np.array(inputs, dtype=np.float32))
-        y, h_n, c_n = await self._scheduler.run_in_model_thread(self.runtime.run, x, h, c)
-        return y.numpy(), h_n.numpy(), c_n.numpy()
+        return await self._scheduler.run_in_model_thread(self._predict_on_host, x, h, c)
+
+    def _predict_on_host(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        """On the model thread: the call and the copies of its results to host memory."""
+        return tuple(t.cpu().numpy() for t in self.runtime.run(x, h, c))
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -230,7 +233,7 @@ class Engine:
         session.last_answer = record.answer
 
     async def _persist(self, sessions, works, h_n, c_n, answers) -> list:
-        h, c = h_n.numpy(), c_n.numpy()
+        h, c = h_n.cpu().numpy(), c_n.cpu().numpy()
         records = [self._persistence.record(session, h[:, i], c[:, i], None if answers is None else answers[i],
                                             seq=work.seq, steps=session.steps_applied + work.steps)
                    for i, (session, work) in enumerate(zip(sessions, works))]

@@ -57,6 +57,12 @@ class Scheduler:
         """Runs `fn` on the model thread, so whole-sequence calls queue behind (not beside) batches."""
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
+    def _step_model(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        """On the model thread: one call, and its outputs as host memory `[B, T, output]` (so a GPU's
+        synchronising copy never blocks the event loop); the new state stays on the device."""
+        y, h_n, c_n = self._runtime.run(x, h, c)
+        return y.transpose(0, 1).cpu().numpy(), h_n, c_n
+
     def enqueue(self, session: Session, work: Work) -> None:
         if session.pending is None:
             session.pending = collections.deque()
@@ -103,7 +109,7 @@ class Scheduler:
         x = torch.from_numpy(np.stack([w.inputs for w in works], axis=1))
         h, c = self._pool.gather(slots)
         try:
-            y, h_n, c_n = await self.run_in_model_thread(self._runtime.run, x, h, c)
+            answers, h_n, c_n = await self.run_in_model_thread(self._step_model, x, h, c)
         except asyncio.CancelledError:
             self._fail_batch(batch, lambda seq: Draining(f"the server stopped before request {seq} ran"))
             raise
@@ -116,7 +122,7 @@ class Scheduler:
         finally:
             self._metrics.compute_time.observe(time.perf_counter() - started)
             self._metrics.batch_size.observe(len(batch))
-        await self._commit(batch, works, h_n, c_n, answers=y.transpose(0, 1).numpy())  # answers [B, T, out]
+        await self._commit(batch, works, h_n, c_n, answers=answers)
         self._metrics.steps_applied.inc(len(batch) * works[0].steps)
 
     async def _commit(self, batch: list[Session], works: list[Work], h_n, c_n, answers) -> None:
@@ -126,7 +132,7 @@ class Scheduler:
         if len(kept) == len(batch):
             self._pool.scatter(_slots(batch), h_n, c_n)
         elif kept:
-            index = torch.tensor(kept, dtype=torch.int64)
+            index = torch.tensor(kept, dtype=torch.int64, device=h_n.device)
             self._pool.scatter(_slots([batch[i] for i in kept]), h_n.index_select(1, index),
                                c_n.index_select(1, index))
         for i, (session, work, error) in enumerate(zip(batch, works, errors)):
@@ -136,7 +142,7 @@ class Scheduler:
             session.in_flight = False
             session.pending.popleft()
             session.steps_applied += work.steps
-            state = (h_n[:, i].numpy().copy(), c_n[:, i].numpy().copy()) if work.with_state else None
+            state = (h_n[:, i].cpu().numpy().copy(), c_n[:, i].cpu().numpy().copy()) if work.with_state else None
             self._complete(session, work, answer=None if answers is None else answers[i].copy(), state=state)
             self._after_flight(session)
 
@@ -159,6 +165,8 @@ class Scheduler:
         if session.pending:
             self._ready.append(session)
             self._wakeup.set()
+        else:
+            session.pending = None  # an idle session keeps no deque: 760 bytes of each one's memory
 
     def _fail_batch(self, batch: list[Session], error_for) -> None:
         for session in batch:

@@ -9,10 +9,10 @@ from server.model.metadata import METADATA_FILE, SUPPORTED_DTYPES, ModelMetadata
 
 log = logging.getLogger(__name__)
 
-# oneDNN adds a fixed cost per layer call that dominates single steps of small batches, while it
-# speeds up long sequences (measured in bench/; see docs/benchmarks.md).
+# oneDNN adds a fixed cost per layer call that makes single steps slower at every batch size up to
+# 256 (1.2-2x at batch 64-128, up to 10x for the large model at batch 1), while it speeds up
+# sequences 1.7-5x (measured with bench/; see docs/benchmarks.md). So: by length alone.
 ONEDNN_MIN_STEPS = 2
-ONEDNN_MIN_BATCH = 64
 
 
 class ModelContractError(Exception):
@@ -78,9 +78,9 @@ class ModelRuntime:
     def run(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One model call over `x[T, B, input]` from state `(h, c)`; returns `(y, h_n, c_n)`."""
-        use_onednn = x.shape[0] >= ONEDNN_MIN_STEPS or x.shape[1] >= ONEDNN_MIN_BATCH
+        use_onednn = x.shape[0] >= ONEDNN_MIN_STEPS
         with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=use_onednn):
-            y, (h_n, c_n) = self._forward(x.to(self.device), (h, c))
+            y, (h_n, c_n) = self._forward(x.to(self.device), (h.to(self.device), c.to(self.device)))
         return y, h_n, c_n
 
     def warm_up(self, max_batch_size: int) -> None:

@@ -37,7 +37,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
     @unary
     async def Step(self, request, context):
         session_id, seq, answer = await self._submit_step(request)
-        return _step_response(session_id, seq, await answer)
+        return _fill_answer(pb.StepResponse(), session_id, seq, await answer)
 
     @streaming
     async def Stream(self, request_iterator, context):
@@ -45,7 +45,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             return [await self._submit_step_in_band(request)]
 
         async for submitted in read_ahead(request_iterator, submit_one, self._stream_window):
-            yield await _answer_in_band(*submitted[0])
+            yield await _answer_in_band(pb.StepResponse(), *submitted[0])
 
     @streaming
     async def StreamBatch(self, request_iterator, context):
@@ -53,15 +53,20 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             return [await self._submit_step_in_band(step) for step in batch.steps]
 
         async for submitted in read_ahead(request_iterator, submit_all, self._stream_window):
-            yield pb.StepBatchResponse(steps=[await _answer_in_band(*s) for s in submitted])
+            response = pb.StepBatchResponse()
+            for step in submitted:  # each answer is built in its place: no per-step message copies
+                await _answer_in_band(response.steps.add(), *step)
+            yield response
 
     @unary
     async def Predict(self, request, context):
         outputs, h_n, c_n = await self._engine.predict(
             tensors.from_proto(request.inputs, name="inputs"),
             optional_tensor(request, "h0"), optional_tensor(request, "c0"), owner=current_principal())
-        return pb.PredictResponse(outputs=tensors.to_proto(outputs), h_n=tensors.to_proto(h_n),
-                                  c_n=tensors.to_proto(c_n))
+        response = pb.PredictResponse()
+        for field, array in ((response.outputs, outputs), (response.h_n, h_n), (response.c_n, c_n)):
+            tensors.fill(field, array)
+        return response
 
     @unary
     async def GetSession(self, request, context):
@@ -112,14 +117,20 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             return request.session_id, request.sequence_number, failed
 
 
-def _step_response(session_id: str, seq: int, outputs) -> pb.StepResponse:
-    return pb.StepResponse(session_id=session_id, sequence_number=seq, outputs=tensors.to_proto(outputs))
+def _fill_answer(response: pb.StepResponse, session_id: str, seq: int, outputs) -> pb.StepResponse:
+    response.session_id = session_id
+    response.sequence_number = seq
+    tensors.fill(response.outputs, outputs)
+    return response
 
 
-async def _answer_in_band(session_id: str, seq: int, answer: asyncio.Future) -> pb.StepResponse:
+async def _answer_in_band(response: pb.StepResponse, session_id: str, seq: int, answer: asyncio.Future
+                          ) -> pb.StepResponse:
+    """Fills `response` with the answer, or with the error that stands in for it."""
     try:
-        return _step_response(session_id, seq, await answer)
+        return _fill_answer(response, session_id, seq, await answer)
     except Exception as error:  # noqa: BLE001 - one failed request must not end the stream
         code, message = status_for(error)
-        return pb.StepResponse(session_id=session_id, sequence_number=seq,
-                               error=pb.Error(code=code.value[0], message=message))
+        response.session_id, response.sequence_number = session_id, seq
+        response.error.code, response.error.message = code.value[0], message
+        return response

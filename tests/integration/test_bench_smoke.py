@@ -1,0 +1,33 @@
+"""Keeps the benchmark harness working: `bench --quick` on one tiny scenario. No timing is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quick_bench_writes_results_table_and_plot(tmp_path):
+    command = [sys.executable, "-m", "bench", "--quick", "--models", "tiny", "--scenarios", "closed",
+               "--concurrency", "16", "--out", str(tmp_path)]
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"machine", "plan", "closed", "targets"} <= results.keys()
+    [row] = results["closed"]
+    assert (row["model"], row["sessions"]) == ("tiny", 16)
+    assert row["formed_batch"] >= 1
+    assert {"server", "echo", "in-process"} <= row["configs"].keys()
+    for config in ("server", "echo"):
+        figures = row["configs"][config]
+        assert figures["throughput"] > 0 and figures["samples"] > 0
+        assert 0 < figures["p50"] <= figures["p99"] <= figures["p999"]
+    assert row["configs"]["in-process"]["throughput"] > 0
+    assert "| tiny | 16 |" in finished.stdout  # the table
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
