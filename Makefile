@@ -7,7 +7,7 @@ PROTOS := $(shell find proto -name '*.proto')
 GENERATED := $(PROTOS:.proto=_pb2.py)
 MODEL ?= models/demo.pt
 
-.PHONY: run test proto lint bench docker clean
+.PHONY: run test proto lint bench docker container container-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,18 @@ test: $(STAMP) $(GENERATED)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server client tests
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/shellcheck deploy/container/*.sh
 
 docker:
 	docker build -t lstmserve:latest .
+
+# Without Docker (this machine): podman + runc, base image made locally; needs root. Not part of `make test`.
+container:
+	deploy/container/build.sh localhost/lstmserve:latest
+
+container-test: $(STAMP) $(GENERATED)
+	deploy/container/test.sh localhost/lstmserve:latest
 
 clean:
 	rm -rf $(VENV) models $(GENERATED) $(GENERATED:_pb2.py=_pb2_grpc.py) $(GENERATED:.py=.pyi)
