@@ -7,11 +7,10 @@ PROTOS := $(shell find proto -name '*.proto')
 GENERATED := $(PROTOS:.proto=_pb2.py)
 MODEL ?= models/demo.pt
 
-.PHONY: run test proto lint bench docker container container-test clean
+.PHONY: run test proto lint bench docker container container-test clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "grpcio-tools==1.85.1"
 	$(MAKE) proto
 	$(PY) -m pip install --quiet -e ".[dev]"
@@ -28,7 +27,11 @@ $(MODEL): | $(STAMP)
 run: $(STAMP) $(GENERATED) $(MODEL)
 	$(VENV)/bin/lstmserve --model-path $(MODEL)
 
-test: $(STAMP) $(GENERATED)
+# The state-store tests start a real redis-server; install it from Debian's packages when missing.
+system-deps:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+
+test: $(STAMP) $(GENERATED) system-deps
 	$(PY) -m pytest
 
 lint: $(STAMP)

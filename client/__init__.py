@@ -1,7 +1,9 @@
 """Python client for lstmserve: `LstmClient` (blocking) and `AsyncLstmClient` (asyncio)."""
 
 from client.aio import AsyncLstmClient, AsyncSession
+from client.channel import Credentials
 from client.messages import Prediction, StepError
 from client.sync import LstmClient, Session
 
-__all__ = ["AsyncLstmClient", "AsyncSession", "LstmClient", "Prediction", "Session", "StepError"]
+__all__ = ["AsyncLstmClient", "AsyncSession", "Credentials", "LstmClient", "Prediction", "Session",
+           "StepError"]

@@ -8,12 +8,15 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
-from client.sync import CHANNEL_OPTIONS
+from client.channel import Credentials, open_channel
 
 
 class AsyncLstmClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None):
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """With `credentials` (TLS roots, client certificate, token) the channel is TLS, else plaintext."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
+                 credentials: Credentials | None = None):
+        self._channel = open_channel(grpc.aio, address, credentials)
         self.stub = pb_grpc.LstmServiceStub(self._channel)
         self.timeout = timeout
 

@@ -8,7 +8,19 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
+from client.channel import Credentials
 from client.sync import LstmClient
+
+# Credentials fields -> (flag, environment variable, help). Prefer the variable for the token: flags are
+# visible to other users of the machine in the process list.
+CREDENTIAL_FLAGS = {
+    "root_certificates": ("--tls-roots", "LSTMSERVE_TLS_ROOTS", "PEM file of the CA(s) to trust"),
+    "certificate_chain": ("--tls-client-cert", "LSTMSERVE_TLS_CLIENT_CERT", "PEM client certificate (mTLS)"),
+    "private_key": ("--tls-client-key", "LSTMSERVE_TLS_CLIENT_KEY", "PEM key of --tls-client-cert"),
+    "token": ("--token", "LSTMSERVE_TOKEN", "bearer token (prefer the environment variable)"),
+    "server_name": ("--tls-server-name", "LSTMSERVE_TLS_SERVER_NAME",
+                    "name to check the server's certificate against, if not the address's host"),
+}
 
 
 def read_rows(stream) -> Iterator[np.ndarray]:
@@ -63,6 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--address", default=os.environ.get("LSTMSERVE_ADDRESS", "127.0.0.1:50051"),
                         help="server host:port [LSTMSERVE_ADDRESS]")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per call")
+    parser.add_argument("--tls", action="store_true", default=os.environ.get("LSTMSERVE_TLS", "") == "1",
+                        help="use TLS with the system's root certificates; implied by any option below "
+                             "[LSTMSERVE_TLS=1]")
+    for field, (flag, env, text) in CREDENTIAL_FLAGS.items():
+        parser.add_argument(flag, dest=field, default=os.environ.get(env) or None,
+                            metavar=flag.rsplit("-", 1)[1].upper(), help=f"{text} [{env}]")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("health", help="print the server's health; exit 0 only when SERVING")
     commands.add_parser("info", help="print the served model's sizes and limits")
@@ -79,7 +97,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with LstmClient(args.address, timeout=args.timeout) as client:
+    try:
+        credentials = Credentials(tls=args.tls, **{field: getattr(args, field) for field in CREDENTIAL_FLAGS})
+        client = LstmClient(args.address, timeout=args.timeout, credentials=credentials)
+    except (ValueError, OSError) as error:  # a certificate without its key, an unreadable file
+        print(f"lstmserve-client: {error}", file=sys.stderr)
+        return 2
+    with client:
         try:
             return run(args, client)
         except grpc.RpcError as error:

@@ -9,15 +9,15 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
-
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+from client.channel import Credentials, open_channel
 
 
 class LstmClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None):
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """With `credentials` (TLS roots, client certificate, token) the channel is TLS, else plaintext."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
+                 credentials: Credentials | None = None):
+        self._channel = open_channel(grpc, address, credentials)
         self.stub = pb_grpc.LstmServiceStub(self._channel)
         self.timeout = timeout
 

@@ -2,7 +2,10 @@
 
 import asyncio
 import logging
+import os
+import secrets
 import signal
+import socket
 import sys
 import warnings
 
@@ -11,19 +14,29 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from lstmserve.v1 import lstm_service_pb2, lstm_service_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from server.engine import Engine
+from server.engine import Engine, Sequences
+from server.engine.persistence import Durability, Persistence
 from server.metrics import Metrics
 from server.model import ModelContractError, ModelRuntime
 from server.settings import Settings
+from server.store import RedisStateStore
+from server.transport.auth import Authenticator, AuthInterceptor
 from server.transport.interceptors import MetricsInterceptor
+from server.transport.oip import OipServicer
 from server.transport.servicer import LstmServicer
+from server.transport.tls import ServerCertificates
 
 log = logging.getLogger("lstmserve")
 
 SERVICE_NAME = lstm_service_pb2.DESCRIPTOR.services_by_name["LstmService"].full_name
+OIP_SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# What may be served without credentials when open_health_and_reflection is on: neither touches sessions.
+OPEN_SERVICE_NAMES = (HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
 
 
 class App:
@@ -38,34 +51,86 @@ class App:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_http = None
+        self._store: RedisStateStore | None = None
+        self._certificates: ServerCertificates | None = None
+        self._authenticator: Authenticator | None = None
 
     async def start(self) -> None:
+        """Loads and warms up the model, then opens the port; health turns SERVING last."""
         s = self.settings
         torch.set_num_threads(s.torch_threads)
+        self._start_metrics_http()
+        runtime = await asyncio.to_thread(self._load_model)
+        self.engine = Engine(runtime, s.engine_limits(), self.metrics, persistence=await self._persistence(runtime))
+        await self.engine.start()
         self._server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics)],
+            interceptors=[MetricsInterceptor(self.metrics), *self._auth_interceptors()],
             options=[("grpc.max_receive_message_length", s.max_message_bytes),
                      ("grpc.max_send_message_length", s.max_message_bytes)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
+        lstm_service_pb2_grpc.add_LstmServiceServicer_to_server(
+            LstmServicer(self.engine, s.stream_window), self._server)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            OipServicer(self.engine, Sequences(self.engine), self.metrics, s.stream_window), self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        if s.tls:
+            self._certificates = ServerCertificates(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+            self.port = self._server.add_secure_port(f"{s.host}:{s.port}", self._certificates.credentials())
+        else:
+            self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.port}")
         await self._server.start()
-        self._start_metrics_http()
-        runtime = await asyncio.to_thread(self._load_model)
-        self.engine = Engine(runtime, s.engine_limits(), self.metrics)
-        await self.engine.start()
-        lstm_service_pb2_grpc.add_LstmServiceServicer_to_server(
-            LstmServicer(self.engine, s.stream_window), self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving model %s version %s on %s:%d (metrics on port %s)", runtime.metadata.name,
-                 runtime.metadata.version, s.host, self.port, self.metrics_port)
+        log.info("serving model %s version %s on %s:%d (%s; metrics on port %s)", runtime.metadata.name,
+                 runtime.metadata.version, s.host, self.port, self._security_summary(), self.metrics_port)
+
+    def _auth_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        s = self.settings
+        if not s.auth:
+            return []
+        if s.tokens_file and not s.tls:
+            log.warning("bearer tokens are accepted over plaintext: turn on TLS unless a proxy encrypts the "
+                        "connection")
+        self._authenticator = Authenticator(s.tokens_file, client_certificates=bool(s.tls_client_ca_file))
+        open_services = OPEN_SERVICE_NAMES if s.open_health_and_reflection else ()
+        return [AuthInterceptor(self._authenticator, open_services)]
+
+    def _security_summary(self) -> str:
+        s = self.settings
+        transport = "mutual TLS" if s.tls_client_ca_file else "TLS" if s.tls else "plaintext"
+        methods = [name for name, on in (("bearer tokens", s.tokens_file), ("client certificates",
+                                                                            s.tls_client_ca_file)) if on]
+        return f"{transport}, " + (f"auth by {' or '.join(methods)}" if methods else "no auth")
+
+    def reload(self) -> None:
+        """Re-reads certificate and token files (SIGHUP); open connections and live sessions are untouched."""
+        tokens = self._authenticator if self.settings.tokens_file else None
+        for name, part in (("TLS certificates", self._certificates), ("tokens file", tokens)):
+            if part is None:
+                continue
+            try:
+                part.reload()
+                log.info("reloaded the %s", name)
+            except (OSError, ValueError) as error:
+                log.error("kept the previous %s: cannot reload: %s", name, error)
+
+    async def _persistence(self, runtime: ModelRuntime) -> Persistence | None:
+        """The shared state store, when one is configured with a durability other than none."""
+        s = self.settings
+        if not s.state_store or s.durability == Durability.NONE:
+            return None
+        replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._store = RedisStateStore(s.state_store, replica, lease_ttl=s.lease_ttl, state_ttl=s.idle_timeout,
+                                      lease_wait=s.lease_wait)
+        if not await self._store.ping():
+            log.warning("state store %s is unreachable; sessions that need it get UNAVAILABLE until it is back",
+                        s.state_store.split("@")[-1])
+        model_id = f"{runtime.metadata.name}@{runtime.metadata.version}"
+        return Persistence(self._store, Durability(s.durability), model_id, s.checkpoint_every, s.checkpoint_interval,
+                           self.metrics)
 
     def _load_model(self) -> ModelRuntime:
         runtime = ModelRuntime.load(self.settings.model_path, self.settings.device)
@@ -89,6 +154,8 @@ class App:
             await self._server.stop(grace)
         if self.engine:
             await self.engine.stop()
+        if self._store:
+            await self._store.close()
         if self._metrics_http:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -102,6 +169,7 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload)
     try:
         await app.start()
         await stopping.wait()
@@ -121,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelContractError as error:
         log.error("cannot serve the model: %s", error)
         return 2
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ports, certificate and token files
         log.error("cannot start: %s", error)
         return 2
     return 0

@@ -29,5 +29,16 @@ class Metrics:
                                     buckets=_LATENCY_BUCKETS, registry=registry)
         self.compute_time = Histogram("lstmserve_model_compute_seconds", "Duration of one batched model call",
                                       buckets=_LATENCY_BUCKETS, registry=registry)
+        self.state_store_errors = Counter("lstmserve_state_store_errors_total",
+                                          "State store operations that failed (unreachable or timed out)",
+                                          registry=registry)
         self.model_failures = Counter("lstmserve_model_failures_total", "Model calls that raised",
                                       registry=registry)
+
+    def model_totals(self) -> tuple[int, int, float]:
+        """Batched model calls, time steps applied to sessions and seconds spent in those calls, so far."""
+        def value(name: str) -> float:
+            return self.registry.get_sample_value(name) or 0.0
+
+        return (int(value("lstmserve_batch_size_count")), int(value("lstmserve_steps_applied_total")),
+                value("lstmserve_model_compute_seconds_sum"))

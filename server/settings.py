@@ -35,7 +35,30 @@ class Settings:
     stream_window: int = _setting(128, "requests one stream may have in flight before the server stops reading", 1)
     allow_nonfinite: bool = _setting(False, "accept NaN and Inf in inputs and states")
     shutdown_grace: float = _setting(30.0, "seconds in-flight work may take to finish on SIGTERM", 0)
+    state_store: str = _setting("", "redis://host:port/db or unix:///path.sock shared by replicas; empty: memory")
+    durability: str = _setting("every-step", "with a state store: none, checkpoint or every-step")
+    checkpoint_every: int = _setting(100, "checkpoint durability: write a session once this many steps are new", 1)
+    checkpoint_interval: float = _setting(5.0, "checkpoint durability: seconds between writes of unwritten state", 0.01)
+    lease_ttl: float = _setting(5.0, "seconds a replica's claim on a session lasts unless renewed", 0.1)
+    lease_wait: float = _setting(6.0, "seconds a request waits for another replica's claim to lapse", 0)
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    tls_cert_file: str = _setting("", "PEM certificate chain of the gRPC port; turns TLS on")
+    tls_key_file: str = _setting("", "PEM private key of --tls-cert-file")
+    tls_client_ca_file: str = _setting("", "PEM CA(s) that must sign every client's certificate (mTLS)")
+    tokens_file: str = _setting("", "lines of '<sha256 hex of a token> <principal>'; turns auth on")
+    open_health_and_reflection: bool = _setting(True, "health checks and reflection need no credentials")
+    rate_limit: float = _setting(0.0, "requests per second of each principal (0: unlimited)", 0)
+    rate_limit_burst: int = _setting(100, "requests a principal may make at once above --rate-limit", 1)
+    max_sessions_per_owner: int = _setting(0, "most live sessions of one principal (0: no own limit)", 0)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    @property
+    def auth(self) -> bool:
+        """Callers need a principal: a bearer token, or a client certificate under mutual TLS."""
+        return bool(self.tokens_file or self.tls_client_ca_file)
 
     def engine_limits(self) -> EngineLimits:
         names = {f.name for f in dataclasses.fields(EngineLimits)}
@@ -56,11 +79,24 @@ class Settings:
                 parser.add_argument(flag, type=field.type, default=default,
                                     help=f"{field.metadata['help']} (default: {field.default}) [{env}]")
         values = vars(parser.parse_args(argv))
+        if values["durability"] not in ("none", "checkpoint", "every-step"):
+            parser.error("--durability must be none, checkpoint or every-step")
         for field in dataclasses.fields(cls):
             minimum = field.metadata["minimum"]
             if minimum is not None and values[field.name] < minimum:
                 parser.error(f"--{field.name.replace('_', '-')} must be at least {minimum}")
-        return cls(**values)
+        settings = cls(**values)
+        if problem := settings.inconsistency():
+            parser.error(problem)
+        return settings
+
+    def inconsistency(self) -> str | None:
+        """Why these settings cannot work together, or None."""
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            return "--tls-cert-file and --tls-key-file go together"
+        if self.tls_client_ca_file and not self.tls:
+            return "--tls-client-ca-file needs --tls-cert-file and --tls-key-file (mutual TLS is TLS)"
+        return None
 
 
 def _parse(field, text: str, parser: argparse.ArgumentParser):

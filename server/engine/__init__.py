@@ -10,6 +10,7 @@ from server.engine.errors import (
     SequenceError,
     SessionNotFound,
 )
+from server.engine.sequences import SequenceId, Sequences
 
 __all__ = ["Draining", "Engine", "EngineError", "EngineLimits", "InvalidInput", "LimitExceeded",
-           "ModelFailure", "SequenceError", "SessionNotFound", "SessionView"]
+           "ModelFailure", "SequenceError", "SequenceId", "Sequences", "SessionNotFound", "SessionView"]

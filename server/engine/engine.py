@@ -4,17 +4,22 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from server.engine.errors import Draining, LimitExceeded, SequenceError, SessionNotFound
+from server.engine.persistence import Durability, Persistence
+from server.engine.rate_limit import RateLimiter
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import Session, SessionTable, Work
 from server.engine.state_pool import StatePool
 from server.engine.validation import check_at_most, check_tensor
+from server.logsafe import fingerprint
 from server.metrics import Metrics
 from server.model import ModelRuntime
+from server.store import SessionMoved, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,9 @@ class EngineLimits:
     max_sequence_length: int = 100_000
     max_queued_requests: int = 100_000
     allow_nonfinite: bool = False
+    max_sessions_per_owner: int = 0  # 0: only max_sessions applies
+    rate_limit: float = 0.0  # requests per second per owner; 0: unlimited
+    rate_limit_burst: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +54,8 @@ class SessionView:
 
 
 class Engine:
-    def __init__(self, runtime: ModelRuntime, limits: EngineLimits, metrics: Metrics, clock=time.monotonic):
+    def __init__(self, runtime: ModelRuntime, limits: EngineLimits, metrics: Metrics, clock=time.monotonic,
+                 persistence: Persistence | None = None):
         self.runtime = runtime
         self.limits = limits
         self._metrics = metrics
@@ -55,14 +64,27 @@ class Engine:
         self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, limits.max_sessions,
                                device=str(runtime.device))
         self._sessions = SessionTable(clock)
-        self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay)
-        self._expiry_task: asyncio.Task | None = None
+        self._rate = RateLimiter(limits.rate_limit, limits.rate_limit_burst, clock)
+        self._persistence = persistence
+        self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay,
+                                    persist=self._persist if persistence else None)
+        self._attaching: dict[str, asyncio.Future] = {}
+        self._tasks: list[asyncio.Task] = []
         self._draining = False
+        self._close_listeners: list[Callable[[str], None]] = []
         metrics.live_sessions.set_function(lambda: len(self._sessions))
 
     async def start(self) -> None:
         self._scheduler.start()
-        self._expiry_task = asyncio.get_running_loop().create_task(self._expire_forever(), name="expiry")
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._expire_forever(), name="expiry"))
+        if self._persistence:
+            self._tasks.append(loop.create_task(self._maintain_store_forever(), name="state-store"))
+
+    @property
+    def draining(self) -> bool:
+        """True once shutdown began: no new work is taken."""
+        return self._draining
 
     async def drain(self, timeout: float) -> None:
         """Takes no new work and waits (up to `timeout`) for queued requests to be answered."""
@@ -72,57 +94,88 @@ class Engine:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        if self._expiry_task:
-            self._expiry_task.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self._scheduler.stop()
+        if self._persistence:
+            await self._hand_over_all()
 
-    # -- sessions -------------------------------------------------------------------------------
+    # -- sessions: each call is one request of `owner`, who sees only the sessions it created -------
 
-    def create_session(self, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
+    async def create_session(self, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                        owner: str = "") -> SessionView:
         self._check_accepting()
+        self._rate.admit(owner)
+        per_owner = self.limits.max_sessions_per_owner
+        if per_owner and self._sessions.count(owner) >= per_owner:
+            raise LimitExceeded(f"this principal already has {per_owner} live sessions "
+                                f"(max_sessions_per_owner={per_owner}); close one before opening another")
         h, c = self._initial_state(h0, c0)
         slot = self._pool.allocate(h, c)
         session = self._sessions.add(slot, owner)
+        if self._persistence:
+            try:
+                await self._persistence.adopt_new(session, h.numpy(), c.numpy())
+            except Exception:
+                self._sessions.remove(session)
+                self._pool.release(slot)
+                raise
         self._metrics.sessions_created.inc()
+        log.debug("session %s opened for principal %r", fingerprint(session.id), owner)
         return self._view(session)
 
-    def get_session(self, session_id: str, owner: str = "") -> SessionView:
-        return self._view(self._sessions.get(session_id, owner))
+    async def get_session(self, session_id: str, owner: str = "") -> SessionView:
+        return self._view(await self._session(session_id, owner))
 
-    def get_state(self, session_id: str, owner: str = "") -> tuple[int, np.ndarray, np.ndarray]:
+    async def get_state(self, session_id: str, owner: str = "") -> tuple[int, np.ndarray, np.ndarray]:
         """`(last applied sequence number, h, c)`, consistent with each other."""
-        session = self._sessions.get(session_id, owner)
+        session = await self._session(session_id, owner)
         h, c = self._pool.read(session.slot)
         return session.last_applied_seq, h.numpy(), c.numpy()
 
-    def close_session(self, session_id: str, owner: str = "") -> None:
-        session = self._sessions.get(session_id, owner)
+    async def close_session(self, session_id: str, owner: str = "") -> None:
+        session = await self._session(session_id, owner)
         self._close(session, SessionNotFound(f"session {session_id} was closed before this request ran"))
+        if self._persistence:
+            await self._persistence.forget(session, delete=True)
         self._metrics.sessions_closed.inc()
+        log.debug("session %s closed by its principal", fingerprint(session_id))
 
-    def step(self, session_id: str, inputs: np.ndarray, seq: int = 0, owner: str = ""
-             ) -> tuple[int, asyncio.Future]:
-        """Queues `inputs[T, input_size]`; returns its sequence number and a future of `outputs[T, output]`."""
-        session = self._sessions.get(session_id, owner)
+    def on_session_closed(self, listener: Callable[[str], None]) -> None:
+        """Calls `listener(session_id)` whenever a session is closed or expires."""
+        self._close_listeners.append(listener)
+
+    async def step(self, session_id: str, inputs: np.ndarray, seq: int = 0, owner: str = "",
+                   with_state: bool = False) -> tuple[int, asyncio.Future]:
+        """Queues `inputs[T, input_size]`; returns its sequence number and a future of `outputs[T, output]`.
+
+        With `with_state` the future holds `(outputs, h, c)`, `h` and `c` the state right after this request.
+        """
+        session = await self._session(session_id, owner)
+        self.check_step_inputs(inputs)
+        return self._submit(session, seq,
+                            lambda future, n: Work(n, future, inputs=inputs, with_state=with_state))
+
+    def check_step_inputs(self, inputs: np.ndarray) -> None:
+        """Raises InvalidInput unless `inputs` could be a step's `[T, input_size]`."""
         check_tensor("inputs", inputs, (None, self.runtime.metadata.input_size), self.limits.allow_nonfinite)
         check_at_most("inputs' time steps", inputs.shape[0], self.limits.max_steps_per_request,
                       "max_steps_per_request")
-        return self._submit(session, seq, lambda future, n: Work(n, future, inputs=inputs))
 
-    def reset(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
+    async def reset(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
               seq: int = 0, owner: str = "") -> tuple[int, asyncio.Future]:
         """Queues a reset to zeros or `(h, c)` behind the session's pending steps."""
-        session = self._sessions.get(session_id, owner)
+        session = await self._session(session_id, owner)
         state = self._initial_state(h, c)
         return self._submit(session, seq, lambda future, n: Work(n, future, reset_state=state))
 
     # -- stateless sequences --------------------------------------------------------------------
 
-    async def predict(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    async def predict(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
+                      owner: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)`."""
         self._check_accepting()
+        self._rate.admit(owner)
         m = self.runtime.metadata
         check_tensor("inputs", inputs, (None, None, m.input_size), self.limits.allow_nonfinite)
         check_at_most("inputs' seq_len", inputs.shape[0], self.limits.max_sequence_length, "max_sequence_length")
@@ -133,6 +186,106 @@ class Engine:
         return y.numpy(), h_n.numpy(), c_n.numpy()
 
     # -- internals ------------------------------------------------------------------------------
+
+    async def _session(self, session_id: str, owner: str) -> Session:
+        """Counts a request of `owner`, then finds the session, from the state store if it lives there but not
+        here yet. Another owner's session is reported exactly like one that does not exist."""
+        self._rate.admit(owner)
+        session = self._sessions.find(session_id)
+        if self._persistence:
+            if session is None:
+                session = await self._attach(session_id, owner)
+            elif session.owner == owner and not session.busy:
+                record = await self._persistence.revalidate(session)
+                if record is not None:
+                    self._load(session, record)
+        if session is None or session.owner != owner:
+            raise SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)")
+        return session
+
+    async def _attach(self, session_id: str, owner: str) -> Session | None:
+        """Takes over a session from the store; concurrent requests for it share one fetch."""
+        if session_id not in self._attaching:
+            self._attaching[session_id] = asyncio.ensure_future(self._fetch(session_id, owner))
+        try:
+            return await asyncio.shield(self._attaching[session_id])
+        finally:
+            self._attaching.pop(session_id, None)
+
+    async def _fetch(self, session_id: str, owner: str) -> Session | None:
+        record = await self._persistence.fetch(session_id, owner)
+        if record is None:
+            return None
+        self._check_accepting()
+        session = self._sessions.find(session_id) or self._sessions.add(
+            self._pool.allocate(*self._initial_state(None, None)), owner, session_id)
+        self._load(session, record)
+        log.info("took over session %s at sequence number %d", fingerprint(session_id), record.seq)
+        return session
+
+    def _load(self, session: Session, record) -> None:
+        self._pool.write(session.slot, torch.from_numpy(record.h), torch.from_numpy(record.c))
+        session.last_applied_seq = session.last_assigned_seq = record.seq
+        session.steps_applied = record.steps_applied
+        session.last_answer = record.answer
+
+    async def _persist(self, sessions, works, h_n, c_n, answers) -> list:
+        h, c = h_n.numpy(), c_n.numpy()
+        records = [self._persistence.record(session, h[:, i], c[:, i], None if answers is None else answers[i],
+                                            seq=work.seq, steps=session.steps_applied + work.steps)
+                   for i, (session, work) in enumerate(zip(sessions, works))]
+        errors = await self._persistence.after_batch(sessions, records)
+        for session, error in zip(sessions, errors):
+            if isinstance(error, SessionMoved):  # our copy is stale: the next request fetches the stored one
+                self._close(session, error)
+                await self._persistence.forget(session, delete=False)
+        if self._persistence.durability is Durability.CHECKPOINT:
+            due = self._persistence.due_for_checkpoint(sessions, records)
+            if due:  # written in the background: checkpoint mode acknowledges without waiting for the store
+                self._tasks.append(asyncio.ensure_future(self._checkpoint_later(due, records)))
+        return errors
+
+    async def _checkpoint_later(self, sessions: list[Session], records) -> None:
+        try:
+            by_id = {r.session_id: r for r in records}
+            await self._persistence.checkpoint(sessions, [by_id[s.id] for s in sessions])
+        except StoreUnavailable:
+            pass  # retried by the maintenance loop
+        finally:
+            self._tasks.remove(asyncio.current_task())
+
+    async def _checkpoint(self, sessions: list[Session]) -> None:
+        records = [self._persistence.record(s, *(t.numpy() for t in self._pool.read(s.slot)), s.last_answer)
+                   for s in sessions]
+        await self._persistence.checkpoint(sessions, records)
+
+    async def _maintain_store_forever(self) -> None:
+        """Renews the leases of sessions in use and writes checkpoints; drops sessions another replica took."""
+        persistence = self._persistence
+        period = min(persistence.store.lease_ttl / 3, persistence.checkpoint_interval)
+        last_checkpoint = self._clock()
+        while True:
+            await asyncio.sleep(period)
+            try:
+                for session in await persistence.renew(self._sessions.recently_used(
+                        self._clock() - persistence.store.lease_ttl)):
+                    self._close(session, SessionNotFound(f"session {session.id} moved to another replica"))
+                    await persistence.forget(session, delete=False)
+                if self._clock() - last_checkpoint >= persistence.checkpoint_interval:
+                    last_checkpoint = self._clock()
+                    await self._checkpoint(persistence.unwritten(self._sessions))
+            except StoreUnavailable:
+                continue  # counted by Persistence; the store reconnects by itself
+
+    async def _hand_over_all(self) -> None:
+        """At shutdown: last checkpoints, then every lease released so other replicas take over at once."""
+        sessions = list(self._sessions)
+        try:
+            await self._checkpoint(self._persistence.unwritten(sessions))
+            for session in sessions:
+                await self._persistence.forget(session, delete=False)
+        except StoreUnavailable:
+            log.warning("state store unreachable at shutdown; leases will expire by themselves")
 
     def _submit(self, session: Session, seq: int, make_work) -> tuple[int, asyncio.Future]:
         """Applies the sequence-number rules, then queues the request behind the session's others."""
@@ -189,6 +342,8 @@ class Engine:
             session.closed = True
         else:
             self._pool.release(session.slot)
+        for listener in self._close_listeners:
+            listener(session.id)
 
     def _view(self, session: Session) -> SessionView:
         now_wall, now = time.time(), self._clock()
@@ -203,3 +358,6 @@ class Engine:
             for session in self._sessions.idle_since(self._clock() - self.limits.idle_timeout):
                 self._close(session, SessionNotFound(f"session {session.id} expired"))
                 self._metrics.sessions_expired.inc()
+                log.debug("session %s expired", fingerprint(session.id))
+                if self._persistence:
+                    await self._persistence.forget(session, delete=True)

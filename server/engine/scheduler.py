@@ -23,7 +23,7 @@ class Scheduler:
     """One task owns the loop; the model runs on a single worker thread so the event loop keeps serving I/O."""
 
     def __init__(self, runtime: ModelRuntime, pool: StatePool, metrics: Metrics,
-                 max_batch_size: int, max_batch_delay: float):
+                 max_batch_size: int, max_batch_delay: float, persist=None):
         self._runtime = runtime
         self._pool = pool
         self._metrics = metrics
@@ -34,6 +34,9 @@ class Scheduler:
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         self._task: asyncio.Task | None = None
         self._queued = 0
+        # async (sessions, works, h_n, c_n, answers) -> per session None or the error to answer with;
+        # set when a state store must hold new states before they are acknowledged
+        self._persist = persist
 
     @property
     def queued(self) -> int:
@@ -69,21 +72,25 @@ class Scheduler:
             await self._wakeup.wait()
             if self._max_batch_delay and len(self._ready) < self.max_batch_size:
                 await asyncio.sleep(self._max_batch_delay)
-            self._apply_resets()
+            await self._apply_resets()
             batch = take_batch(self._ready, self.max_batch_size)
             if not self._ready:
                 self._wakeup.clear()
             if batch:
                 await self._run_batch(batch)
 
-    def _apply_resets(self) -> None:
+    async def _apply_resets(self) -> None:
         """Resets need no model call: apply them as soon as they reach the head of their session."""
-        for session in [s for s in self._ready if s.pending[0].inputs is None]:
+        resetting = [s for s in self._ready if s.pending[0].inputs is None]
+        if not resetting:
+            return
+        for session in resetting:
             self._ready.remove(session)
-            work = session.pending.popleft()
-            self._pool.write(session.slot, *work.reset_state)
-            self._complete(session, work, answer=None)
-            self._requeue(session)
+            session.in_flight = True
+        works = [s.pending[0] for s in resetting]
+        h = torch.stack([w.reset_state[0] for w in works], dim=1)
+        c = torch.stack([w.reset_state[1] for w in works], dim=1)
+        await self._commit(resetting, works, h, c, answers=None)
 
     async def _run_batch(self, batch: list[Session]) -> None:
         works = [s.pending[0] for s in batch]
@@ -92,7 +99,7 @@ class Scheduler:
         started = time.perf_counter()
         for work in works:
             self._metrics.queue_wait.observe(started - work.enqueued_at)
-        slots = torch.from_numpy(np.fromiter((s.slot for s in batch), dtype=np.int64, count=len(batch)))
+        slots = _slots(batch)
         x = torch.from_numpy(np.stack([w.inputs for w in works], axis=1))
         h, c = self._pool.gather(slots)
         try:
@@ -109,22 +116,38 @@ class Scheduler:
         finally:
             self._metrics.compute_time.observe(time.perf_counter() - started)
             self._metrics.batch_size.observe(len(batch))
-        self._pool.scatter(slots, h_n, c_n)
-        answers = y.transpose(0, 1).numpy()  # [B, T, output]
-        for i, session in enumerate(batch):
-            session.in_flight = False
-            work = session.pending.popleft()
-            session.steps_applied += work.steps
-            self._complete(session, work, answer=answers[i].copy())
-            self._after_flight(session)
+        await self._commit(batch, works, h_n, c_n, answers=y.transpose(0, 1).numpy())  # answers [B, T, out]
         self._metrics.steps_applied.inc(len(batch) * works[0].steps)
 
-    def _complete(self, session: Session, work: Work, answer: np.ndarray | None) -> None:
+    async def _commit(self, batch: list[Session], works: list[Work], h_n, c_n, answers) -> None:
+        """Makes new states durable where a store requires it, then writes them and answers the requests."""
+        errors = await self._persist(batch, works, h_n, c_n, answers) if self._persist else [None] * len(batch)
+        kept = [i for i, error in enumerate(errors) if error is None]
+        if len(kept) == len(batch):
+            self._pool.scatter(_slots(batch), h_n, c_n)
+        elif kept:
+            index = torch.tensor(kept, dtype=torch.int64)
+            self._pool.scatter(_slots([batch[i] for i in kept]), h_n.index_select(1, index),
+                               c_n.index_select(1, index))
+        for i, (session, work, error) in enumerate(zip(batch, works, errors)):
+            if error is not None:
+                self._fail_head(session, error)
+                continue
+            session.in_flight = False
+            session.pending.popleft()
+            session.steps_applied += work.steps
+            state = (h_n[:, i].numpy().copy(), c_n[:, i].numpy().copy()) if work.with_state else None
+            self._complete(session, work, answer=None if answers is None else answers[i].copy(), state=state)
+            self._after_flight(session)
+
+    def _complete(self, session: Session, work: Work, answer: np.ndarray | None, state: tuple | None = None
+                  ) -> None:
+        """`state`, the session's `(h, c)` right after this request, is added to the answer when given."""
         session.last_applied_seq = work.seq
         session.last_answer = answer
         self._queued -= 1
         if not work.future.done():
-            work.future.set_result(answer)
+            work.future.set_result(answer if state is None else (answer, *state))
 
     def _after_flight(self, session: Session) -> None:
         if session.closed:
@@ -138,17 +161,20 @@ class Scheduler:
             self._wakeup.set()
 
     def _fail_batch(self, batch: list[Session], error_for) -> None:
-        """Fails the batch's requests and everything queued behind them: those were sent assuming success."""
         for session in batch:
-            session.in_flight = False
-            failed = session.pending.popleft()
-            self._queued -= 1
-            _fail(failed.future, error_for(failed.seq))
-            self.fail_pending(session, SequenceError(
-                f"request {failed.seq} failed before this one; resend from sequence number {failed.seq}"))
-            session.last_assigned_seq = session.last_applied_seq
-            if session.closed:
-                self._pool.release(session.slot)
+            self._fail_head(session, error_for(session.pending[0].seq))
+
+    def _fail_head(self, session: Session, error: Exception) -> None:
+        """Fails a session's head request and everything queued behind it: those were sent assuming success."""
+        session.in_flight = False
+        failed = session.pending.popleft()
+        self._queued -= 1
+        _fail(failed.future, error)
+        self.fail_pending(session, SequenceError(
+            f"request {failed.seq} failed before this one; resend from sequence number {failed.seq}"))
+        session.last_assigned_seq = session.last_applied_seq
+        if session.closed:
+            self._pool.release(session.slot)
 
     def fail_pending(self, session: Session, error: Exception) -> None:
         """Fails every queued (not in-flight) request of a session, e.g. when it is closed."""
@@ -174,3 +200,7 @@ class Scheduler:
 def _fail(future: asyncio.Future, error: Exception) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def _slots(sessions: list[Session]) -> torch.Tensor:
+    return torch.from_numpy(np.fromiter((s.slot for s in sessions), dtype=np.int64, count=len(sessions)))

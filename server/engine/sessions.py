@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from server.engine.errors import InvalidInput, SessionNotFound
+from server.engine.errors import InvalidInput
 
 SESSION_ID_BYTES = 16  # 128 bits from the OS's cryptographic random source
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22}")
@@ -28,6 +28,7 @@ class Work:
     future: asyncio.Future
     inputs: np.ndarray | None = None  # [T, input_size] for a step; None for a reset
     reset_state: tuple | None = None  # (h, c) for a reset
+    with_state: bool = False  # answer (outputs, h, c) instead of outputs, for callers that return the state
     enqueued_at: float = 0.0
 
     @property
@@ -60,6 +61,7 @@ class SessionTable:
 
     def __init__(self, clock=time.monotonic):
         self._sessions: collections.OrderedDict[str, Session] = collections.OrderedDict()
+        self._per_owner: collections.Counter[str] = collections.Counter()
         self._clock = clock
 
     def __len__(self) -> int:
@@ -68,20 +70,26 @@ class SessionTable:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
-    def add(self, slot: int, owner: str) -> Session:
-        session = Session(id=new_session_id(), slot=slot, owner=owner, created_at=time.time(),
+    def add(self, slot: int, owner: str, session_id: str | None = None) -> Session:
+        session = Session(id=session_id or new_session_id(), slot=slot, owner=owner, created_at=time.time(),
                           last_used=self._clock())
         self._sessions[session.id] = session
+        self._per_owner[owner] += 1
         return session
 
-    def get(self, session_id: str, owner: str) -> Session:
-        """The live session with this id owned by `owner`; another owner's session is reported as absent."""
+    def count(self, owner: str) -> int:
+        """Live sessions of `owner`."""
+        return self._per_owner[owner]
+
+    def find(self, session_id: str) -> Session | None:
+        """The live session with this id on this replica, if any."""
         if not _SESSION_ID.fullmatch(session_id):
             raise InvalidInput("session_id is malformed: expected the 22-character id CreateSession returned")
-        session = self._sessions.get(session_id)
-        if session is None or session.owner != owner:
-            raise SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)")
-        return session
+        return self._sessions.get(session_id)
+
+    def recently_used(self, since: float) -> list[Session]:
+        """Sessions used at or after `since`, or with work queued."""
+        return [s for s in reversed(self._sessions.values()) if s.last_used >= since or s.busy]
 
     def touch(self, session: Session) -> None:
         session.last_used = self._clock()
@@ -89,6 +97,9 @@ class SessionTable:
 
     def remove(self, session: Session) -> None:
         del self._sessions[session.id]
+        self._per_owner[session.owner] -= 1
+        if not self._per_owner[session.owner]:
+            del self._per_owner[session.owner]
 
     def idle_since(self, deadline: float) -> list[Session]:
         """Sessions not used since `deadline` and with no work queued, oldest first."""

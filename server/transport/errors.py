@@ -14,17 +14,28 @@ from server.engine import (
     SequenceError,
     SessionNotFound,
 )
+from server.store import StoreUnavailable
+from server.transport.oip_convert import RequestFormatError, UnknownModel
 
 log = logging.getLogger(__name__)
 
+
+class Unauthenticated(Exception):
+    """The caller presented no valid credentials; the message says what is missing, never echoes a secret."""
+
+
 STATUS_BY_ERROR = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    RequestFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownModel: grpc.StatusCode.NOT_FOUND,
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     SequenceError: grpc.StatusCode.FAILED_PRECONDITION,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Draining: grpc.StatusCode.UNAVAILABLE,
     ModelFailure: grpc.StatusCode.INTERNAL,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -1,11 +1,39 @@
-"""RPC metrics for every method, native or not, recorded in one place."""
+"""RPC metrics for every method, native or not, recorded in one place; helpers shared by interceptors."""
 
 import inspect
 import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from server.metrics import Metrics
+
+_HANDLER_KINDS = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+)
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary: Callable, wrap_streaming: Callable):
+    """`handler` with its behavior wrapped: by `wrap_unary` when it answers once, else by `wrap_streaming`."""
+    for kind, make_handler, streaming in _HANDLER_KINDS:
+        behavior = getattr(handler, kind)
+        if behavior:
+            wrapped = (wrap_streaming if streaming else wrap_unary)(behavior)
+            return make_handler(wrapped, handler.request_deserializer, handler.response_serializer)
+    raise ValueError(f"unknown kind of RPC method handler: {handler!r}")
+
+
+async def responses(behavior, request, context) -> AsyncIterator:
+    """A streaming behavior's responses, be it an async generator or a coroutine using context.write."""
+    result = behavior(request, context)
+    if inspect.isasyncgen(result):
+        async for response in result:
+            yield response
+    else:
+        await result
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -19,20 +47,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._timed(handler.unary_unary, method), handler.request_deserializer,
-                handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._timed(handler.stream_unary, method), handler.request_deserializer,
-                handler.response_serializer)
-        wrap = self._timed_stream
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            wrap(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer)
+        return wrap_handler(handler, lambda behavior: self._timed(behavior, method),
+                            lambda behavior: self._timed_stream(behavior, method))
 
     def _timed(self, behavior, method: str):
         async def timed(request, context):
@@ -44,16 +60,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return timed
 
     def _timed_stream(self, behavior, method: str):
-        """Streams may be written as async generators or as coroutines that call context.write."""
         async def timed(request, context):
             started = time.perf_counter()
             try:
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for response in result:
-                        yield response
-                else:
-                    await result
+                async for response in responses(behavior, request, context):
+                    yield response
             finally:
                 self._record(method, context, started)
         return timed

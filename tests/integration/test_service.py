@@ -70,7 +70,6 @@ def test_metrics_are_exported_and_move_with_traffic(demo_server):
 def test_idle_sessions_expire_and_are_counted(demo_model):
     with server_in_thread(demo_model, idle_timeout=0.2) as server, LstmClient(server.address) as client:
         session = client.session()
-        session.step(np.ones(4))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and scrape(server).get("lstmserve_sessions_expired_total", 0) < 1:
             time.sleep(0.1)

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, EngineLimits, InvalidInput, LimitExceeded, ModelFailure, SequenceError
-from server.engine import SessionNotFound
+from server.engine import (
+    Engine,
+    EngineLimits,
+    InvalidInput,
+    LimitExceeded,
+    ModelFailure,
+    SequenceError,
+    SessionNotFound,
+)
 from server.metrics import Metrics
 from tests.unit.fakes import FAIL_MARKER, FakeRuntime
 
@@ -24,24 +31,30 @@ async def engine():
     await engine.stop()
 
 
+async def applied(engine, session_id, inputs, seq=0) -> np.ndarray:
+    """Submits a step and waits for its outputs."""
+    _, answer = await engine.step(session_id, inputs, seq)
+    return await answer
+
+
 def x(*values) -> np.ndarray:
     """Steps of the fake's 2 inputs whose sum is each given value."""
     return np.array([[v, 0.0] for v in values], dtype=np.float32)
 
 
 async def test_requests_of_a_session_apply_in_order_with_state_carried(engine):
-    sid = engine.create_session().session_id
-    futures = [engine.step(sid, x(v))[1] for v in (1, 2, 3)]
+    sid = (await engine.create_session()).session_id
+    futures = [(await engine.step(sid, x(v)))[1] for v in (1, 2, 3)]
     outputs = [float(y[0, 0]) for y in await asyncio.gather(*futures)]
     assert outputs == [1.0, 3.0, 6.0]
-    seq, h, c = engine.get_state(sid)
+    seq, h, c = await engine.get_state(sid)
     assert (seq, float(h[0, 0]), float(c[0, 0])) == (3, 6.0, 3.0)
 
 
 async def test_many_sessions_share_a_model_call_up_to_max_batch_size(engine):
     engine.runtime.gate.clear()  # hold the first batch so the rest queue up behind it
-    sids = [engine.create_session().session_id for _ in range(10)]
-    futures = [engine.step(sid, x(i))[1] for i, sid in enumerate(sids)]
+    sids = [(await engine.create_session()).session_id for _ in range(10)]
+    futures = [(await engine.step(sid, x(i)))[1] for i, sid in enumerate(sids)]
     await asyncio.sleep(0.05)
     engine.runtime.gate.set()
     outputs = await asyncio.gather(*futures)
@@ -52,65 +65,65 @@ async def test_many_sessions_share_a_model_call_up_to_max_batch_size(engine):
 
 
 async def test_chunks_of_different_lengths_are_each_applied_whole(engine):
-    a, b = engine.create_session().session_id, engine.create_session().session_id
-    ya = engine.step(a, x(1, 1, 1))[1]
-    yb = engine.step(b, x(5))[1]
+    a, b = (await engine.create_session()).session_id, (await engine.create_session()).session_id
+    ya = (await engine.step(a, x(1, 1, 1)))[1]
+    yb = (await engine.step(b, x(5)))[1]
     assert (await ya)[:, 0].tolist() == [1.0, 2.0, 3.0]
     assert (await yb)[:, 0].tolist() == [5.0]
 
 
 async def test_retried_sequence_number_returns_stored_answer_without_applying_again(engine):
-    sid = engine.create_session().session_id
-    first = await engine.step(sid, x(2), seq=1)[1]
-    again = await engine.step(sid, x(100), seq=1)[1]
+    sid = (await engine.create_session()).session_id
+    first = await applied(engine, sid, x(2), seq=1)
+    again = await applied(engine, sid, x(100), seq=1)
     np.testing.assert_array_equal(first, again)
-    assert engine.get_state(sid)[1][0, 0] == 2.0
-    assert engine.get_session(sid).steps_applied == 1
+    assert (await engine.get_state(sid))[1][0, 0] == 2.0
+    assert (await engine.get_session(sid)).steps_applied == 1
 
 
 async def test_gap_or_old_sequence_number_is_rejected_without_change(engine):
-    sid = engine.create_session().session_id
-    await engine.step(sid, x(1), seq=1)[1]
-    await engine.step(sid, x(1), seq=2)[1]
+    sid = (await engine.create_session()).session_id
+    await applied(engine, sid, x(1), seq=1)
+    await applied(engine, sid, x(1), seq=2)
     with pytest.raises(SequenceError, match="expected 3"):
-        engine.step(sid, x(1), seq=5)
+        await engine.step(sid, x(1), seq=5)
     with pytest.raises(SequenceError, match="expected 3"):
-        engine.step(sid, x(1), seq=1)
-    assert engine.get_state(sid)[0] == 2
+        await engine.step(sid, x(1), seq=1)
+    assert (await engine.get_state(sid))[0] == 2
 
 
 async def test_failing_model_call_fails_only_its_batch_and_changes_no_state(engine):
-    healthy, doomed = engine.create_session().session_id, engine.create_session().session_id
-    await engine.step(healthy, x(1))[1]
-    await engine.step(doomed, x(1))[1]
-    before = engine.get_state(doomed)
+    healthy, doomed = (await engine.create_session()).session_id, (await engine.create_session()).session_id
+    await applied(engine, healthy, x(1))
+    await applied(engine, doomed, x(1))
+    before = await engine.get_state(doomed)
     engine.runtime.gate.clear()
-    blocker = engine.step(healthy, x(1))[1]  # in flight while the next two queue
+    blocker = (await engine.step(healthy, x(1)))[1]  # in flight while the next two queue
     await asyncio.sleep(0.05)
-    bad = engine.step(doomed, x(FAIL_MARKER))[1]
-    behind_bad = engine.step(doomed, x(1))[1]
+    bad = (await engine.step(doomed, x(FAIL_MARKER)))[1]
+    behind_bad = (await engine.step(doomed, x(1)))[1]
     engine.runtime.gate.set()
     assert float((await blocker)[0, 0]) == 2.0
     with pytest.raises(ModelFailure):
         await bad
     with pytest.raises(SequenceError, match="resend from sequence number 2"):
         await behind_bad
-    after = engine.get_state(doomed)
+    after = await engine.get_state(doomed)
     assert after[0] == before[0] == 1
     np.testing.assert_array_equal(after[1], before[1])
     np.testing.assert_array_equal(after[2], before[2])
-    assert float((await engine.step(doomed, x(1), seq=2)[1])[0, 0]) == 2.0  # the session goes on
+    assert float((await applied(engine, doomed, x(1), seq=2))[0, 0]) == 2.0  # the session goes on
 
 
 async def test_reset_is_ordered_behind_pending_steps(engine):
-    sid = engine.create_session().session_id
+    sid = (await engine.create_session()).session_id
     engine.runtime.gate.clear()
-    step = engine.step(sid, x(4))[1]
-    _, reset = engine.reset(sid, h=np.full((1, 3), 10.0, np.float32))
+    step = (await engine.step(sid, x(4)))[1]
+    _, reset = await engine.reset(sid, h=np.full((1, 3), 10.0, np.float32))
     engine.runtime.gate.set()
     await step
     await reset
-    _, h, c = engine.get_state(sid)
+    _, h, c = await engine.get_state(sid)
     assert h.tolist() == [[10.0] * 3] and c.tolist() == [[0.0] * 3]
 
 
@@ -120,49 +133,49 @@ async def test_reset_is_ordered_behind_pending_steps(engine):
     (np.array([[np.nan, 0]], np.float32), "NaN or Inf"),
 ])
 async def test_invalid_steps_are_rejected_before_queueing(engine, bad, message):
-    sid = engine.create_session().session_id
+    sid = (await engine.create_session()).session_id
     with pytest.raises(InvalidInput, match=message):
-        engine.step(sid, bad, seq=1)
-    assert engine.get_session(sid).last_sequence_number == 0
-    assert float((await engine.step(sid, x(1), seq=1)[1])[0, 0]) == 1.0
+        await engine.step(sid, bad, seq=1)
+    assert (await engine.get_session(sid)).last_sequence_number == 0
+    assert float((await applied(engine, sid, x(1), seq=1))[0, 0]) == 1.0
 
 
 async def test_requests_over_the_step_limit_are_refused_naming_the_limit(engine):
-    sid = engine.create_session().session_id
+    sid = (await engine.create_session()).session_id
     with pytest.raises(LimitExceeded, match="max_steps_per_request"):
-        engine.step(sid, np.zeros((2000, 2), np.float32), seq=1)
-    assert engine.get_session(sid).last_sequence_number == 0
+        await engine.step(sid, np.zeros((2000, 2), np.float32), seq=1)
+    assert (await engine.get_session(sid)).last_sequence_number == 0
 
 
 async def test_closed_session_is_gone_and_its_slot_reused(engine):
-    sid = engine.create_session().session_id
-    await engine.step(sid, x(7))[1]
-    engine.close_session(sid)
+    sid = (await engine.create_session()).session_id
+    await applied(engine, sid, x(7))
+    await engine.close_session(sid)
     with pytest.raises(SessionNotFound):
-        engine.get_session(sid)
-    fresh = engine.create_session().session_id
-    assert engine.get_state(fresh)[1].tolist() == [[0.0, 0.0, 0.0]]
+        await engine.get_session(sid)
+    fresh = (await engine.create_session()).session_id
+    assert (await engine.get_state(fresh))[1].tolist() == [[0.0, 0.0, 0.0]]
 
 
 async def test_state_pool_grows_to_max_sessions_then_refuses(engine):
     for _ in range(64):
-        engine.create_session()
+        await engine.create_session()
     with pytest.raises(LimitExceeded, match="max_sessions"):
-        engine.create_session()
+        await engine.create_session()
 
 
 async def test_idle_sessions_expire():
     engine = Engine(FakeRuntime(), EngineLimits(idle_timeout=0.05), Metrics(CollectorRegistry()))
     await engine.start()
     try:
-        sid = engine.create_session().session_id
+        sid = (await engine.create_session()).session_id
         for _ in range(100):
             await asyncio.sleep(0.02)
             try:
-                engine.get_session(sid)
+                await engine.get_session(sid)
             except SessionNotFound:
                 break
         with pytest.raises(SessionNotFound):
-            engine.get_session(sid)
+            await engine.get_session(sid)
     finally:
         await engine.stop()

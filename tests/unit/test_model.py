@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from server.model import ModelContractError, ModelRuntime
-from server.model.export import LstmWithHead, main as export_main
+from server.model.export import LstmWithHead
+from server.model.export import main as export_main
 from tests.conftest import export_model
 
 pytestmark = pytest.mark.unit

@@ -1,0 +1,1 @@
+"""Generated code for the Open Inference Protocol (KServe v2 / Triton `inference` package)."""

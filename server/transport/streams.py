@@ -1,0 +1,34 @@
+"""Pipelining for bidirectional streams, shared by every streaming servicer."""
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+
+async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awaitable], window: int
+                     ) -> AsyncIterator:
+    """Yields `await submit(request)` for each request in order while reading up to `window` requests ahead.
+
+    `submit` queues the request's work and returns without waiting for its answer, and requests are
+    submitted one at a time in stream order, so a client that sends requests back to back has them
+    batched instead of answered one round trip at a time.
+    """
+    submitted: asyncio.Queue = asyncio.Queue()
+    slots = asyncio.Semaphore(window)
+    done = object()
+
+    async def read():
+        try:
+            async for request in request_iterator:
+                await slots.acquire()
+                submitted.put_nowait(await submit(request))
+        finally:
+            submitted.put_nowait(done)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (item := await submitted.get()) is not done:
+            yield item
+            slots.release()
+        await reader  # re-raises a failure to read the stream
+    finally:
+        reader.cancel()

@@ -1,0 +1,175 @@
+"""TLS, mutual TLS, bearer tokens, sessions bound to their principal, per-principal limits; real servers."""
+
+import secrets
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from lstmserve.v1 import lstm_service_pb2 as pb
+
+from client import Credentials, LstmClient, Session, StepError
+from tests.certs import make_pki
+from tests.integration.reference import TOLERANCE, Reference
+from tests.integration.test_service import scrape
+from tests.servers import server_in_thread
+
+pytestmark = pytest.mark.integration
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def token_server(demo_model, pki):
+    """TLS with bearer tokens (no client certificates)."""
+    with server_in_thread(demo_model, tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.server.key),
+                          tokens_file=str(pki.tokens_file)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mtls_server(demo_model, pki):
+    """Mutual TLS: clients need a certificate signed by the trusted CA; its subject is the principal."""
+    with server_in_thread(demo_model, tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.server.key),
+                          tls_client_ca_file=str(pki.ca.cert)) as server:
+        yield server
+
+
+def client(server, pki, token=None, identity=None, roots=None) -> LstmClient:
+    return LstmClient(server.address, timeout=10, credentials=Credentials(
+        root_certificates=str(roots or pki.ca.cert), token=token,
+        certificate_chain=identity and str(identity.cert), private_key=identity and str(identity.key)))
+
+
+def refusal(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value
+
+
+# -- transport ----------------------------------------------------------------------------------
+
+def test_a_plaintext_client_is_refused_by_a_tls_server(token_server, pki):
+    with LstmClient(token_server.address, timeout=10) as plain:
+        assert refusal(plain.info).code() == grpc.StatusCode.UNAVAILABLE
+    with client(token_server, pki, token=pki.tokens["alice"]) as tls:
+        assert tls.info().input_size == 4
+
+
+def test_a_client_refuses_a_server_certificate_from_another_ca(token_server, pki):
+    with client(token_server, pki, token=pki.tokens["alice"], roots=pki.other_ca.cert) as wary:
+        error = refusal(wary.info)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate_or_with_one_from_another_ca(mtls_server, pki):
+    with client(mtls_server, pki) as anonymous:
+        assert refusal(anonymous.info).code() == grpc.StatusCode.UNAVAILABLE
+        assert refusal(anonymous.health).code() == grpc.StatusCode.UNAVAILABLE  # no handshake, no health
+    with client(mtls_server, pki, identity=pki.mallory) as impostor:
+        assert refusal(impostor.info).code() == grpc.StatusCode.UNAVAILABLE
+    with client(mtls_server, pki, identity=pki.alice) as alice:
+        assert alice.info().input_size == 4
+
+
+def test_each_client_certificate_is_its_own_principal(mtls_server, pki):
+    with client(mtls_server, pki, identity=pki.alice) as alice, \
+            client(mtls_server, pki, identity=pki.bob) as bob:
+        session = alice.session()
+        assert refusal(lambda: bob.session(session_id=session.id)).code() == grpc.StatusCode.NOT_FOUND
+        assert alice.session(session_id=session.id).id == session.id
+
+
+# -- bearer tokens ------------------------------------------------------------------------------
+
+def test_a_valid_token_is_accepted_and_a_bad_or_missing_one_is_unauthenticated(token_server, pki):
+    with client(token_server, pki, token=pki.tokens["alice"]) as alice:
+        with alice.session() as session:
+            assert session.step(np.ones(4)).shape == (3,)
+    forged = "x" + pki.tokens["alice"][1:]
+    for token in (forged, None):
+        with client(token_server, pki, token=token) as stranger:
+            error = refusal(stranger.session)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert forged not in error.details()
+    with client(token_server, pki) as anonymous:
+        assert "bearer token" in refusal(lambda: anonymous.predict(np.ones((1, 1, 4)))).details()
+        assert anonymous.health() == "SERVING"  # open_health_and_reflection is on by default
+
+
+def test_principal_b_gets_not_found_for_every_call_on_a_session_of_a(token_server, pki, demo_model):
+    reference = Reference(torch.jit.load(str(demo_model)), 1, 3)
+    with client(token_server, pki, token=pki.tokens["alice"]) as alice, \
+            client(token_server, pki, token=pki.tokens["bob"]) as bob:
+        session = alice.session()
+        x1, x2 = np.full((2, 4), 0.5, np.float32), np.full((1, 4), -0.25, np.float32)
+        np.testing.assert_allclose(session.step(x1), reference.step(x1), atol=TOLERANCE)
+        before = session.state()
+        stranger_id = secrets.token_urlsafe(16)
+
+        def bob_calls(session_id):
+            ref = pb.SessionRef(session_id=session_id)
+            step = pb.StepRequest(session_id=session_id, sequence_number=2,
+                                  inputs=pb.Tensor(shape=[1, 4], values=[9.0] * 4))
+            return {
+                "GetSession": lambda: bob.stub.GetSession(ref),
+                "GetState": lambda: bob.stub.GetState(ref),
+                "Step": lambda: bob.stub.Step(step),
+                "ResetSession": lambda: bob.stub.ResetSession(pb.ResetSessionRequest(session_id=session_id)),
+                "CloseSession": lambda: bob.stub.CloseSession(ref),
+            }
+
+        for name, call in bob_calls(session.id).items():
+            error, unknown = refusal(call), refusal(bob_calls(stranger_id)[name])
+            assert error.code() == unknown.code() == grpc.StatusCode.NOT_FOUND, name
+            assert error.details().replace(session.id, stranger_id) == unknown.details(), name
+        with pytest.raises(StepError) as in_band:  # a stream answers in-band, the same way
+            list(Session(bob, session.id, 1).stream([np.ones(4)]))
+        assert in_band.value.code() == grpc.StatusCode.NOT_FOUND
+
+        for got, want in zip(session.state(), before, strict=True):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(session.step(x2), reference.step(x2), atol=TOLERANCE)
+        session.close()
+
+
+# -- per-principal limits -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def limited_server(demo_model, pki):
+    # rate_limit is so slow that no token comes back during the test: the burst is all there is.
+    with server_in_thread(demo_model, tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.server.key),
+                          tokens_file=str(pki.tokens_file), max_sessions_per_owner=2, rate_limit=1e-6,
+                          rate_limit_burst=6, open_health_and_reflection=False) as server:
+        yield server
+
+
+def test_per_principal_session_and_rate_limits(limited_server, pki):
+    applied_before = scrape(limited_server).get("lstmserve_steps_applied_total", 0)
+    with client(limited_server, pki, token=pki.tokens["alice"]) as alice, \
+            client(limited_server, pki, token=pki.tokens["bob"]) as bob:
+        first, second = alice.session(), alice.session()  # alice's requests 1 and 2
+        third = refusal(alice.session)  # 3
+        assert third.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_sessions_per_owner=2" in third.details()
+        bob_session = bob.session()  # another principal's sessions count apart
+        first.step(np.ones(4))  # 4
+        answered = []
+        with pytest.raises(StepError) as in_band:  # 5 and 6 are answered, 7 is refused in-band
+            for y in first.stream([np.ones(4)] * 3):
+                answered.append(y)
+        assert len(answered) == 2
+        assert in_band.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "rate_limit=" in in_band.value.details()
+        over = refusal(second.info)
+        assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate_limit=" in over.details()
+        assert bob_session.step(np.ones(4)).shape == (3,)  # bob has his own bucket
+    # Applied: alice's 1 + 2 streamed steps and bob's 1; the refused streamed step changed nothing.
+    assert scrape(limited_server)["lstmserve_steps_applied_total"] - applied_before == 4
+
+
+def test_health_and_reflection_can_require_credentials(limited_server, pki):
+    with client(limited_server, pki) as anonymous:
+        assert refusal(anonymous.health).code() == grpc.StatusCode.UNAUTHENTICATED
