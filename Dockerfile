@@ -10,10 +10,14 @@ COPY pyproject.toml README.md ./
 COPY proto ./proto
 COPY server ./server
 COPY client ./client
-RUN /opt/lstmserve/bin/pip install --no-cache-dir "grpcio-tools==1.85.1" \
+# deploy/container/wheels/ is empty in the repository; where no index serves torch (deploy/container/build.sh),
+# a local CPU wheel put there is mounted for the build only, so it never lands in a layer.
+RUN --mount=type=bind,source=deploy/container/wheels,target=/wheels \
+    /opt/lstmserve/bin/pip install --no-cache-dir "grpcio-tools==1.85.1" \
  && find proto -name '*.proto' -exec /opt/lstmserve/bin/python -m grpc_tools.protoc -Iproto \
         --python_out=proto --grpc_python_out=proto {} + \
- && /opt/lstmserve/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
+ && /opt/lstmserve/bin/pip install --no-cache-dir --find-links /wheels --extra-index-url "${TORCH_INDEX_URL}" \
+        "torch==2.13.0" \
  && /opt/lstmserve/bin/pip install --no-cache-dir . \
  && /opt/lstmserve/bin/pip uninstall --yes grpcio-tools \
  && /opt/lstmserve/bin/lstmserve-export --demo --output /opt/models/demo.pt
@@ -31,6 +35,7 @@ ENV PATH=/opt/lstmserve/bin:$PATH \
     LSTMSERVE_MODEL_PATH=/opt/models/demo.pt
 USER 10001
 EXPOSE 50051 9090
+# Through a shell so the check follows LSTMSERVE_PORT when a deployment changes it.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \
-    CMD ["lstmserve-client", "--address", "127.0.0.1:50051", "--timeout", "3", "health"]
+    CMD ["sh", "-c", "exec lstmserve-client --address \"127.0.0.1:${LSTMSERVE_PORT}\" --timeout 3 health"]
 ENTRYPOINT ["lstmserve"]

@@ -7,7 +7,7 @@ PROTOS := $(shell find proto -name '*.proto')
 GENERATED := $(PROTOS:.proto=_pb2.py)
 MODEL ?= models/demo.pt
 
-.PHONY: run test proto lint bench bench-quick docker clean system-deps
+.PHONY: run test proto lint bench bench-quick docker container container-test clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,8 @@ test: $(STAMP) $(GENERATED) system-deps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server client tests bench
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/shellcheck deploy/container/*.sh
 
 # Benchmarks against the transport and compute limits (bench/, docs/benchmarks.md): ~15 min, or < 2 min quick.
 bench: $(STAMP) $(GENERATED)
@@ -46,6 +48,13 @@ bench-quick: $(STAMP) $(GENERATED)
 
 docker:
 	docker build -t lstmserve:latest .
+
+# Without Docker (this machine): podman + runc, base image made locally; needs root. Not part of `make test`.
+container:
+	deploy/container/build.sh localhost/lstmserve:latest
+
+container-test: $(STAMP) $(GENERATED)
+	deploy/container/test.sh localhost/lstmserve:latest
 
 clean:
 	rm -rf $(VENV) models $(GENERATED) $(GENERATED:_pb2.py=_pb2_grpc.py) $(GENERATED:.py=.pyi)

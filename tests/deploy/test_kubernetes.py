@@ -1,0 +1,116 @@
+"""Kubernetes manifests: valid against the Kubernetes schemas (offline), consistent with server and image."""
+
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from server.main import SERVICE_NAME
+from server.settings import ENV_PREFIX, Settings
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).parents[2]
+MANIFESTS = ROOT / "deploy" / "kubernetes"
+# The oldest release with native gRPC probes (GA in 1.27) and the newest kubernetes-validate ships.
+KUBERNETES_VERSIONS = ("1.27.0", kubernetes_validate.utils.latest_version())
+
+
+def manifest_files() -> list[Path]:
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    return [MANIFESTS / name for name in kustomization["resources"]]
+
+
+def documents(kind: str) -> list[dict]:
+    found = [doc for path in manifest_files() for doc in yaml.safe_load_all(path.read_text())
+             if doc["kind"] == kind]
+    assert found, f"no {kind} in the manifests"
+    return found
+
+
+def one(kind: str, name: str) -> dict:
+    (document,) = [doc for doc in documents(kind) if doc["metadata"]["name"] == name]
+    return document
+
+
+def lstmserve_container() -> dict:
+    (container,) = one("Deployment", "lstmserve")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def settings_data() -> dict[str, str]:
+    return one("ConfigMap", "lstmserve-settings")["data"]
+
+
+def test_kustomization_lists_every_manifest():
+    on_disk = [path for path in MANIFESTS.glob("*.yaml") if path.name != "kustomization.yaml"]
+    assert sorted(manifest_files()) == sorted(on_disk)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: p.name)
+def test_manifest_validates_against_the_kubernetes_schema(path, version):
+    problems = []
+    for document in yaml.safe_load_all(path.read_text()):
+        try:
+            kubernetes_validate.validate(document, version, strict=True)
+        except kubernetes_validate.ValidationError as error:  # its text dumps the whole schema
+            where = "/".join(map(str, error.absolute_path))
+            problems.append(f"{document['kind']} {document['metadata']['name']}: {where}: {error.message}")
+    assert not problems
+
+
+def test_settings_are_real_settings_with_valid_values():
+    data = settings_data()
+    known = {ENV_PREFIX + name.upper() for name in Settings.__dataclass_fields__}
+    assert set(data) <= known
+    settings = Settings.from_args([], environ=data)  # the server's own parsing and bounds checks
+    assert settings.host == "0.0.0.0" and settings.metrics_host == "0.0.0.0"
+
+
+def test_probes_and_ports_follow_the_settings():
+    settings = Settings.from_args([], environ=settings_data())
+    container = lstmserve_container()
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == settings.port, probe
+    assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    annotations = one("Deployment", "lstmserve")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.metrics_port)
+
+
+def test_termination_grace_covers_pre_stop_and_drain():
+    settings = Settings.from_args([], environ=settings_data())
+    pod = one("Deployment", "lstmserve")["spec"]["template"]["spec"]
+    command = lstmserve_container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] >= int(command[1]) + settings.shutdown_grace + 5
+
+
+def test_pods_run_as_the_images_user():
+    uid = re.search(r"^USER (\d+)$", (ROOT / "Dockerfile").read_text(), re.M).group(1)
+    pod = one("Deployment", "lstmserve")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == int(uid)
+
+
+def test_selectors_reach_the_server_pods():
+    labels = one("Deployment", "lstmserve")["spec"]["template"]["metadata"]["labels"]
+    selectors = [service["spec"]["selector"] for service in documents("Service")
+                 if service["metadata"]["name"].startswith("lstmserve")]
+    selectors.append(one("PodDisruptionBudget", "lstmserve")["spec"]["selector"]["matchLabels"])
+    assert len(selectors) == 3 and all(selector.items() <= labels.items() for selector in selectors)
+    target = one("HorizontalPodAutoscaler", "lstmserve")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "lstmserve")
+
+
+def test_state_store_points_at_the_redis_service():
+    store = urlparse(settings_data()["LSTMSERVE_STATE_STORE"])
+    redis = one("Service", "redis")
+    assert store.scheme == "redis" and store.hostname == redis["metadata"]["name"]
+    assert store.port in [port["port"] for port in redis["spec"]["ports"]]
+    assert redis["spec"]["selector"].items() <= one("StatefulSet", "redis")["spec"]["template"]["metadata"][
+        "labels"].items()
