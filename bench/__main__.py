@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bench import report
+from bench import durability, report
 from bench.plan import MODELS, SCENARIOS, Plan
 from bench.scenarios import Bench
 
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("multiplexed", bench.multiplexed),
                 ("predict", bench.predict),
                 ("memory", bench.memory),
+                ("durability", lambda: durability.run(bench)),
             ):
                 if scenario in plan.scenarios:
                     run()
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": time.monotonic() - bench.started,
             **bench.results,
         }
-    table = report.markdown(results)
+    table = report.markdown(results) + durability.markdown(results)
     print(table)
     report.write_json(results, args.out / "results.json")
     (args.out / "table.md").write_text(table)

@@ -10,7 +10,7 @@ MODELS = {
     "large": (128, 1024, 2),
 }
 
-SCENARIOS = ("closed", "open", "multiplexed", "predict", "memory")
+SCENARIOS = ("closed", "open", "multiplexed", "predict", "memory", "durability")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,8 @@ class Plan:
     predict_calls: int = 5
     memory_model: str = "medium"
     memory_sessions: tuple[int, ...] = (10_000, 100_000)
+    durability_model: str = "small"
+    durability_sessions: tuple[int, ...] = (16, 256)
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -57,13 +59,14 @@ class Plan:
             predict_shapes=((100, 64), (1000, 64)),
             predict_calls=1,
             memory_sessions=(10_000,),
+            durability_sessions=(64,),
         )
 
     def restricted(self, models: tuple[str, ...] | None, scenarios: tuple[str, ...] | None) -> "Plan":
         changes = {}
         if models:
             changes["models"] = models
-            for field in ("open_model", "multiplexed_model", "predict_model", "memory_model"):
+            for field in ("open_model", "multiplexed_model", "predict_model", "memory_model", "durability_model"):
                 if getattr(self, field) not in models:
                     changes[field] = models[-1]
         if scenarios:
