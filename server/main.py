@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from lstmserve.v1 import lstm_service_pb2, lstm_service_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from server.engine import Engine
+from server.engine import Engine, LimitExceeded, snapshot
 from server.metrics import Metrics
 from server.model import ModelContractError, ModelRuntime
 from server.settings import Settings
@@ -56,6 +56,8 @@ class App:
         self._start_metrics_http()
         runtime = await asyncio.to_thread(self._load_model)
         self.engine = Engine(runtime, s.engine_limits(), self.metrics)
+        if s.snapshot_dir:
+            snapshot.restore(s.snapshot_dir, self.engine)
         await self.engine.start()
         lstm_service_pb2_grpc.add_LstmServiceServicer_to_server(
             LstmServicer(self.engine, s.stream_window), self._server)
@@ -89,6 +91,8 @@ class App:
             await self._server.stop(grace)
         if self.engine:
             await self.engine.stop()
+            if self.settings.snapshot_dir:
+                snapshot.save(self.settings.snapshot_dir, self.engine)
         if self._metrics_http:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelContractError as error:
         log.error("cannot serve the model: %s", error)
         return 2
-    except OSError as error:
+    except (OSError, LimitExceeded) as error:
         log.error("cannot start: %s", error)
         return 2
     return 0

@@ -10,8 +10,8 @@ from server.engine import EngineLimits
 ENV_PREFIX = "LSTMSERVE_"
 
 
-def _setting(default, help: str, minimum: float | None = None):
-    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum})
+def _setting(default, help: str, minimum: float | None = None, choices: tuple | None = None):
+    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,12 @@ class Settings:
     max_batch_delay: float = _setting(0.0, "seconds a batch waits to fill up (0: take what is ready)", 0)
     idle_timeout: float = _setting(600.0, "seconds after which an unused session is closed", 0.01)
     max_sessions: int = _setting(100_000, "most live sessions; the state pool never grows past this", 1)
+    max_sessions_per_owner: int = _setting(100_000, "most live sessions of one client (owner)", 1)
+    max_state_bytes: int = _setting(1 << 30, "most bytes of session state (h, c) the state pool may hold", 1)
+    full_policy: str = _setting("refuse", "when a session limit is reached: refuse new sessions, or evict the "
+                                "least recently used idle one", choices=("refuse", "evict"))
+    answers_kept: int = _setting(32, "answers of the latest requests kept per session, so retries and "
+                                 "resumed streams are answered without applying a step twice", 1)
     initial_capacity: int = _setting(1024, "session slots preallocated at start", 1)
     max_steps_per_request: int = _setting(1024, "most time steps in one Step or Stream request", 1)
     max_sequence_length: int = _setting(100_000, "most time steps in one Predict request", 1)
@@ -35,6 +41,8 @@ class Settings:
     stream_window: int = _setting(128, "requests one stream may have in flight before the server stops reading", 1)
     allow_nonfinite: bool = _setting(False, "accept NaN and Inf in inputs and states")
     shutdown_grace: float = _setting(30.0, "seconds in-flight work may take to finish on SIGTERM", 0)
+    snapshot_dir: str = _setting("", "directory where live sessions are saved on shutdown and restored on "
+                                 "start (empty: sessions end with the process)")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     def engine_limits(self) -> EngineLimits:
@@ -53,13 +61,16 @@ class Settings:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                     help=f"{field.metadata['help']} [{env}]")
             else:
-                parser.add_argument(flag, type=field.type, default=default,
+                parser.add_argument(flag, type=field.type, default=default, choices=field.metadata["choices"],
                                     help=f"{field.metadata['help']} (default: {field.default}) [{env}]")
         values = vars(parser.parse_args(argv))
         for field in dataclasses.fields(cls):
             minimum = field.metadata["minimum"]
             if minimum is not None and values[field.name] < minimum:
                 parser.error(f"--{field.name.replace('_', '-')} must be at least {minimum}")
+            choices = field.metadata["choices"]
+            if choices and values[field.name] not in choices:
+                parser.error(f"--{field.name.replace('_', '-')} must be one of {', '.join(choices)}")
         return cls(**values)
 
 

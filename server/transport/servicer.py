@@ -6,7 +6,7 @@ from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
-from server.engine import Engine
+from server.engine import Draining, Engine
 from server.transport.errors import status_for, streaming, unary
 from server.transport.messages import optional_tensor, session_info
 
@@ -105,7 +105,11 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             return request.session_id, request.sequence_number, failed
 
     async def _read_ahead(self, request_iterator, submit):
-        """Yields each request's submissions in order while reading up to `stream_window` requests ahead."""
+        """Yields each request's submissions in order while reading up to `stream_window` requests ahead.
+
+        When the server starts draining it stops reading, answers what it took, and ends the stream with
+        UNAVAILABLE, so a client resumes elsewhere instead of waiting for the shutdown grace to run out.
+        """
         submitted: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(self._stream_window)
         done = object()
@@ -118,14 +122,22 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             finally:
                 submitted.put_nowait(done)
 
+        async def stop_reading_on_drain():
+            await self._engine.draining.wait()
+            reader.cancel()
+
         reader = asyncio.create_task(read())
+        watcher = asyncio.create_task(stop_reading_on_drain())
         try:
             while (item := await submitted.get()) is not done:
                 yield item
                 window.release()
+            if reader.cancelled():
+                raise Draining("the server is shutting down; reconnect and resume on another replica")
             await reader  # re-raises a failure to read the stream
         finally:
             reader.cancel()
+            watcher.cancel()
 
 
 def _step_response(session_id: str, seq: int, outputs) -> pb.StepResponse:

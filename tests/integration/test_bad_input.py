@@ -18,7 +18,7 @@ PRECONDITION, EXHAUSTED = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.R
 @pytest.fixture(scope="module")
 def small_limits_server(demo_model):
     with server_in_thread(demo_model, max_steps_per_request=8, max_sequence_length=50,
-                          max_message_bytes=64 * 1024) as server:
+                          max_message_bytes=64 * 1024, answers_kept=1) as server:
         yield server
 
 

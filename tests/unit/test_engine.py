@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 async def engine():
     runtime = FakeRuntime()
     engine = Engine(runtime, EngineLimits(max_batch_size=4, initial_capacity=2, max_sessions=64,
-                                          max_queued_requests=50), Metrics(CollectorRegistry()))
+                                          max_queued_requests=50, answers_kept=2), Metrics(CollectorRegistry()))
     await engine.start()
     yield engine
     await engine.stop()
@@ -70,13 +70,22 @@ async def test_retried_sequence_number_returns_stored_answer_without_applying_ag
 
 async def test_gap_or_old_sequence_number_is_rejected_without_change(engine):
     sid = engine.create_session().session_id
-    await engine.step(sid, x(1), seq=1)[1]
-    await engine.step(sid, x(1), seq=2)[1]
-    with pytest.raises(SequenceError, match="expected 3"):
+    for seq in (1, 2, 3):
+        await engine.step(sid, x(1), seq=seq)[1]
+    with pytest.raises(SequenceError, match="expected 4"):
         engine.step(sid, x(1), seq=5)
-    with pytest.raises(SequenceError, match="expected 3"):
-        engine.step(sid, x(1), seq=1)
-    assert engine.get_state(sid)[0] == 2
+    with pytest.raises(SequenceError, match="last 2 requests are kept; expected 4"):
+        engine.step(sid, x(1), seq=1)  # answers_kept=2: only 2 and 3 can still be replayed
+    assert engine.get_state(sid)[0] == 3
+
+
+async def test_the_last_answers_kept_are_replayed_in_any_order_without_applying(engine):
+    sid = engine.create_session().session_id
+    answers = [await engine.step(sid, x(v), seq=seq)[1] for seq, v in ((1, 1), (2, 2), (3, 3))]
+    for seq in (2, 3, 2):
+        np.testing.assert_array_equal(await engine.step(sid, x(100), seq=seq)[1], answers[seq - 1])
+    assert engine.get_session(sid).steps_applied == 3
+    assert float(engine.get_state(sid)[1][0, 0]) == 6.0
 
 
 async def test_failing_model_call_fails_only_its_batch_and_changes_no_state(engine):
