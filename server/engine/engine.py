@@ -74,6 +74,11 @@ class Engine:
         self.draining = asyncio.Event()  # set once drain() starts: open streams stop taking requests
         metrics.live_sessions.set_function(lambda: len(self._sessions))
 
+    @property
+    def queued_requests(self) -> int:
+        """Requests accepted and not yet answered, server-wide."""
+        return self._scheduler.queued
+
     async def start(self) -> None:
         self._scheduler.start()
         self._expiry_task = asyncio.get_running_loop().create_task(self._expire_forever(), name="expiry")
@@ -82,7 +87,7 @@ class Engine:
         """Takes no new work and waits (up to `timeout`) for queued requests to be answered."""
         self.draining.set()
         deadline = self._clock() + timeout
-        while self._scheduler.queued and self._clock() < deadline:
+        while self.queued_requests and self._clock() < deadline:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:

@@ -1,5 +1,6 @@
 """RPC metrics for every method, native or not, recorded in one place."""
 
+import asyncio
 import inspect
 import time
 
@@ -36,17 +37,20 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def _timed(self, behavior, method: str):
         async def timed(request, context):
-            started = time.perf_counter()
+            started, cancelled = time.perf_counter(), False
             try:
                 return await behavior(request, context)
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
             finally:
-                self._record(method, context, started)
+                self._record(method, context, started, cancelled)
         return timed
 
     def _timed_stream(self, behavior, method: str):
         """Streams may be written as async generators or as coroutines that call context.write."""
         async def timed(request, context):
-            started = time.perf_counter()
+            started, cancelled = time.perf_counter(), False
             try:
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
@@ -54,12 +58,16 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                         yield response
                 else:
                     await result
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
             finally:
-                self._record(method, context, started)
+                self._record(method, context, started, cancelled)
         return timed
 
-    def _record(self, method: str, context, started: float) -> None:
-        code = context.code() or grpc.StatusCode.OK
+    def _record(self, method: str, context, started: float, cancelled: bool) -> None:
+        """A handler cancelled by gRPC (deadline, broken connection) has no code set: count it as CANCELLED."""
+        code = context.code() or (grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.OK)
         name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
         self._metrics.rpcs.labels(method, name).inc()
         self._metrics.rpc_latency.labels(method).observe(time.perf_counter() - started)

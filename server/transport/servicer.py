@@ -22,7 +22,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         return pb.ModelInfo(
             name=m.name, version=m.version, input_size=m.input_size, hidden_size=m.hidden_size,
             num_layers=m.num_layers, output_size=m.output_size, dtype=m.dtype,
-            idle_timeout_seconds=limits.idle_timeout,
+            idle_timeout_seconds=limits.idle_timeout, answers_kept=limits.answers_kept,
             batching=pb.BatchingLimits(
                 max_batch_size=limits.max_batch_size, max_batch_delay_seconds=limits.max_batch_delay,
                 max_steps_per_request=limits.max_steps_per_request,
