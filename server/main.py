@@ -18,7 +18,7 @@ from server.engine import Engine, LimitExceeded, snapshot
 from server.metrics import Metrics
 from server.model import ModelContractError, ModelRuntime
 from server.settings import Settings
-from server.transport.interceptors import MetricsInterceptor
+from server.transport.interceptors import MalformedRequestInterceptor, MetricsInterceptor
 from server.transport.servicer import LstmServicer
 
 log = logging.getLogger("lstmserve")
@@ -43,7 +43,7 @@ class App:
         s = self.settings
         torch.set_num_threads(s.torch_threads)
         self._server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics)],
+            interceptors=[MetricsInterceptor(self.metrics), MalformedRequestInterceptor()],
             options=[("grpc.max_receive_message_length", s.max_message_bytes),
                      ("grpc.max_send_message_length", s.max_message_bytes)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -4,6 +4,7 @@ import functools
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from lstmserve.tensors import TensorFormatError
 
 from server.engine import (
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 STATUS_BY_ERROR = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
+    DecodeError: grpc.StatusCode.INVALID_ARGUMENT,  # bytes that are not the method's request message
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     SequenceError: grpc.StatusCode.FAILED_PRECONDITION,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -1,4 +1,4 @@
-"""RPC metrics for every method, native or not, recorded in one place."""
+"""Interceptors for every method, native or not: RPC metrics, and malformed unary requests as bad input."""
 
 import asyncio
 import inspect
@@ -6,7 +6,10 @@ import time
 
 import grpc
 
+from google.protobuf.message import DecodeError
+
 from server.metrics import Metrics
+from server.transport.errors import status_for
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -71,3 +74,31 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
         self._metrics.rpcs.labels(method, name).inc()
         self._metrics.rpc_latency.labels(method).observe(time.perf_counter() - started)
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Answers a unary request that does not parse as INVALID_ARGUMENT, not gRPC's UNKNOWN.
+
+    gRPC parses a unary request before the handler runs; streamed requests are parsed as the handler reads
+    them, so the streaming decorator maps those.
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.unary_unary:
+            return handler
+        parse, behavior = handler.request_deserializer, handler.unary_unary
+
+        def parse_or_keep_error(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as error:
+                return error
+
+        async def reject_malformed(request, context):
+            if isinstance(request, DecodeError):
+                await context.abort(*status_for(request))
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(reject_malformed, parse_or_keep_error,
+                                                   handler.response_serializer)

@@ -87,13 +87,15 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     def _submit_step(self, request: pb.StepRequest):
         """Opens the session if asked, queues the step; returns (session id, sequence number, future)."""
-        if request.WhichOneof("target") == "new_session":
-            session_id = self._create(request.new_session).session_id
-        else:
-            session_id = request.session_id
-        seq, answer = self._engine.step(session_id, tensors.from_proto(request.inputs, name="inputs"),
-                                        request.sequence_number)
-        return session_id, seq, answer
+        inputs = tensors.from_proto(request.inputs, name="inputs")
+        if request.WhichOneof("target") != "new_session":
+            return request.session_id, *self._engine.step(request.session_id, inputs, request.sequence_number)
+        session_id = self._create(request.new_session).session_id
+        try:
+            return session_id, *self._engine.step(session_id, inputs, request.sequence_number)
+        except Exception:
+            self._engine.close_session(session_id)  # a rejected request leaves no session behind
+            raise
 
     def _submit_step_in_band(self, request: pb.StepRequest):
         """Like _submit_step, but a rejected request becomes an error answer instead of raising."""
