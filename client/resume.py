@@ -14,7 +14,15 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 
 from client.messages import step_outputs, step_request
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})  # not applied, or answered again on retry
+# Not applied, or answered again on retry. CANCELLED: a stopping server cancels the calls it still has
+# (this client cancels only calls it has given up on, and never retries those).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# grpc.aio reports a write on a broken connection with this status made up on the client, not UNAVAILABLE
+_AIO_BROKEN_WRITE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+
+def retryable(error: grpc.RpcError) -> bool:
+    return error.code() in RETRYABLE or (error.code(), error.details()) == _AIO_BROKEN_WRITE
 
 
 class ClientError(grpc.RpcError):
@@ -68,7 +76,7 @@ class Attempts:
 
     def delay_after(self, error: grpc.RpcError) -> float:
         """Seconds to wait before retrying after `error`; re-raises it when it is final or time is up."""
-        if error.code() not in RETRYABLE:
+        if not retryable(error):
             raise error
         delay = random.uniform(0, self._backoff)
         self._backoff = min(self._backoff * self._policy.multiplier, self._policy.max_backoff)

@@ -100,11 +100,14 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
     def _submit_step_in_band(self, request: pb.StepRequest):
         """Like _submit_step, but a rejected request becomes an error answer instead of raising."""
         try:
-            return self._submit_step(request)
+            session_id, seq, answer = self._submit_step(request)
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
-            failed = asyncio.get_running_loop().create_future()
-            failed.set_exception(error)
-            return request.session_id, request.sequence_number, failed
+            session_id, seq = request.session_id, request.sequence_number
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_exception(error)
+        # a stream that ends early never awaits its last answers: their errors are not worth a log line
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return session_id, seq, answer
 
     async def _read_ahead(self, request_iterator, submit):
         """Yields each request's submissions in order while reading up to `stream_window` requests ahead.
