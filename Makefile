@@ -7,7 +7,7 @@ PROTOS := $(shell find proto -name '*.proto')
 GENERATED := $(PROTOS:.proto=_pb2.py)
 MODEL ?= models/demo.pt
 
-.PHONY: run test proto lint bench docker clean
+.PHONY: run test reliability proto lint bench docker clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ run: $(STAMP) $(GENERATED) $(MODEL)
 
 test: $(STAMP) $(GENERATED)
 	$(PY) -m pytest
+
+# The full reliability suite (load, faults, fuzz) with its summary table; `make test` runs a reduced one.
+reliability: $(STAMP) $(GENERATED)
+	LSTMSERVE_RELIABILITY=full $(PY) -m pytest tests/reliability -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server client tests

@@ -7,6 +7,7 @@ import numpy as np
 from lstmserve.v1 import lstm_service_pb2 as pb
 
 WIRE_DTYPE = np.dtype("<f4")
+MAX_DIMENSION = 2**31 - 1
 
 
 class TensorFormatError(ValueError):
@@ -31,6 +32,8 @@ def from_proto(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     if any(dim < 0 for dim in shape):
         raise TensorFormatError(f"{name}: shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
+    if count == 0 and any(dim > MAX_DIMENSION for dim in shape):  # the count fits, the layout would not
+        raise TensorFormatError(f"{name}: shape {list(shape)} has a dimension over {MAX_DIMENSION}")
     if tensor.data and len(tensor.values):
         raise TensorFormatError(f"{name}: set either data or values, not both")
     if len(tensor.values):

@@ -39,6 +39,7 @@ class Figures:
                     for name, row in sorted(self.faults.items())]
         if self.bad_inputs:
             out.append("bad inputs tried:")
+            self.bad_inputs.setdefault("undocumented status codes", 0)
             out += [f"  {key:<28} {value}" for key, value in sorted(self.bad_inputs.items())]
         out.append(f"state mismatches found:          {self.state_mismatches}")
         return out
