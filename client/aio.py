@@ -9,7 +9,7 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
-from client.resume import FETCH, RetryPolicy, StreamLedger
+from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger
 from client.sync import CHANNEL_OPTIONS
 
 
@@ -17,7 +17,7 @@ class AsyncLstmClient:
     """`timeout`: seconds per operation, retries included; `retry`: backoff on UNAVAILABLE."""
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = DEFAULT_RETRY):
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.LstmServiceStub(self._channel)
         self.timeout = timeout
@@ -52,7 +52,8 @@ class AsyncLstmClient:
         return self._answers_kept
 
     async def predict(self, inputs, h0=None, c0=None) -> messages.Prediction:
-        return messages.prediction(await self.call(self.stub.Predict, messages.predict_request(inputs, h0, c0)))
+        request = messages.predict_request(inputs, h0, c0)
+        return messages.prediction(await self.call(self.stub.Predict, request))
 
     def session(self, h0=None, c0=None, session_id: str | None = None) -> "AsyncSession":
         """A session opened on `async with` (or `await session.open()`), closed on leaving it."""
@@ -130,7 +131,8 @@ class AsyncSession:
             self._next_seq = ledger.next_seq
 
     async def state(self) -> tuple[np.ndarray, np.ndarray]:
-        return messages.state(await self._client.call(self._client.stub.GetState, pb.SessionRef(session_id=self.id)))
+        ref = pb.SessionRef(session_id=self.id)
+        return messages.state(await self._client.call(self._client.stub.GetState, ref))
 
     async def reset(self, h=None, c=None) -> None:
         await self._settle()

@@ -40,7 +40,7 @@ class ClientError(grpc.RpcError):
 
 
 def lost_steps(details: str) -> ClientError:
-    """The server's session is behind what this client saw acknowledged (e.g. restored from an old snapshot)."""
+    """The server's session is behind what this client saw acknowledged (e.g. an old snapshot restored)."""
     return ClientError(grpc.StatusCode.DATA_LOSS, details)
 
 
@@ -55,6 +55,9 @@ class RetryPolicy:
 
     def start(self, timeout: float | None = None) -> "Attempts":
         return Attempts(self, None if timeout is None else time.monotonic() + timeout)
+
+
+DEFAULT_RETRY = RetryPolicy()
 
 
 class Attempts:
@@ -81,8 +84,10 @@ class Attempts:
         delay = random.uniform(0, self._backoff)
         self._backoff = min(self._backoff * self._policy.multiplier, self._policy.max_backoff)
         if self._deadline is not None and time.monotonic() + delay >= self._deadline:
-            raise ClientError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"deadline reached while retrying after {error.code().name}: {error.details()}")
+            raise ClientError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline reached while retrying after {error.code().name}: {error.details()}",
+            )
         if time.monotonic() + delay >= self._give_up_at:
             raise error
         return delay
@@ -119,7 +124,7 @@ class StreamLedger:
         return generation != self.generation or len(self._unanswered) < self.window
 
     def next_request(self, generation: int):
-        """Once ready: the request to send, FETCH when a new input is needed, or None when the call is done."""
+        """Once ready: the request to send, FETCH when an input is needed, or None when the call is done."""
         if generation != self.generation or (self.exhausted and not self._to_send):
             return None
         return self.take() if self._to_send else FETCH
@@ -158,8 +163,10 @@ class StreamLedger:
         pending = self._unanswered + self._to_send
         first = pending[0][0] if pending else self.next_seq
         if last_applied < first - 1:
-            raise lost_steps(f"session {self._session_id} has applied up to request {last_applied}, but request "
-                            f"{first - 1} was acknowledged; the server lost acknowledged steps")
+            raise lost_steps(
+                f"session {self._session_id} has applied up to request {last_applied}, but request "
+                f"{first - 1} was acknowledged; the server lost acknowledged steps"
+            )
         self._to_send, self._unanswered = pending, collections.deque()
         self.generation += 1
 
@@ -171,4 +178,3 @@ class StreamLedger:
         self._unanswered.clear()
         self._to_send.clear()
         return pending
-

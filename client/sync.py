@@ -11,7 +11,7 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
-from client.resume import FETCH, RetryPolicy, StreamLedger
+from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -26,7 +26,7 @@ class LstmClient:
     """`timeout`: seconds per operation, retries included; `retry`: backoff on UNAVAILABLE."""
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = DEFAULT_RETRY):
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.LstmServiceStub(self._channel)
         self.timeout = timeout
@@ -99,7 +99,7 @@ class Session:
         """`x[input]` -> `y[output]`, or `x[T, input]` -> `y[T, output]`."""
         self._settle()
         request, single = messages.step_request(self.id, self._next_seq, x)
-        response = self._client.call(self._client.stub.Step, request)  # a retry keeps its number: applied once
+        response = self._client.call(self._client.stub.Step, request)  # a retry keeps its number
         self._next_seq += 1
         return messages.step_outputs(response, single)
 
@@ -124,7 +124,8 @@ class Session:
                             ledger.rewind(info.last_sequence_number)
                             turn.notify_all()
                     broken = True  # until the call ends with every request answered
-                    call = self._client.stub.Stream(_requests(ledger, turn, fetching), timeout=attempts.remaining())
+                    call = self._client.stub.Stream(_requests(ledger, turn, fetching),
+                                                    timeout=attempts.remaining())
                     for response in call:
                         with turn:
                             output = ledger.answer(response)
@@ -148,11 +149,13 @@ class Session:
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         """`(h, c)`, each `[num_layers, hidden]`, after every step answered so far."""
-        return messages.state(self._client.call(self._client.stub.GetState, pb.SessionRef(session_id=self.id)))
+        ref = pb.SessionRef(session_id=self.id)
+        return messages.state(self._client.call(self._client.stub.GetState, ref))
 
     def reset(self, h=None, c=None) -> None:
         self._settle()
-        self._client.call(self._client.stub.ResetSession, messages.reset_request(self.id, self._next_seq, h, c))
+        request = messages.reset_request(self.id, self._next_seq, h, c)
+        self._client.call(self._client.stub.ResetSession, request)
         self._next_seq += 1
 
     def info(self) -> pb.SessionInfo:

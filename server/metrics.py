@@ -22,10 +22,10 @@ class Metrics:
         self.sessions_expired = Counter("lstmserve_sessions_expired_total", "Sessions expired after idling",
                                         registry=registry)
         self.sessions_evicted = Counter("lstmserve_sessions_evicted_total",
-                                        "Idle sessions closed to make room for a new one, by the limit reached",
+                                        "Idle sessions closed to make room, by the limit reached",
                                         ["limit"], registry=registry)
         self.limit_refusals = Counter("lstmserve_limit_refusals_total",
-                                      "Requests refused with RESOURCE_EXHAUSTED, by the limit (setting) reached",
+                                      "Requests refused with RESOURCE_EXHAUSTED, by the limit reached",
                                       ["limit"], registry=registry)
         self.steps_applied = Counter("lstmserve_steps_applied_total", "Time steps applied to session state",
                                      registry=registry)

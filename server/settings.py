@@ -29,8 +29,8 @@ class Settings:
     max_sessions: int = _setting(100_000, "most live sessions; the state pool never grows past this", 1)
     max_sessions_per_owner: int = _setting(100_000, "most live sessions of one client (owner)", 1)
     max_state_bytes: int = _setting(1 << 30, "most bytes of session state (h, c) the state pool may hold", 1)
-    full_policy: str = _setting("refuse", "when a session limit is reached: refuse new sessions, or evict the "
-                                "least recently used idle one", choices=("refuse", "evict"))
+    full_policy: str = _setting("refuse", "at a session limit: refuse new sessions, or evict the least "
+                                "recently used idle one", choices=("refuse", "evict"))
     answers_kept: int = _setting(32, "answers of the latest requests kept per session, so retries and "
                                  "resumed streams are answered without applying a step twice", 1)
     initial_capacity: int = _setting(1024, "session slots preallocated at start", 1)

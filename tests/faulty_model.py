@@ -18,8 +18,9 @@ class FaultyLstm(nn.Module):
         self.lstm = nn.LSTM(input_size=input_size, hidden_size=hidden_size)
         self.sentinel = FAULT_SENTINEL
 
-    def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor]
-                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if bool((x == self.sentinel).any()):
             raise RuntimeError("injected model fault")
         return self.lstm(x, hx)
@@ -29,8 +30,14 @@ def export_faulty_model(directory, input_size: int = 4, hidden_size: int = 3):
     """Writes the faulty model with lstmserve metadata; returns `(path, scripted module)` (the reference)."""
     torch.manual_seed(0)
     scripted = torch.jit.script(FaultyLstm(input_size, hidden_size).eval())
-    metadata = ModelMetadata(name="faulty", version="test", input_size=input_size, hidden_size=hidden_size,
-                             num_layers=1, output_size=hidden_size)
+    metadata = ModelMetadata(
+        name="faulty",
+        version="test",
+        input_size=input_size,
+        hidden_size=hidden_size,
+        num_layers=1,
+        output_size=hidden_size,
+    )
     path = directory / "faulty.pt"
     torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: metadata.to_json()})
     return path, torch.jit.load(str(path))

@@ -1,4 +1,4 @@
-"""A TCP proxy on loopback for fault tests: cut every connection, refuse new ones, or point at a new server."""
+"""A TCP proxy on loopback for fault tests: cut every connection, refuse new ones, or retarget."""
 
 import contextlib
 import socket

@@ -68,8 +68,8 @@ class Engine:
         self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, self._capacity,
                                device=str(runtime.device))
         self._sessions = SessionTable(clock)
-        self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay,
-                                    limits.answers_kept)
+        self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size,
+                                    limits.max_batch_delay, limits.answers_kept)
         self._expiry_task: asyncio.Task | None = None
         self.draining = asyncio.Event()  # set once drain() starts: open streams stop taking requests
         metrics.live_sessions.set_function(lambda: len(self._sessions))
@@ -189,10 +189,11 @@ class Engine:
             future.set_result(answer)
             return future
         raise SequenceError(f"sequence number {seq} was applied earlier and only the answers of the last "
-                            f"{self.limits.answers_kept} requests are kept; expected {session.last_assigned_seq + 1}")
+                            f"{self.limits.answers_kept} requests are kept; "
+                            f"expected {session.last_assigned_seq + 1}")
 
     def _make_room(self, owner: str) -> None:
-        """Evicts or refuses when one more session would pass max_sessions_per_owner or the pool's capacity."""
+        """Evicts or refuses when one more session would pass the owner's quota or the pool's capacity."""
         owned = self._sessions.owned_by(owner)
         if owned >= self.limits.max_sessions_per_owner:
             self._evict_or_refuse(owner, LimitExceeded(
@@ -205,10 +206,12 @@ class Engine:
                 "close unused sessions or retry later", self._capacity_limit))
 
     def _evict_or_refuse(self, owner: str | None, refusal: LimitExceeded) -> None:
-        victim = self._sessions.least_recently_used_idle(owner) if self.limits.full_policy == "evict" else None
+        evicting = self.limits.full_policy == "evict"
+        victim = self._sessions.least_recently_used_idle(owner) if evicting else None
         if victim is None:
             raise refusal
-        self._close(victim, SessionNotFound(f"session {victim.id} was evicted to make room ({refusal.limit})"))
+        self._close(victim, SessionNotFound(f"session {victim.id} was evicted to make room "
+                                            f"({refusal.limit})"))
         self._metrics.sessions_evicted.labels(refusal.limit).inc()
 
     @contextlib.contextmanager

@@ -60,7 +60,7 @@ class Session:
         return self.in_flight or bool(self.pending)
 
     def remember(self, seq: int, answer: np.ndarray | None, keep: int) -> None:
-        """Keeps the answer of applied request `seq` among the latest `keep`, for a retry or a resumed stream."""
+        """Keeps the answer of applied request `seq` among the latest `keep`, for retries and resumes."""
         if self.answers is None:
             self.answers = collections.deque(maxlen=keep)
         self.answers.append((seq, answer))
@@ -93,8 +93,9 @@ class SessionTable:
     def add(self, slot: int, owner: str, session_id: str | None = None, created_at: float | None = None
             ) -> Session:
         """A new session (or a restored one, keeping its id and creation time), most recently used."""
-        session = Session(id=session_id or new_session_id(), slot=slot, owner=owner,
-                          created_at=time.time() if created_at is None else created_at, last_used=self._clock())
+        created_at = time.time() if created_at is None else created_at
+        session = Session(id=session_id or new_session_id(), slot=slot, owner=owner, created_at=created_at,
+                          last_used=self._clock())
         self._sessions[session.id] = session
         self._per_owner[owner] += 1
         return session

@@ -21,7 +21,7 @@ FILE_NAME = "sessions.snapshot"
 
 @dataclasses.dataclass(frozen=True)
 class SessionRecord:
-    """What a session needs to carry on after a restart: its applied state and the answers kept for retries."""
+    """What a session needs to carry on after a restart: its applied state and its kept answers."""
 
     session_id: str
     owner: str
@@ -72,8 +72,13 @@ def write(path: Path, metadata, records: list[SessionRecord]) -> None:
     """Temp file, fsync, rename: a reader sees the old file or the whole new one, never a torn write."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = _encode(records)
-    header = {"version": VERSION, "model": dataclasses.asdict(metadata), "sessions": len(records),
-              "payload_bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    header = {
+        "version": VERSION,
+        "model": dataclasses.asdict(metadata),
+        "sessions": len(records),
+        "payload_bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
     temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(temp, "wb") as f:
         f.write(MAGIC + b" " + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
@@ -101,11 +106,16 @@ def read(path: Path, metadata) -> list[SessionRecord]:
     if not isinstance(header, dict):
         raise SnapshotRejected("corrupt header: not a JSON object")
     if header.get("version") != VERSION:
-        raise SnapshotRejected(f"format version {header.get('version')!r}, this server reads version {VERSION}")
+        raise SnapshotRejected(
+            f"format version {header.get('version')!r}, this server reads version {VERSION}"
+        )
     if header.get("model") != dataclasses.asdict(metadata):
-        raise SnapshotRejected(f"written for model {header.get('model')}, this server runs "
-                               f"{dataclasses.asdict(metadata)}")
-    if len(payload) != header.get("payload_bytes") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        raise SnapshotRejected(
+            f"written for model {header.get('model')}, this server runs {dataclasses.asdict(metadata)}"
+        )
+    if len(payload) != header.get("payload_bytes") or hashlib.sha256(payload).hexdigest() != header.get(
+        "sha256"
+    ):
         raise SnapshotRejected("checksum mismatch: the file is truncated or corrupt")
     try:
         return _decode(payload, (metadata.num_layers, metadata.hidden_size))
@@ -122,13 +132,24 @@ def _encode(records: list[SessionRecord]) -> bytes:
             shapes.append([seq, None if answer is None else list(answer.shape)])
             if answer is not None:
                 answers.append(np.asarray(answer, np.float32).ravel())
-        meta.append({"id": r.session_id, "owner": r.owner, "created_at": r.created_at,
-                     "seq": r.last_applied_seq, "steps": r.steps_applied, "answers": shapes})
+        meta.append(
+            {
+                "id": r.session_id,
+                "owner": r.owner,
+                "created_at": r.created_at,
+                "seq": r.last_applied_seq,
+                "steps": r.steps_applied,
+                "answers": shapes,
+            }
+        )
     buffer = io.BytesIO()
-    np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-             h=np.stack([r.h for r in records]) if records else np.zeros(0, np.float32),
-             c=np.stack([r.c for r in records]) if records else np.zeros(0, np.float32),
-             answers=np.concatenate(answers) if answers else np.zeros(0, np.float32))
+    np.savez(
+        buffer,
+        meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+        h=np.stack([r.h for r in records]) if records else np.zeros(0, np.float32),
+        c=np.stack([r.c for r in records]) if records else np.zeros(0, np.float32),
+        answers=np.concatenate(answers) if answers else np.zeros(0, np.float32),
+    )
     return buffer.getvalue()
 
 
@@ -148,8 +169,18 @@ def _decode(payload: bytes, slot_shape: tuple[int, int]) -> list[SessionRecord]:
             size = int(np.prod(shape))
             if offset + size > flat.size:
                 raise ValueError("answers run past the end of the payload")
-            answers.append((int(seq), flat[offset:offset + size].reshape(shape).copy()))
+            answers.append((int(seq), flat[offset : offset + size].reshape(shape).copy()))
             offset += size
-        records.append(SessionRecord(str(m["id"]), str(m["owner"]), float(m["created_at"]), int(m["seq"]),
-                                     int(m["steps"]), h[i].copy(), c[i].copy(), tuple(answers)))
+        records.append(
+            SessionRecord(
+                str(m["id"]),
+                str(m["owner"]),
+                float(m["created_at"]),
+                int(m["seq"]),
+                int(m["steps"]),
+                h[i].copy(),
+                c[i].copy(),
+                tuple(answers),
+            )
+        )
     return records

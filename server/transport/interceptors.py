@@ -5,7 +5,6 @@ import inspect
 import time
 
 import grpc
-
 from google.protobuf.message import DecodeError
 
 from server.metrics import Metrics
@@ -69,7 +68,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return timed
 
     def _record(self, method: str, context, started: float, cancelled: bool) -> None:
-        """A handler cancelled by gRPC (deadline, broken connection) has no code set: count it as CANCELLED."""
+        """A handler cancelled by gRPC (deadline, broken connection) has no code: count it as CANCELLED."""
         code = context.code() or (grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.OK)
         name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
         self._metrics.rpcs.labels(method, name).inc()

@@ -171,7 +171,8 @@ def test_oversized_message_is_resource_exhausted(client, session):
 def test_bytes_that_are_not_the_request_message_are_invalid_argument(client, session, method):
     before = snapshot(session)
     channel = client._channel
-    call = (channel.stream_stream if method == "Stream" else channel.unary_unary)(f"/lstmserve.v1.LstmService/{method}")
+    path = f"/lstmserve.v1.LstmService/{method}"
+    call = channel.stream_stream(path) if method == "Stream" else channel.unary_unary(path)
     with pytest.raises(grpc.RpcError) as error:
         result = call(iter([b"\xff\xff\xff"])) if method == "Stream" else call(b"\xff\xff\xff")
         list(result) if method == "Stream" else result

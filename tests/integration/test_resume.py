@@ -1,6 +1,5 @@
 """Resumable streams and retried calls across cut connections: every output once, in order, applied once."""
 
-import asyncio
 import threading
 import urllib.request
 
@@ -112,7 +111,7 @@ def test_abandoned_stream_ends_on_the_server_and_is_settled_before_the_next_step
         outputs += [session.step(x) for x in xs[200:203]]
         applied = session.info().last_sequence_number
         assert applied > 13  # the unanswered ones were settled, once each, before the new steps
-        want, _ = expected(scripted, np.concatenate([xs[:applied - 3], xs[200:203]]))
+        want, _ = expected(scripted, np.concatenate([xs[: applied - 3], xs[200:203]]))
         np.testing.assert_allclose(np.stack(outputs), np.concatenate([want[:10], want[-3:]]), atol=TOLERANCE)
         assert session.info().steps_applied == applied
     assert wait_for(lambda: finished_streams(demo_server) > streams_before)  # the handler let go of it
@@ -121,8 +120,11 @@ def test_abandoned_stream_ends_on_the_server_and_is_settled_before_the_next_step
 
 def finished_streams(server) -> float:
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    rows = [row for row in text.splitlines()
-            if row.startswith("lstmserve_rpcs_total{") and 'method="/lstmserve.v1.LstmService/Stream"' in row]
+    rows = [
+        row
+        for row in text.splitlines()
+        if row.startswith("lstmserve_rpcs_total{") and 'method="/lstmserve.v1.LstmService/Stream"' in row
+    ]
     return sum(float(row.split()[-1]) for row in rows)
 
 

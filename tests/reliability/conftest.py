@@ -1,4 +1,4 @@
-"""The reliability suite: reduced inside `make test`, full with LSTMSERVE_RELIABILITY=full (`make reliability`)."""
+"""The reliability suite: reduced in `make test`, full with LSTMSERVE_RELIABILITY=full (make reliability)."""
 
 import pytest
 

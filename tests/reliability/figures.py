@@ -15,8 +15,11 @@ def scale(reduced: int, full: int) -> int:
 @dataclasses.dataclass
 class Figures:
     load: dict = dataclasses.field(default_factory=dict)
-    faults: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(
-        lambda: {"runs": 0, "acked_lost": 0, "applied_twice": 0}))
+    faults: dict = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(
+            lambda: {"runs": 0, "acked_lost": 0, "applied_twice": 0}
+        )
+    )
     bad_inputs: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     state_mismatches: int = 0
 
@@ -35,8 +38,10 @@ class Figures:
             out += [f"  {key:<28} {value}" for key, value in self.load.items()]
         if self.faults:
             out.append("faults survived:                runs  acked steps lost  applied twice")
-            out += [f"  {name:<28} {row['runs']:>5}  {row['acked_lost']:>16}  {row['applied_twice']:>13}"
-                    for name, row in sorted(self.faults.items())]
+            out += [
+                f"  {name:<28} {row['runs']:>5}  {row['acked_lost']:>16}  {row['applied_twice']:>13}"
+                for name, row in sorted(self.faults.items())
+            ]
         if self.bad_inputs:
             out.append("bad inputs tried:")
             self.bad_inputs.setdefault("undocumented status codes", 0)

@@ -16,16 +16,28 @@ from tests.integration.reference import TOLERANCE, run_module
 
 def session_inputs(first: int, sessions: int, steps: int, input_size: int) -> np.ndarray:
     """`[steps, sessions, input]`, each session's column from its own seed, so any process can rebuild it."""
-    return np.stack([np.random.default_rng(first + s).standard_normal((steps, input_size), dtype=np.float32)
-                     for s in range(sessions)], axis=1)
+    return np.stack(
+        [
+            np.random.default_rng(first + s).standard_normal((steps, input_size), dtype=np.float32)
+            for s in range(sessions)
+        ],
+        axis=1,
+    )
 
 
-def run(address: str, model_path: str, sizes: tuple[int, int, int], first: int, sessions: int, steps: int,
-        mode: str) -> dict:
+def run(
+    address: str,
+    model_path: str,
+    sizes: tuple[int, int, int],
+    first: int,
+    sessions: int,
+    steps: int,
+    mode: str,
+) -> dict:
     """Drives `sessions` sessions (sizes: layers, hidden, input) for `steps` single steps each; returns
     counts of steps, errors and sessions whose outputs or final state differ from the model run in-process."""
     scripted = torch.jit.load(model_path)
-    m = dict(zip(("layers", "hidden", "input"), sizes))
+    m = dict(zip(("layers", "hidden", "input"), sizes, strict=True))
     xs = session_inputs(first, sessions, steps, m["input"])
     drive = _drive_with_stream_batch if mode == "stream_batch" else _drive_with_client_streams
     started = time.monotonic()
@@ -39,14 +51,22 @@ def run(address: str, model_path: str, sizes: tuple[int, int, int], first: int, 
             session = client.session(session_id=session_id)
             got_h, got_c = session.state()
             info = session.info()
-            same = (np.allclose(outputs[:, s], y[:, s].numpy(), atol=TOLERANCE)
-                    and np.allclose(got_h, h[:, s].numpy(), atol=TOLERANCE)
-                    and np.allclose(got_c, c[:, s].numpy(), atol=TOLERANCE)
-                    and info.steps_applied == steps and info.last_sequence_number == steps)
+            same = (
+                np.allclose(outputs[:, s], y[:, s].numpy(), atol=TOLERANCE)
+                and np.allclose(got_h, h[:, s].numpy(), atol=TOLERANCE)
+                and np.allclose(got_c, c[:, s].numpy(), atol=TOLERANCE)
+                and info.steps_applied == steps
+                and info.last_sequence_number == steps
+            )
             mismatches += not same
             session.close()
-    return {"sessions": sessions, "steps": sessions * steps, "errors": errors, "mismatches": mismatches,
-            "seconds": seconds}
+    return {
+        "sessions": sessions,
+        "steps": sessions * steps,
+        "errors": errors,
+        "mismatches": mismatches,
+        "seconds": seconds,
+    }
 
 
 def _drive_with_stream_batch(address: str, xs: np.ndarray):
@@ -58,9 +78,14 @@ def _drive_with_stream_batch(address: str, xs: np.ndarray):
 
         def messages():
             for t in range(steps):
-                yield pb.StepBatch(steps=[
-                    pb.StepRequest(session_id=ids[s], sequence_number=t + 1, inputs=tensors.to_proto(xs[t, s][None]))
-                    for s in range(sessions)])
+                yield pb.StepBatch(
+                    steps=[
+                        pb.StepRequest(
+                            session_id=ids[s], sequence_number=t + 1, inputs=tensors.to_proto(xs[t, s][None])
+                        )
+                        for s in range(sessions)
+                    ]
+                )
 
         outputs, errors = [], 0
         for response in stub.StreamBatch(messages()):
@@ -74,6 +99,7 @@ def _drive_with_stream_batch(address: str, xs: np.ndarray):
 
 def _drive_with_client_streams(address: str, xs: np.ndarray):
     """One `AsyncSession.stream` per session, all at once, through the client library."""
+
     async def drive():
         async with AsyncLstmClient(address) as client:
             sessions = [await client.session().open() for _ in range(xs.shape[1])]
@@ -83,4 +109,5 @@ def _drive_with_client_streams(address: str, xs: np.ndarray):
 
             outputs = await asyncio.gather(*(one(s) for s in range(len(sessions))))
             return [s.id for s in sessions], np.stack(outputs, axis=1), 0
+
     return asyncio.run(drive())

@@ -66,8 +66,19 @@ def test_client_killed_mid_stream_is_resumed_by_another(demo_server, scripted, t
     xs = inputs(STEPS, seed=11)
     with LstmClient(demo_server.address) as client:
         session = client.session()
-        child = subprocess.Popen([sys.executable, "-m", "tests.reliability.stream_child", demo_server.address,
-                                  session.id, str(STEPS), "11"], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.reliability.stream_child",
+                demo_server.address,
+                session.id,
+                str(STEPS),
+                "11",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         acked = 0
         for line in child.stdout:
             acked = int(line.split()[1])
@@ -105,14 +116,19 @@ async def test_connections_cut_under_many_streams(demo_server, scripted):
     assert cuts >= 3
     with LstmClient(demo_server.address) as client:
         for s, outputs in enumerate(results):
-            audit("connection cut (proxy)", client.session(session_id=sessions[s].id), xs[s], scripted, outputs)
+            audit(
+                "connection cut (proxy)", client.session(session_id=sessions[s].id), xs[s], scripted, outputs
+            )
 
 
 def test_sigterm_with_steps_in_flight_then_restore_from_snapshot(demo_model, scripted, tmp_path):
     xs = inputs(STEPS, seed=21)
     snapshot_dir = str(tmp_path / "snapshots")
     flags = ("--snapshot-dir", snapshot_dir, "--shutdown-grace", "10")
-    with server_process(demo_model, tmp_path / "first.log", *flags) as first, tcp_proxy(first.address) as proxy:
+    with (
+        server_process(demo_model, tmp_path / "first.log", *flags) as first,
+        tcp_proxy(first.address) as proxy,
+    ):
         with LstmClient(proxy.address) as client:
             session = client.session()
             outputs, done = [], threading.Event()
@@ -150,14 +166,16 @@ async def test_model_exception_fails_only_its_batch_and_sessions_carry_on(tmp_pa
                 outputs, sent = [], poisoned if s == 0 else xs[s]
                 while len(outputs) < STEPS:
                     try:
-                        async for y in sessions[s].stream(sent[len(outputs):]):
+                        async for y in sessions[s].stream(sent[len(outputs) :]):
                             outputs.append(y)
                     except StepError as error:  # this request's batch failed: nothing of it was applied
                         assert error.code() == grpc.StatusCode.INTERNAL
                         assert error.sequence_number == len(outputs) + 1
                         h, c = await sessions[s].state()
-                        want_h, want_c = state_after(scripted, xs[s][:len(outputs)])
-                        assert np.allclose(h, want_h, atol=TOLERANCE) and np.allclose(c, want_c, atol=TOLERANCE)
+                        want_h, want_c = state_after(scripted, xs[s][: len(outputs)])
+                        assert np.allclose(h, want_h, atol=TOLERANCE) and np.allclose(
+                            c, want_c, atol=TOLERANCE
+                        )
                         sent = xs[s]  # the caller fixes its input and goes on
                 return outputs
 
@@ -165,7 +183,13 @@ async def test_model_exception_fails_only_its_batch_and_sessions_carry_on(tmp_pa
         failures = server.app.metrics.registry.get_sample_value("lstmserve_model_failures_total")
         with LstmClient(server.address) as sync_client:
             for s, outputs in enumerate(results):
-                audit("model exception", sync_client.session(session_id=sessions[s].id), xs[s], scripted, outputs)
+                audit(
+                    "model exception",
+                    sync_client.session(session_id=sessions[s].id),
+                    xs[s],
+                    scripted,
+                    outputs,
+                )
     assert failures >= 1
 
 
@@ -183,18 +207,27 @@ def test_limits_refuse_cleanly_and_leave_every_session_intact(demo_model, script
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_sessions=12" in error.value.details()
             # requests 2 and 3 of all 12 sessions in one message: more than max_queued_requests at once
-            batch = pb.StepBatch(steps=[pb.StepRequest(session_id=sid, sequence_number=seq,
-                                                       inputs=tensors.to_proto(xs[seq - 1][None]))
-                                        for seq in (2, 3) for sid in ids])
+            batch = pb.StepBatch(
+                steps=[
+                    pb.StepRequest(
+                        session_id=sid, sequence_number=seq, inputs=tensors.to_proto(xs[seq - 1][None])
+                    )
+                    for seq in (2, 3)
+                    for sid in ids
+                ]
+            )
             answers = list(client.stub.StreamBatch(iter([batch])))[0].steps
             codes = {a.error.code for a in answers if a.HasField("error")}
             exhausted = [a for a in answers if a.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
             assert exhausted and all("max_queued_requests=8" in a.error.message for a in exhausted)
             # a refused request 2 makes request 3 of that session a gap: FAILED_PRECONDITION, also not applied
-            assert codes <= {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.FAILED_PRECONDITION.value[0]}
+            assert codes <= {
+                grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                grpc.StatusCode.FAILED_PRECONDITION.value[0],
+            }
             for sid in ids:
                 session = client.session(session_id=sid)  # numbering resumes after the last applied request
-                for x in xs[session.info().last_sequence_number:]:
+                for x in xs[session.info().last_sequence_number :]:
                     session.step(x)
                 audit("limits hit (refuse)", session, xs, scripted)
         sample = server.app.metrics.registry.get_sample_value
@@ -214,7 +247,7 @@ def test_evict_policy_makes_room_and_touches_only_the_evicted(demo_model, script
                 sessions[1].info()
             assert error.value.code() == grpc.StatusCode.NOT_FOUND
             for session in [s for i, s in enumerate(sessions) if i != 1] + [newcomer]:
-                for x in xs[session.info().last_sequence_number:]:
+                for x in xs[session.info().last_sequence_number :]:
                     session.step(x)
                 audit("limits hit (evict LRU)", session, xs, scripted)
         sample = server.app.metrics.registry.get_sample_value
@@ -225,11 +258,17 @@ def test_slow_reader_gets_backpressure_not_growing_memory(demo_model, scripted):
     count = scale(reduced=3000, full=20000)
     xs = inputs(count, seed=51)
     with server_in_thread(demo_model, stream_window=8) as server:
-        with LstmClient(server.address) as client, grpc.insecure_channel(server.address, options=[
-                ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]) as small_window:
+        with (
+            LstmClient(server.address) as client,
+            grpc.insecure_channel(
+                server.address, options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]
+            ) as small_window,
+        ):
             session = client.session()
-            requests = (pb.StepRequest(session_id=session.id, sequence_number=i + 1, inputs=tensors.to_proto(x[None]))
-                        for i, x in enumerate(xs))
+            requests = (
+                pb.StepRequest(session_id=session.id, sequence_number=i + 1, inputs=tensors.to_proto(x[None]))
+                for i, x in enumerate(xs)
+            )
             # a reader with a small receive window (no auto-tuning), so the window of unread answers is what
             # the server has to hold; it sends as fast as flow control lets it and reads nothing yet
             call = pb_grpc.LstmServiceStub(small_window).Stream(requests)

@@ -18,7 +18,13 @@ from tests.servers import server_in_thread
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 Code = grpc.StatusCode
-DOCUMENTED = {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.FAILED_PRECONDITION, Code.RESOURCE_EXHAUSTED}
+DOCUMENTED = {
+    Code.OK,
+    Code.INVALID_ARGUMENT,
+    Code.NOT_FOUND,
+    Code.FAILED_PRECONDITION,
+    Code.RESOURCE_EXHAUSTED,
+}
 APPLIED = 6  # requests applied to each victim before fuzzing; the server keeps the answers of the last 4
 KEPT = 4
 SERVICE = "/lstmserve.v1.LstmService/"
@@ -33,8 +39,13 @@ class Victims:
 
 @pytest.fixture(scope="module")
 def fuzz_server(demo_model):
-    with server_in_thread(demo_model, max_steps_per_request=16, max_sequence_length=64,
-                          max_message_bytes=64 * 1024, answers_kept=KEPT) as server:
+    with server_in_thread(
+        demo_model,
+        max_steps_per_request=16,
+        max_sequence_length=64,
+        max_message_bytes=64 * 1024,
+        answers_kept=KEPT,
+    ) as server:
         yield server
 
 
@@ -54,7 +65,9 @@ def victims(stub):
         kept = {}
         for seq in range(1, APPLIED + 1):
             inputs = tensors.to_proto(rng.standard_normal((2, 4)).astype(np.float32))
-            kept[seq] = stub.Step(pb.StepRequest(session_id=sid, sequence_number=seq, inputs=inputs)).outputs.data
+            kept[seq] = stub.Step(
+                pb.StepRequest(session_id=sid, sequence_number=seq, inputs=inputs)
+            ).outputs.data
         ids.append(sid)
         answers.append({seq: data for seq, data in kept.items() if seq > APPLIED - KEPT})
     return Victims(ids, answers, [observe(stub, sid) for sid in ids])
@@ -74,37 +87,62 @@ FLOATS = st.floats(width=32, allow_nan=True, allow_infinity=True)
 TENSORS = st.one_of(
     st.none(),
     st.builds(lambda shape, data: pb.Tensor(shape=shape, data=data), SHAPES, st.binary(max_size=96)),
-    st.builds(lambda shape, values: pb.Tensor(shape=shape, values=values), SHAPES, st.lists(FLOATS, max_size=24)),
-    st.builds(lambda t, bad: tensors.to_proto(np.full((t, 4), bad, np.float32)), st.integers(1, 3),
-              st.sampled_from([np.nan, np.inf, -np.inf])),
-    st.builds(lambda t, v: tensors.to_proto(np.full((t, 4), v, np.float32)), st.integers(1, 20),
-              st.floats(-10, 10, width=32)),  # well formed: only its number can save a victim
+    st.builds(
+        lambda shape, values: pb.Tensor(shape=shape, values=values), SHAPES, st.lists(FLOATS, max_size=24)
+    ),
+    st.builds(
+        lambda t, bad: tensors.to_proto(np.full((t, 4), bad, np.float32)),
+        st.integers(1, 3),
+        st.sampled_from([np.nan, np.inf, -np.inf]),
+    ),
+    st.builds(
+        lambda t, v: tensors.to_proto(np.full((t, 4), v, np.float32)),
+        st.integers(1, 20),
+        st.floats(-10, 10, width=32),
+    ),  # well formed: only its number can save a victim
 )
 # a victim's next number is APPLIED + 1, never drawn: only replays, old numbers, gaps and huge ones
-VICTIM_SEQS = st.one_of(st.integers(1, APPLIED), st.integers(APPLIED + 2, 10**6), st.sampled_from([2**63, 2**64 - 1]))
-STRANGE_IDS = st.one_of(st.just(""), st.text(max_size=40), st.from_regex(r"[A-Za-z0-9_-]{22}", fullmatch=True),
-                        st.binary(max_size=30).map(lambda b: b.decode("latin-1")))
-TARGETS = st.one_of(st.tuples(st.just("victim"), st.integers(0, 2), VICTIM_SEQS),
-                    st.tuples(st.just("other"), STRANGE_IDS, st.integers(0, 2**64 - 1)))
+VICTIM_SEQS = st.one_of(
+    st.integers(1, APPLIED), st.integers(APPLIED + 2, 10**6), st.sampled_from([2**63, 2**64 - 1])
+)
+STRANGE_IDS = st.one_of(
+    st.just(""),
+    st.text(max_size=40),
+    st.from_regex(r"[A-Za-z0-9_-]{22}", fullmatch=True),
+    st.binary(max_size=30).map(lambda b: b.decode("latin-1")),
+)
+TARGETS = st.one_of(
+    st.tuples(st.just("victim"), st.integers(0, 2), VICTIM_SEQS),
+    st.tuples(st.just("other"), STRANGE_IDS, st.integers(0, 2**64 - 1)),
+)
 
 STEP = st.tuples(st.just("step"), TARGETS, TENSORS)
-REPLAY = st.tuples(st.just("step"), st.tuples(st.just("victim"), st.integers(0, 2),
-                                              st.integers(APPLIED - KEPT + 1, APPLIED)), TENSORS)
+REPLAY = st.tuples(
+    st.just("step"),
+    st.tuples(st.just("victim"), st.integers(0, 2), st.integers(APPLIED - KEPT + 1, APPLIED)),
+    TENSORS,
+)
 NEW_SESSION_STEP = st.tuples(st.just("new_session_step"), TENSORS, TENSORS, st.integers(0, 3))
 RESET = st.tuples(st.just("reset"), TARGETS, TENSORS, TENSORS)
 CREATE = st.tuples(st.just("create"), TENSORS, TENSORS)
 PREDICT = st.tuples(st.just("predict"), TENSORS, TENSORS, TENSORS)
 READ = st.tuples(st.just("read"), st.sampled_from(["GetSession", "GetState", "CloseSession"]), STRANGE_IDS)
-RAW = st.tuples(st.just("raw"), st.sampled_from(["Step", "GetSession", "GetState", "CloseSession", "ResetSession",
-                                                 "Predict", "Stream"]), st.binary(max_size=64))
+RAW = st.tuples(
+    st.just("raw"),
+    st.sampled_from(["Step", "GetSession", "GetState", "CloseSession", "ResetSession", "Predict", "Stream"]),
+    st.binary(max_size=64),
+)
 REQUEST = st.one_of(STEP, REPLAY, NEW_SESSION_STEP, RESET, CREATE, PREDICT, READ, RAW)
 # a few requests on one Stream, and a StepBatch, so in-band errors are fuzzed too
-STREAMED = st.tuples(st.sampled_from(["stream", "stream_batch"]), st.lists(st.one_of(STEP, NEW_SESSION_STEP),
-                                                                           min_size=1, max_size=8))
+STREAMED = st.tuples(
+    st.sampled_from(["stream", "stream_batch"]),
+    st.lists(st.one_of(STEP, NEW_SESSION_STEP), min_size=1, max_size=8),
+)
 EXAMPLE = st.lists(st.one_of(REQUEST, STREAMED), min_size=8, max_size=30)
 
 
 # -- sending them and judging the answers ---------------------------------------------------------
+
 
 class Judge:
     """Sends one example's requests and checks each answer against what the documentation allows."""
@@ -115,8 +153,9 @@ class Judge:
     def step_request(self, spec) -> tuple[pb.StepRequest, tuple | None]:
         if spec[0] == "new_session_step":
             _, h0, inputs, seq = spec
-            return pb.StepRequest(new_session=pb.CreateSessionRequest(h0=h0), sequence_number=seq,
-                                  inputs=inputs), None
+            return pb.StepRequest(
+                new_session=pb.CreateSessionRequest(h0=h0), sequence_number=seq, inputs=inputs
+            ), None
         _, target, inputs = spec
         session_id, seq, victim = self.target(target)
         return pb.StepRequest(session_id=session_id, sequence_number=seq, inputs=inputs), victim
@@ -144,8 +183,9 @@ class Judge:
             return self.stub.Step(self.step_request(spec)[0])
         if kind == "reset":
             session_id, seq, _ = self.target(spec[1])
-            return self.stub.ResetSession(pb.ResetSessionRequest(session_id=session_id, sequence_number=seq,
-                                                                 h=spec[2], c=spec[3]))
+            return self.stub.ResetSession(
+                pb.ResetSessionRequest(session_id=session_id, sequence_number=seq, h=spec[2], c=spec[3])
+            )
         if kind == "create":
             return self.stub.CreateSession(pb.CreateSessionRequest(h0=spec[1], c0=spec[2]))
         if kind == "predict":
@@ -166,7 +206,9 @@ class Judge:
         assert len(answers) == len(requests)
         for answer, (_, victim) in zip(answers, built, strict=True):
             if answer.HasField("error"):
-                self.check_refusal(Code(next(c for c in Code if c.value[0] == answer.error.code)), answer.error.message)
+                self.check_refusal(
+                    Code(next(c for c in Code if c.value[0] == answer.error.code)), answer.error.message
+                )
             else:
                 self.check_step_ok(answer, victim)
 
@@ -193,8 +235,9 @@ class Judge:
             for data in response:
                 answer = pb.StepResponse.FromString(data)
                 assert answer.HasField("error"), answer
-                self.check_refusal(Code(next(c for c in Code if c.value[0] == answer.error.code)),
-                                   answer.error.message)
+                self.check_refusal(
+                    Code(next(c for c in Code if c.value[0] == answer.error.code)), answer.error.message
+                )
         elif kind == "raw":
             assert spec[1] not in ("CloseSession", "ResetSession", "Step"), (spec, response)
 
@@ -211,8 +254,14 @@ class Judge:
         assert now == self.victims.before
 
 
-@settings(max_examples=scale(reduced=30, full=1000), deadline=None, phases=[Phase.generate], derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=scale(reduced=30, full=1000),
+    deadline=None,
+    phases=[Phase.generate],
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(example=EXAMPLE)
 def test_malformed_and_adversarial_requests_change_nothing(fuzz_server, stub, victims, example):
     judge = Judge(*stub, victims)

@@ -1,4 +1,4 @@
-"""Load: many concurrent sessions from several client processes, zero errors, every state equal to the model's."""
+"""Load: many concurrent sessions from several client processes, zero errors, every state exact."""
 
 import concurrent.futures
 import multiprocessing
@@ -23,17 +23,34 @@ def test_concurrent_sessions_hold_with_zero_errors_and_exact_state(two_layer_mod
     with server_process(path, tmp_path / "server.log", "--max-batch-size", "256") as server:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=context) as pool:
-            runs = [pool.submit(load_worker.run, server.address, str(path), SIZES, w * per_worker, per_worker,
-                                STEPS, "client_streams" if w == WORKERS - 1 else "stream_batch")
-                    for w in range(WORKERS)]
+            runs = [
+                pool.submit(
+                    load_worker.run,
+                    server.address,
+                    str(path),
+                    SIZES,
+                    w * per_worker,
+                    per_worker,
+                    STEPS,
+                    "client_streams" if w == WORKERS - 1 else "stream_batch",
+                )
+                for w in range(WORKERS)
+            ]
             results = [run.result(timeout=900) for run in runs]
         log = server.log()
     totals = {key: sum(r[key] for r in results) for key in ("sessions", "steps", "errors", "mismatches")}
     seconds = max(r["seconds"] for r in results)  # all workers drive at once: the slowest one's time
-    FIGURES.load.update({
-        "concurrent sessions": totals["sessions"], "client processes": WORKERS, "steps applied": totals["steps"],
-        "errors": totals["errors"], "sessions != reference": totals["mismatches"],
-        "seconds driving": round(seconds, 1), "steps per second": round(totals["steps"] / seconds)})
+    FIGURES.load.update(
+        {
+            "concurrent sessions": totals["sessions"],
+            "client processes": WORKERS,
+            "steps applied": totals["steps"],
+            "errors": totals["errors"],
+            "sessions != reference": totals["mismatches"],
+            "seconds driving": round(seconds, 1),
+            "steps per second": round(totals["steps"] / seconds),
+        }
+    )
     FIGURES.state_mismatches += totals["mismatches"]
     assert totals == {"sessions": SESSIONS, "steps": SESSIONS * STEPS, "errors": 0, "mismatches": 0}
     assert " ERROR " not in log

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 async def engine():
     runtime = FakeRuntime()
-    engine = Engine(runtime, EngineLimits(max_batch_size=4, initial_capacity=2, max_sessions=64,
-                                          max_queued_requests=50, answers_kept=2), Metrics(CollectorRegistry()))
+    limits = EngineLimits(max_batch_size=4, initial_capacity=2, max_sessions=64, max_queued_requests=50,
+                          answers_kept=2)
+    engine = Engine(runtime, limits, Metrics(CollectorRegistry()))
     await engine.start()
     yield engine
     await engine.stop()

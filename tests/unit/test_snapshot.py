@@ -25,10 +25,16 @@ async def saved_sessions(directory) -> dict:
     expected = {}
     for n in range(3):
         sid = engine.create_session(owner=f"owner{n}").session_id
-        answers = [await engine.step(sid, np.full((n + 1, 2), seq, np.float32), seq=seq, owner=f"owner{n}")[1]
-                   for seq in range(1, n + 2)]
-        expected[sid] = (f"owner{n}", engine.get_state(sid, owner=f"owner{n}"), answers,
-                         engine.get_session(sid, owner=f"owner{n}"))
+        answers = [
+            await engine.step(sid, np.full((n + 1, 2), seq, np.float32), seq=seq, owner=f"owner{n}")[1]
+            for seq in range(1, n + 2)
+        ]
+        expected[sid] = (
+            f"owner{n}",
+            engine.get_state(sid, owner=f"owner{n}"),
+            answers,
+            engine.get_session(sid, owner=f"owner{n}"),
+        )
     await engine.stop()
     assert snapshot.save(directory, engine) == 3
     return expected
@@ -48,7 +54,9 @@ async def test_round_trip_restores_state_numbers_and_answers(tmp_path):
             restored = engine.get_session(sid, owner=owner)
             assert (restored.steps_applied, restored.created_at) == (view.steps_applied, view.created_at)
             # the last answer is replayed, not recomputed: the inputs sent with the retry are ignored
-            replay = await engine.step(sid, np.full((len(answers), 2), 99, np.float32), seq=seq, owner=owner)[1]
+            replay = await engine.step(sid, np.full((len(answers), 2), 99, np.float32), seq=seq, owner=owner)[
+                1
+            ]
             np.testing.assert_array_equal(replay, answers[-1])
             after = await engine.step(sid, np.ones((1, 2), np.float32), seq=seq + 1, owner=owner)[1]
             assert float(after[0, 0]) == float(h[0, 0]) + 2.0  # the fake adds the step's input sum
@@ -67,19 +75,22 @@ def truncate(path):
 
 
 def bad_magic(path):
-    path.write_bytes(b"something-else" + path.read_bytes()[len(snapshot.MAGIC):])
+    path.write_bytes(b"something-else" + path.read_bytes()[len(snapshot.MAGIC) :])
 
 
 def future_version(path):
     path.write_bytes(path.read_bytes().replace(b'"version": 1', b'"version": 2', 1))
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (corrupt_payload, "checksum mismatch"),
-    (truncate, "checksum mismatch"),
-    (bad_magic, "not an lstmserve snapshot"),
-    (future_version, "format version 2"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (corrupt_payload, "checksum mismatch"),
+        (truncate, "checksum mismatch"),
+        (bad_magic, "not an lstmserve snapshot"),
+        (future_version, "format version 2"),
+    ],
+)
 async def test_damaged_snapshot_is_refused_whole_with_a_log_line(tmp_path, caplog, damage, reason):
     expected = await saved_sessions(tmp_path)
     damage(tmp_path / snapshot.FILE_NAME)
