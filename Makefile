@@ -7,7 +7,7 @@ PROTOS := $(shell find proto -name '*.proto')
 GENERATED := $(PROTOS:.proto=_pb2.py)
 MODEL ?= models/demo.pt
 
-.PHONY: run test proto lint bench bench-quick docker container container-test clean system-deps
+.PHONY: run test reliability proto lint bench bench-quick docker container container-test clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ system-deps:
 
 test: $(STAMP) $(GENERATED) system-deps
 	$(PY) -m pytest
+
+# The full reliability suite (load, faults, fuzz) with its summary table; `make test` runs a reduced one.
+reliability: $(STAMP) $(GENERATED)
+	LSTMSERVE_RELIABILITY=full $(PY) -m pytest tests/reliability -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server client tests bench

@@ -1,5 +1,6 @@
 """asyncio client: `async with AsyncLstmClient(addr) as c, c.session() as s: y = await s.step(x)`."""
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
@@ -9,16 +10,22 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
 from client.channel import Credentials, open_channel
+from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger
 
 
 class AsyncLstmClient:
-    """With `credentials` (TLS roots, client certificate, token) the channel is TLS, else plaintext."""
+    """`address`: host:port, several ip:port separated by commas (failover in that order), or a gRPC
+    target such as dns:///name:port. `timeout`: seconds per operation, retries included; `retry`:
+    backoff on UNAVAILABLE; with `credentials` (TLS roots, client certificate, token) the channel is TLS.
+    """
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
-                 credentials: Credentials | None = None):
+                 retry: RetryPolicy = DEFAULT_RETRY, credentials: Credentials | None = None):
         self._channel = open_channel(grpc.aio, address, credentials)
         self.stub = pb_grpc.LstmServiceStub(self._channel)
         self.timeout = timeout
+        self.retry = retry
+        self._answers_kept: int | None = None
 
     async def __aenter__(self) -> "AsyncLstmClient":
         return self
@@ -29,24 +36,40 @@ class AsyncLstmClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    async def call(self, method, request):
+        """A unary call, retried with backoff on UNAVAILABLE (every lstmserve call is safe to repeat)."""
+        attempts = self.retry.start(self.timeout)
+        while True:
+            try:
+                return await method(request, timeout=attempts.remaining())
+            except grpc.RpcError as error:
+                await asyncio.sleep(attempts.delay_after(error))
+
     async def info(self) -> pb.ModelInfo:
-        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return await self.call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
+
+    async def answers_kept(self) -> int:
+        """How many unanswered requests a resumable stream may have out (the server's answers_kept)."""
+        if self._answers_kept is None:
+            self._answers_kept = max(1, (await self.info()).answers_kept)
+        return self._answers_kept
 
     async def predict(self, inputs, h0=None, c0=None) -> messages.Prediction:
-        return messages.prediction(
-            await self.stub.Predict(messages.predict_request(inputs, h0, c0), timeout=self.timeout))
+        request = messages.predict_request(inputs, h0, c0)
+        return messages.prediction(await self.call(self.stub.Predict, request))
 
     def session(self, h0=None, c0=None, session_id: str | None = None) -> "AsyncSession":
         """A session opened on `async with` (or `await session.open()`), closed on leaving it."""
         return AsyncSession(self, h0, c0, session_id)
 
 
-class AsyncSession(messages.NumberedRequests):
+class AsyncSession:
     def __init__(self, client: AsyncLstmClient, h0=None, c0=None, session_id: str | None = None):
         self._client = client
         self._initial_state = (h0, c0)
         self.id = session_id
         self._next_seq = 1
+        self._unsettled: list[pb.StepRequest] = []  # left unanswered by an abandoned stream
 
     async def __aenter__(self) -> "AsyncSession":
         return await self.open()
@@ -55,46 +78,99 @@ class AsyncSession(messages.NumberedRequests):
         await self.close()
 
     async def open(self) -> "AsyncSession":
-        stub, timeout = self._client.stub, self._client.timeout
+        await self._client.answers_kept()  # learnt up front, so a stream's deadline covers only the stream
         if self.id is None:
-            info = await stub.CreateSession(messages.create_request(*self._initial_state), timeout=timeout)
+            info = await self._client.call(self._client.stub.CreateSession,
+                                           messages.create_request(*self._initial_state))
         else:
-            info = await stub.GetSession(pb.SessionRef(session_id=self.id), timeout=timeout)
+            info = await self._client.call(self._client.stub.GetSession, pb.SessionRef(session_id=self.id))
         self.id, self._next_seq = info.session_id, info.last_sequence_number + 1
         return self
 
     async def step(self, x) -> np.ndarray:
+        await self._settle()
         request, single = messages.step_request(self.id, self._next_seq, x)
-        response = await self._client.stub.Step(request, timeout=self._client.timeout)
+        response = await self._client.call(self._client.stub.Step, request)  # a retry keeps its number
         self._next_seq += 1
         return messages.step_outputs(response, single)
 
-    async def stream(self, xs: Iterable) -> AsyncIterator[np.ndarray]:
-        """Streams each x and yields its output as it arrives (requests are sent ahead of answers)."""
-        singles = []
-        call = self._client.stub.Stream(self._numbered_steps(xs, singles))
+    async def stream(self, xs: Iterable, timeout: float | None = None) -> AsyncIterator[np.ndarray]:
+        """Streams each x and yields its output as it arrives; resumed after a break like `Session.stream`."""
+        await self._settle()
+        ledger = StreamLedger(self.id, self._next_seq, xs, await self._client.answers_kept())
+        attempts = self._client.retry.start(timeout)
+        turn = asyncio.Condition()
+        call, writer, broken = None, None, False
         try:
-            i = 0
-            async for response in call:
-                yield messages.step_outputs(response, singles[i])
-                i += 1
+            while not ledger.finished:
+                try:
+                    if broken:
+                        info = await self._client.stub.GetSession(pb.SessionRef(session_id=self.id),
+                                                                  timeout=attempts.remaining())
+                        async with turn:
+                            ledger.rewind(info.last_sequence_number)
+                            turn.notify_all()
+                    broken = True  # until the call ends with every request answered
+                    call = self._client.stub.Stream(timeout=attempts.remaining())
+                    writer = asyncio.create_task(_write(call, ledger, turn))
+                    while (response := await call.read()) is not grpc.aio.EOF:
+                        async with turn:
+                            output = ledger.answer(response)
+                            turn.notify_all()
+                        attempts.progressed()
+                        yield output
+                except grpc.RpcError as error:
+                    call.cancel()
+                    await asyncio.sleep(attempts.delay_after(error))
         except messages.StepError as error:
-            self._next_seq = error.sequence_number
+            ledger.abandon()
+            ledger.next_seq = error.sequence_number  # nothing from there on was applied
             raise
         finally:
-            call.cancel()
+            if call:
+                call.cancel()
+                writer.cancel()
+            self._unsettled = ledger.abandon()
+            self._next_seq = ledger.next_seq
 
     async def state(self) -> tuple[np.ndarray, np.ndarray]:
-        return messages.state(await self._client.stub.GetState(pb.SessionRef(session_id=self.id),
-                                                               timeout=self._client.timeout))
+        ref = pb.SessionRef(session_id=self.id)
+        return messages.state(await self._client.call(self._client.stub.GetState, ref))
 
     async def reset(self, h=None, c=None) -> None:
-        request = messages.reset_request(self.id, self._next_seq, h, c)
-        await self._client.stub.ResetSession(request, timeout=self._client.timeout)
+        await self._settle()
+        await self._client.call(self._client.stub.ResetSession,
+                                messages.reset_request(self.id, self._next_seq, h, c))
         self._next_seq += 1
 
     async def info(self) -> pb.SessionInfo:
-        return await self._client.stub.GetSession(pb.SessionRef(session_id=self.id), timeout=self._client.timeout)
+        return await self._client.call(self._client.stub.GetSession, pb.SessionRef(session_id=self.id))
 
     async def close(self) -> None:
-        await self._client.stub.CloseSession(pb.SessionRef(session_id=self.id), timeout=self._client.timeout)
+        await self._client.call(self._client.stub.CloseSession, pb.SessionRef(session_id=self.id))
+
+    async def _settle(self) -> None:
+        """Applies, once, what an abandoned stream left unanswered, so numbering goes on without a gap."""
+        while self._unsettled:
+            await self._client.call(self._client.stub.Step, self._unsettled[0])
+            self._unsettled.pop(0)
+
+
+async def _write(call, ledger: StreamLedger, turn: asyncio.Condition) -> None:
+    """Sends one call's requests while the window has room. A write that fails is not reported here: the
+    call's status, read by the caller, says why (an iterator of requests would turn it into INTERNAL)."""
+    generation = ledger.generation
+    try:
+        while True:
+            async with turn:
+                await turn.wait_for(lambda: ledger.ready(generation))
+                request = ledger.next_request(generation)
+                if request is FETCH:
+                    ledger.queue(ledger.next_input())
+                    continue
+            if request is None:
+                break
+            await call.write(request)
+        await call.done_writing()
+    except (grpc.RpcError, asyncio.InvalidStateError):
+        pass

@@ -7,7 +7,13 @@ import grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   # reconnect within our own retry backoff, not gRPC's default of up to two minutes
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 2000),
+                   # with several addresses: use the first that answers, move on when it fails
+                   ("grpc.lb_policy_name", "pick_first")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +47,17 @@ class Credentials:
         return grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(self.token))
 
 
+def target(address: str) -> str:
+    """gRPC's target for `address`; 'ip:port,ip:port' becomes one channel over every address, in order."""
+    if "," not in address:
+        return address
+    scheme = "ipv6" if address.startswith("[") else "ipv4"
+    return f"{scheme}:{address.replace(' ', '')}"
+
+
 def open_channel(grpc_module, address: str, credentials: Credentials | None):
     """A channel from `grpc` or `grpc.aio`, which share this interface."""
+    address = target(address)
     if credentials is None or not credentials.secure:
         return grpc_module.insecure_channel(address, options=CHANNEL_OPTIONS)
     options = CHANNEL_OPTIONS

@@ -76,18 +76,3 @@ def reset_request(session_id: str, seq: int, h=None, c=None) -> pb.ResetSessionR
 
 def state(response: pb.SessionState) -> tuple[np.ndarray, np.ndarray]:
     return tensors.from_proto(response.h), tensors.from_proto(response.c)
-
-
-class NumberedRequests:
-    """Gives each state-changing request of a session the next sequence number (for exactly-once)."""
-
-    id: str
-    _next_seq: int
-
-    def _numbered_steps(self, xs, singles: list):
-        """Step requests for `xs`, numbered as they are sent; `singles` records each one's shape kind."""
-        for x in xs:
-            request, single = step_request(self.id, self._next_seq, x)
-            singles.append(single)
-            self._next_seq += 1
-            yield request

@@ -1,5 +1,7 @@
 """Blocking client: `with LstmClient(addr) as c, c.session() as s: y = s.step(x)`."""
 
+import threading
+import time
 from collections.abc import Iterable, Iterator
 
 import grpc
@@ -10,16 +12,22 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
 from client.channel import Credentials, open_channel
+from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger
 
 
 class LstmClient:
-    """With `credentials` (TLS roots, client certificate, token) the channel is TLS, else plaintext."""
+    """`address`: host:port, several ip:port separated by commas (failover in that order), or a gRPC
+    target such as dns:///name:port. `timeout`: seconds per operation, retries included; `retry`:
+    backoff on UNAVAILABLE; with `credentials` (TLS roots, client certificate, token) the channel is TLS.
+    """
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
-                 credentials: Credentials | None = None):
+                 retry: RetryPolicy = DEFAULT_RETRY, credentials: Credentials | None = None):
         self._channel = open_channel(grpc, address, credentials)
         self.stub = pb_grpc.LstmServiceStub(self._channel)
         self.timeout = timeout
+        self.retry = retry
+        self._answers_kept: int | None = None
 
     def __enter__(self) -> "LstmClient":
         return self
@@ -30,8 +38,23 @@ class LstmClient:
     def close(self) -> None:
         self._channel.close()
 
+    def call(self, method, request):
+        """A unary call, retried with backoff on UNAVAILABLE (every lstmserve call is safe to repeat)."""
+        attempts = self.retry.start(self.timeout)
+        while True:
+            try:
+                return method(request, timeout=attempts.remaining())
+            except grpc.RpcError as error:
+                time.sleep(attempts.delay_after(error))
+
     def info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return self.call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
+
+    def answers_kept(self) -> int:
+        """How many unanswered requests a resumable stream may have out (the server's answers_kept)."""
+        if self._answers_kept is None:
+            self._answers_kept = max(1, self.info().answers_kept)
+        return self._answers_kept
 
     def health(self, service: str = "") -> str:
         """The standard gRPC health status by name: SERVING, NOT_SERVING, ..."""
@@ -41,25 +64,26 @@ class LstmClient:
 
     def predict(self, inputs, h0=None, c0=None) -> messages.Prediction:
         """Whole sequences `inputs[seq_len, batch, input]`, statelessly, from `(h0, c0)` or zeros."""
-        return messages.prediction(
-            self.stub.Predict(messages.predict_request(inputs, h0, c0), timeout=self.timeout))
+        return messages.prediction(self.call(self.stub.Predict, messages.predict_request(inputs, h0, c0)))
 
     def session(self, h0=None, c0=None, session_id: str | None = None) -> "Session":
         """Opens a session (from `(h0, c0)` `[layers, hidden]` or zeros), or re-attaches to `session_id`."""
+        self.answers_kept()  # learnt up front, so a stream's deadline covers only the stream
         if session_id is None:
-            info = self.stub.CreateSession(messages.create_request(h0, c0), timeout=self.timeout)
+            info = self.call(self.stub.CreateSession, messages.create_request(h0, c0))
         else:
-            info = self.stub.GetSession(pb.SessionRef(session_id=session_id), timeout=self.timeout)
+            info = self.call(self.stub.GetSession, pb.SessionRef(session_id=session_id))
         return Session(self, info.session_id, info.last_sequence_number)
 
 
-class Session(messages.NumberedRequests):
+class Session:
     """A server-side (h, c) that carries forward across calls; numbers each request for exactly-once."""
 
     def __init__(self, client: LstmClient, session_id: str, last_sequence_number: int = 0):
         self._client = client
         self.id = session_id
         self._next_seq = last_sequence_number + 1
+        self._unsettled: list[pb.StepRequest] = []  # left unanswered by an abandoned stream
 
     def __enter__(self) -> "Session":
         return self
@@ -69,36 +93,93 @@ class Session(messages.NumberedRequests):
 
     def step(self, x) -> np.ndarray:
         """`x[input]` -> `y[output]`, or `x[T, input]` -> `y[T, output]`."""
+        self._settle()
         request, single = messages.step_request(self.id, self._next_seq, x)
-        response = self._client.stub.Step(request, timeout=self._client.timeout)
+        response = self._client.call(self._client.stub.Step, request)  # a retry keeps its number
         self._next_seq += 1
         return messages.step_outputs(response, single)
 
-    def stream(self, xs: Iterable) -> Iterator[np.ndarray]:
-        """Streams each x (one step `[input]` or a chunk `[T, input]`) and yields its output as it arrives."""
-        singles = []
-        call = self._client.stub.Stream(self._numbered_steps(xs, singles))
+    def stream(self, xs: Iterable, timeout: float | None = None) -> Iterator[np.ndarray]:
+        """Streams each x (one step `[input]` or a chunk `[T, input]`) and yields its output as it arrives.
+
+        A broken stream is resumed: the client reconnects with backoff and re-sends what was not answered, so
+        every output arrives once, in order. `timeout` bounds the whole stream, resumptions included.
+        """
+        self._settle()
+        ledger = StreamLedger(self.id, self._next_seq, xs, self._client.answers_kept())
+        attempts = self._client.retry.start(timeout)
+        turn, fetching = threading.Condition(), threading.Lock()
+        call, broken = None, False
         try:
-            for i, response in enumerate(call):
-                yield messages.step_outputs(response, singles[i])
+            while not ledger.finished:
+                try:
+                    if broken:
+                        info = self._client.stub.GetSession(pb.SessionRef(session_id=self.id),
+                                                            timeout=attempts.remaining())
+                        with turn:
+                            ledger.rewind(info.last_sequence_number)
+                            turn.notify_all()
+                    broken = True  # until the call ends with every request answered
+                    call = self._client.stub.Stream(_requests(ledger, turn, fetching),
+                                                    timeout=attempts.remaining())
+                    for response in call:
+                        with turn:
+                            output = ledger.answer(response)
+                            turn.notify_all()
+                        attempts.progressed()
+                        yield output
+                except grpc.RpcError as error:
+                    call and call.cancel()
+                    time.sleep(attempts.delay_after(error))
         except messages.StepError as error:
-            self._next_seq = error.sequence_number  # nothing from there on was applied
+            ledger.abandon()
+            ledger.next_seq = error.sequence_number  # nothing from there on was applied
             raise
         finally:
-            call.cancel()
+            if call:
+                call.cancel()
+            with turn:
+                self._unsettled = ledger.abandon()  # also stops a request generator waiting for room
+                turn.notify_all()
+            self._next_seq = ledger.next_seq
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         """`(h, c)`, each `[num_layers, hidden]`, after every step answered so far."""
-        return messages.state(self._client.stub.GetState(pb.SessionRef(session_id=self.id),
-                                                         timeout=self._client.timeout))
+        ref = pb.SessionRef(session_id=self.id)
+        return messages.state(self._client.call(self._client.stub.GetState, ref))
 
     def reset(self, h=None, c=None) -> None:
+        self._settle()
         request = messages.reset_request(self.id, self._next_seq, h, c)
-        self._client.stub.ResetSession(request, timeout=self._client.timeout)
+        self._client.call(self._client.stub.ResetSession, request)
         self._next_seq += 1
 
     def info(self) -> pb.SessionInfo:
-        return self._client.stub.GetSession(pb.SessionRef(session_id=self.id), timeout=self._client.timeout)
+        return self._client.call(self._client.stub.GetSession, pb.SessionRef(session_id=self.id))
 
     def close(self) -> None:
-        self._client.stub.CloseSession(pb.SessionRef(session_id=self.id), timeout=self._client.timeout)
+        self._client.call(self._client.stub.CloseSession, pb.SessionRef(session_id=self.id))
+
+    def _settle(self) -> None:
+        """Applies, once, what an abandoned stream left unanswered, so numbering goes on without a gap."""
+        while self._unsettled:
+            self._client.call(self._client.stub.Step, self._unsettled[0])
+            self._unsettled.pop(0)
+
+
+def _requests(ledger: StreamLedger, turn: threading.Condition, fetching: threading.Lock):
+    """One call's requests, sent while the window has room; gRPC reads them on its own thread."""
+    generation = ledger.generation
+    while True:
+        with turn:
+            turn.wait_for(lambda: ledger.ready(generation))
+            request = ledger.next_request(generation)
+        if request is None:
+            return
+        if request is FETCH:
+            with fetching:  # the caller's inputs may block (a terminal): never while holding `turn`
+                x = ledger.next_input()
+                with turn:
+                    ledger.queue(x)
+            continue
+        yield request

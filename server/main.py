@@ -18,14 +18,14 @@ from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from lstmserve.v1 import lstm_service_pb2, lstm_service_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from server.engine import Engine, Sequences
+from server.engine import Engine, LimitExceeded, Sequences, snapshot
 from server.engine.persistence import Durability, Persistence
 from server.metrics import Metrics
 from server.model import ModelContractError, ModelRuntime
 from server.settings import Settings
 from server.store import RedisStateStore
 from server.transport.auth import Authenticator, AuthInterceptor
-from server.transport.interceptors import MetricsInterceptor
+from server.transport.interceptors import MalformedRequestInterceptor, MetricsInterceptor
 from server.transport.oip import OipServicer
 from server.transport.servicer import LstmServicer
 from server.transport.tls import ServerCertificates
@@ -62,9 +62,11 @@ class App:
         self._start_metrics_http()
         runtime = await asyncio.to_thread(self._load_model)
         self.engine = Engine(runtime, s.engine_limits(), self.metrics, persistence=await self._persistence(runtime))
+        if s.snapshot_dir:
+            snapshot.restore(s.snapshot_dir, self.engine)
         await self.engine.start()
         self._server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics), *self._auth_interceptors()],
+            interceptors=[MetricsInterceptor(self.metrics), MalformedRequestInterceptor(), *self._auth_interceptors()],
             options=[("grpc.max_receive_message_length", s.max_message_bytes),
                      ("grpc.max_send_message_length", s.max_message_bytes)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -154,6 +156,8 @@ class App:
             await self._server.stop(grace)
         if self.engine:
             await self.engine.stop()
+            if self.settings.snapshot_dir:
+                snapshot.save(self.settings.snapshot_dir, self.engine)
         if self._store:
             await self._store.close()
         if self._metrics_http:
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelContractError as error:
         log.error("cannot serve the model: %s", error)
         return 2
-    except (OSError, ValueError) as error:  # ports, certificate and token files
+    except (OSError, ValueError, LimitExceeded) as error:  # ports, certificate, token and snapshot files
         log.error("cannot start: %s", error)
         return 2
     return 0

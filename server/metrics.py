@@ -21,6 +21,12 @@ class Metrics:
                                        registry=registry)
         self.sessions_expired = Counter("lstmserve_sessions_expired_total", "Sessions expired after idling",
                                         registry=registry)
+        self.sessions_evicted = Counter("lstmserve_sessions_evicted_total",
+                                        "Idle sessions closed to make room, by the limit reached",
+                                        ["limit"], registry=registry)
+        self.limit_refusals = Counter("lstmserve_limit_refusals_total",
+                                      "Requests refused with RESOURCE_EXHAUSTED, by the limit reached",
+                                      ["limit"], registry=registry)
         self.steps_applied = Counter("lstmserve_steps_applied_total", "Time steps applied to session state",
                                      registry=registry)
         self.batch_size = Histogram("lstmserve_batch_size", "Sessions per model call", buckets=_BATCH_BUCKETS,

@@ -10,8 +10,8 @@ from server.engine import EngineLimits
 ENV_PREFIX = "LSTMSERVE_"
 
 
-def _setting(default, help: str, minimum: float | None = None):
-    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum})
+def _setting(default, help: str, minimum: float | None = None, choices: tuple | None = None):
+    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,12 @@ class Settings:
     max_batch_delay: float = _setting(0.0, "seconds a batch waits to fill up (0: take what is ready)", 0)
     idle_timeout: float = _setting(600.0, "seconds after which an unused session is closed", 0.01)
     max_sessions: int = _setting(100_000, "most live sessions; the state pool never grows past this", 1)
+    max_sessions_per_owner: int = _setting(100_000, "most live sessions of one principal (owner)", 1)
+    max_state_bytes: int = _setting(1 << 30, "most bytes of session state (h, c) the state pool may hold", 1)
+    full_policy: str = _setting("refuse", "at a session limit: refuse new sessions, or evict the least "
+                                "recently used idle one", choices=("refuse", "evict"))
+    answers_kept: int = _setting(32, "answers of the latest requests kept per session, so retries and "
+                                 "resumed streams are answered without applying a step twice", 1)
     initial_capacity: int = _setting(1024, "session slots preallocated at start", 1)
     max_steps_per_request: int = _setting(1024, "most time steps in one Step or Stream request", 1)
     max_sequence_length: int = _setting(100_000, "most time steps in one Predict request", 1)
@@ -36,11 +42,14 @@ class Settings:
     allow_nonfinite: bool = _setting(False, "accept NaN and Inf in inputs and states")
     shutdown_grace: float = _setting(30.0, "seconds in-flight work may take to finish on SIGTERM", 0)
     state_store: str = _setting("", "redis://host:port/db or unix:///path.sock shared by replicas; empty: memory")
-    durability: str = _setting("every-step", "with a state store: none, checkpoint or every-step")
+    durability: str = _setting("every-step", "with a state store: what a step's answer waits for",
+                               choices=("none", "checkpoint", "every-step"))
     checkpoint_every: int = _setting(100, "checkpoint durability: write a session once this many steps are new", 1)
     checkpoint_interval: float = _setting(5.0, "checkpoint durability: seconds between writes of unwritten state", 0.01)
     lease_ttl: float = _setting(5.0, "seconds a replica's claim on a session lasts unless renewed", 0.1)
     lease_wait: float = _setting(6.0, "seconds a request waits for another replica's claim to lapse", 0)
+    snapshot_dir: str = _setting("", "directory where live sessions are saved on shutdown and restored on "
+                                 "start (empty: sessions end with the process)")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     tls_cert_file: str = _setting("", "PEM certificate chain of the gRPC port; turns TLS on")
     tls_key_file: str = _setting("", "PEM private key of --tls-cert-file")
@@ -49,7 +58,6 @@ class Settings:
     open_health_and_reflection: bool = _setting(True, "health checks and reflection need no credentials")
     rate_limit: float = _setting(0.0, "requests per second of each principal (0: unlimited)", 0)
     rate_limit_burst: int = _setting(100, "requests a principal may make at once above --rate-limit", 1)
-    max_sessions_per_owner: int = _setting(0, "most live sessions of one principal (0: no own limit)", 0)
 
     @property
     def tls(self) -> bool:
@@ -76,15 +84,16 @@ class Settings:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                     help=f"{field.metadata['help']} [{env}]")
             else:
-                parser.add_argument(flag, type=field.type, default=default,
+                parser.add_argument(flag, type=field.type, default=default, choices=field.metadata["choices"],
                                     help=f"{field.metadata['help']} (default: {field.default}) [{env}]")
         values = vars(parser.parse_args(argv))
-        if values["durability"] not in ("none", "checkpoint", "every-step"):
-            parser.error("--durability must be none, checkpoint or every-step")
         for field in dataclasses.fields(cls):
             minimum = field.metadata["minimum"]
             if minimum is not None and values[field.name] < minimum:
                 parser.error(f"--{field.name.replace('_', '-')} must be at least {minimum}")
+            choices = field.metadata["choices"]
+            if choices and values[field.name] not in choices:
+                parser.error(f"--{field.name.replace('_', '-')} must be one of {', '.join(choices)}")
         settings = cls(**values)
         if problem := settings.inconsistency():
             parser.error(problem)

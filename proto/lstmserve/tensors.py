@@ -7,6 +7,7 @@ import numpy as np
 from lstmserve.v1 import lstm_service_pb2 as pb
 
 WIRE_DTYPE = np.dtype("<f4")
+MAX_DIMENSION = 2**31 - 1
 
 
 class TensorFormatError(ValueError):
@@ -42,6 +43,8 @@ def from_proto(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     if min(shape, default=0) < 0:
         raise TensorFormatError(f"{name}: shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
+    if count == 0 and any(dim > MAX_DIMENSION for dim in shape):  # the count fits, the layout would not
+        raise TensorFormatError(f"{name}: shape {list(shape)} has a dimension over {MAX_DIMENSION}")
     data, values = tensor.data, tensor.values  # read each field once: every read builds a new object
     if len(values):
         if data:

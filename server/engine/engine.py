@@ -1,6 +1,8 @@
 """The engine's public face: session lifecycle, ordered exactly-once requests, stateless sequences."""
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import logging
 import time
@@ -9,11 +11,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from server.engine.errors import Draining, LimitExceeded, SequenceError, SessionNotFound
+from server.engine.errors import Draining, InvalidInput, LimitExceeded, SequenceError, SessionNotFound
 from server.engine.persistence import Durability, Persistence
 from server.engine.rate_limit import RateLimiter
 from server.engine.scheduler import Scheduler
-from server.engine.sessions import Session, SessionTable, Work
+from server.engine.sessions import Session, SessionTable, Work, check_session_id
+from server.engine.snapshot import SessionRecord
 from server.engine.state_pool import StatePool
 from server.engine.validation import check_at_most, check_tensor
 from server.logsafe import fingerprint
@@ -30,12 +33,15 @@ class EngineLimits:
     max_batch_delay: float = 0.0
     idle_timeout: float = 600.0
     max_sessions: int = 100_000
+    max_sessions_per_owner: int = 100_000
+    max_state_bytes: int = 1 << 30
+    full_policy: str = "refuse"  # or "evict": close the least recently used idle session to make room
+    answers_kept: int = 32
     initial_capacity: int = 1024
     max_steps_per_request: int = 1024
     max_sequence_length: int = 100_000
     max_queued_requests: int = 100_000
     allow_nonfinite: bool = False
-    max_sessions_per_owner: int = 0  # 0: only max_sessions applies
     rate_limit: float = 0.0  # requests per second per owner; 0: unlimited
     rate_limit_burst: int = 100
 
@@ -61,18 +67,29 @@ class Engine:
         self._metrics = metrics
         self._clock = clock
         m = runtime.metadata
-        self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, limits.max_sessions,
+        by_bytes = limits.max_state_bytes // m.state_bytes
+        self._capacity = min(limits.max_sessions, by_bytes)
+        self._capacity_limit = "max_sessions" if limits.max_sessions <= by_bytes else "max_state_bytes"
+        if self._capacity < 1:
+            raise LimitExceeded(f"max_state_bytes={limits.max_state_bytes} cannot hold one session's state "
+                                f"({m.state_bytes} bytes)", "max_state_bytes")
+        self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, self._capacity,
                                device=str(runtime.device))
         self._sessions = SessionTable(clock)
         self._rate = RateLimiter(limits.rate_limit, limits.rate_limit_burst, clock)
         self._persistence = persistence
         self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay,
-                                    persist=self._persist if persistence else None)
+                                    limits.answers_kept, persist=self._persist if persistence else None)
         self._attaching: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
-        self._draining = False
+        self.draining = asyncio.Event()  # set once drain() starts: open streams stop taking requests
         self._close_listeners: list[Callable[[str], None]] = []
         metrics.live_sessions.set_function(lambda: len(self._sessions))
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests accepted and not yet answered, server-wide."""
+        return self._scheduler.queued
 
     async def start(self) -> None:
         self._scheduler.start()
@@ -81,16 +98,11 @@ class Engine:
         if self._persistence:
             self._tasks.append(loop.create_task(self._maintain_store_forever(), name="state-store"))
 
-    @property
-    def draining(self) -> bool:
-        """True once shutdown began: no new work is taken."""
-        return self._draining
-
     async def drain(self, timeout: float) -> None:
         """Takes no new work and waits (up to `timeout`) for queued requests to be answered."""
-        self._draining = True
+        self.draining.set()
         deadline = self._clock() + timeout
-        while self._scheduler.queued and self._clock() < deadline:
+        while self.queued_requests and self._clock() < deadline:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -105,13 +117,13 @@ class Engine:
     async def create_session(self, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                        owner: str = "") -> SessionView:
         self._check_accepting()
-        self._rate.admit(owner)
-        per_owner = self.limits.max_sessions_per_owner
-        if per_owner and self._sessions.count(owner) >= per_owner:
-            raise LimitExceeded(f"this principal already has {per_owner} live sessions "
-                                f"(max_sessions_per_owner={per_owner}); close one before opening another")
+        self._admit(owner)
         h, c = self._initial_state(h0, c0)
-        slot = self._pool.allocate(h, c)
+        with self._counting_refusals():
+            evicted = self._make_room(owner)
+            slot = self._pool.allocate(h, c)
+        for victim in evicted if self._persistence else ():
+            await self._persistence.forget(victim, delete=True)
         session = self._sessions.add(slot, owner)
         if self._persistence:
             try:
@@ -153,21 +165,24 @@ class Engine:
         """
         session = await self._session(session_id, owner)
         self.check_step_inputs(inputs)
-        return self._submit(session, seq,
-                            lambda future, n: Work(n, future, inputs=inputs, with_state=with_state))
+        with self._counting_refusals():
+            return self._submit(session, seq,
+                                lambda future, n: Work(n, future, inputs=inputs, with_state=with_state))
 
     def check_step_inputs(self, inputs: np.ndarray) -> None:
         """Raises InvalidInput unless `inputs` could be a step's `[T, input_size]`."""
         check_tensor("inputs", inputs, (None, self.runtime.metadata.input_size), self.limits.allow_nonfinite)
-        check_at_most("inputs' time steps", inputs.shape[0], self.limits.max_steps_per_request,
-                      "max_steps_per_request")
+        with self._counting_refusals():
+            check_at_most("inputs' time steps", inputs.shape[0], self.limits.max_steps_per_request,
+                          "max_steps_per_request")
 
     async def reset(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
               seq: int = 0, owner: str = "") -> tuple[int, asyncio.Future]:
         """Queues a reset to zeros or `(h, c)` behind the session's pending steps."""
         session = await self._session(session_id, owner)
         state = self._initial_state(h, c)
-        return self._submit(session, seq, lambda future, n: Work(n, future, reset_state=state))
+        with self._counting_refusals():
+            return self._submit(session, seq, lambda future, n: Work(n, future, reset_state=state))
 
     # -- stateless sequences --------------------------------------------------------------------
 
@@ -175,11 +190,13 @@ class Engine:
                       owner: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)`."""
         self._check_accepting()
-        self._rate.admit(owner)
+        self._admit(owner)
         m = self.runtime.metadata
         check_tensor("inputs", inputs, (None, None, m.input_size), self.limits.allow_nonfinite)
-        check_at_most("inputs' seq_len", inputs.shape[0], self.limits.max_sequence_length, "max_sequence_length")
-        check_at_most("inputs' batch", inputs.shape[1], self.limits.max_batch_size, "max_batch_size")
+        with self._counting_refusals():
+            check_at_most("inputs' seq_len", inputs.shape[0], self.limits.max_sequence_length,
+                          "max_sequence_length")
+            check_at_most("inputs' batch", inputs.shape[1], self.limits.max_batch_size, "max_batch_size")
         h, c = self._initial_state(h0, c0, (m.num_layers, inputs.shape[1], m.hidden_size), names=("h0", "c0"))
         x = torch.from_numpy(np.array(inputs, dtype=np.float32))
         return await self._scheduler.run_in_model_thread(self._predict_on_host, x, h, c)
@@ -193,7 +210,7 @@ class Engine:
     async def _session(self, session_id: str, owner: str) -> Session:
         """Counts a request of `owner`, then finds the session, from the state store if it lives there but not
         here yet. Another owner's session is reported exactly like one that does not exist."""
-        self._rate.admit(owner)
+        self._admit(owner)
         session = self._sessions.find(session_id)
         if self._persistence:
             if session is None:
@@ -230,7 +247,8 @@ class Engine:
         self._pool.write(session.slot, torch.from_numpy(record.h), torch.from_numpy(record.c))
         session.last_applied_seq = session.last_assigned_seq = record.seq
         session.steps_applied = record.steps_applied
-        session.last_answer = record.answer
+        session.answers = None
+        session.remember(record.seq, record.answer, self.limits.answers_kept)
 
     async def _persist(self, sessions, works, h_n, c_n, answers) -> list:
         h, c = h_n.cpu().numpy(), c_n.cpu().numpy()
@@ -258,8 +276,8 @@ class Engine:
             self._tasks.remove(asyncio.current_task())
 
     async def _checkpoint(self, sessions: list[Session]) -> None:
-        records = [self._persistence.record(s, *(t.numpy() for t in self._pool.read(s.slot)), s.last_answer)
-                   for s in sessions]
+        records = [self._persistence.record(s, *(t.numpy() for t in self._pool.read(s.slot)),
+                                            s.stored_answer(s.last_applied_seq)[1]) for s in sessions]
         await self._persistence.checkpoint(sessions, records)
 
     async def _maintain_store_forever(self) -> None:
@@ -302,7 +320,7 @@ class Engine:
             raise SequenceError(f"sequence number {seq} skips ahead; expected {session.last_assigned_seq + 1}")
         if self._scheduler.queued >= self.limits.max_queued_requests:
             raise LimitExceeded(f"the server's queue is full (max_queued_requests={self.limits.max_queued_requests})"
-                                "; retry with backoff")
+                                "; retry with backoff", "max_queued_requests")
         future = loop.create_future()
         self._scheduler.enqueue(session, make_work(future, seq))
         session.last_assigned_seq = seq
@@ -314,12 +332,52 @@ class Engine:
         for work in session.pending or ():
             if work.seq == seq:
                 return asyncio.shield(work.future)
-        if seq == session.last_applied_seq:
+        found, answer = session.stored_answer(seq)
+        if found:
             future = loop.create_future()
-            future.set_result(session.last_answer)
+            future.set_result(answer)
             return future
-        raise SequenceError(f"sequence number {seq} was applied earlier and only the last answer is kept; "
+        raise SequenceError(f"sequence number {seq} was applied earlier and only the answers of the last "
+                            f"{self.limits.answers_kept} requests are kept; "
                             f"expected {session.last_assigned_seq + 1}")
+
+    def _make_room(self, owner: str) -> list[Session]:
+        """Evicts (returning whom) or refuses when one more session would pass a quota or the pool's capacity."""
+        evicted = []
+        owned = self._sessions.count(owner)
+        if owned >= self.limits.max_sessions_per_owner:
+            evicted.append(self._evict_or_refuse(owner, LimitExceeded(
+                f"this client already has {owned} sessions (max_sessions_per_owner="
+                f"{self.limits.max_sessions_per_owner}); close one first", "max_sessions_per_owner")))
+        if len(self._sessions) >= self._capacity:
+            setting = getattr(self.limits, self._capacity_limit)
+            evicted.append(self._evict_or_refuse(None, LimitExceeded(
+                f"the server holds its most sessions, {self._capacity} ({self._capacity_limit}={setting}); "
+                "close unused sessions or retry later", self._capacity_limit)))
+        return evicted
+
+    def _evict_or_refuse(self, owner: str | None, refusal: LimitExceeded) -> Session:
+        evicting = self.limits.full_policy == "evict"
+        victim = self._sessions.least_recently_used_idle(owner) if evicting else None
+        if victim is None:
+            raise refusal
+        self._close(victim, SessionNotFound(f"session {victim.id} was evicted to make room "
+                                            f"({refusal.limit})"))
+        self._metrics.sessions_evicted.labels(refusal.limit).inc()
+        return victim
+
+    def _admit(self, owner: str) -> None:
+        """Every request of `owner` passes its rate limit first."""
+        with self._counting_refusals():
+            self._rate.admit(owner)
+
+    @contextlib.contextmanager
+    def _counting_refusals(self):
+        try:
+            yield
+        except LimitExceeded as refusal:
+            self._metrics.limit_refusals.labels(refusal.limit).inc()
+            raise
 
     def _initial_state(self, h: np.ndarray | None, c: np.ndarray | None, shape: tuple | None = None,
                        names: tuple[str, str] = ("h", "c")) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,7 +393,7 @@ class Engine:
         return state[0], state[1]
 
     def _check_accepting(self) -> None:
-        if self._draining:
+        if self.draining.is_set():
             raise Draining("the server is shutting down; retry on another replica")
 
     def _close(self, session: Session, error: Exception) -> None:
@@ -353,6 +411,35 @@ class Engine:
         last_used_at = now_wall - (now - session.last_used)
         return SessionView(session.id, session.steps_applied, session.last_applied_seq, session.created_at,
                            last_used_at, last_used_at + self.limits.idle_timeout, self.limits.idle_timeout)
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def export_sessions(self) -> list[SessionRecord]:
+        """Every live session's applied state, least recently used first; call once the scheduler stopped."""
+        records = []
+        for s in self._sessions:
+            h, c = self._pool.read(s.slot)
+            records.append(SessionRecord(s.id, s.owner, s.created_at, s.last_applied_seq, s.steps_applied,
+                                         h.cpu().numpy(), c.cpu().numpy(), tuple(s.answers or ())))
+        return records
+
+    def import_sessions(self, records: list[SessionRecord]) -> None:
+        """Restores sessions all or none: every record is checked before the first one is added."""
+        if len(records) > self._capacity - len(self._sessions):
+            raise LimitExceeded(f"{len(records)} sessions do not fit: {self._capacity_limit} allows "
+                                f"{self._capacity}", self._capacity_limit)
+        for r in records:
+            check_session_id(r.session_id)
+            check_tensor("h", r.h, self._pool.slot_shape, allow_nonfinite=True)
+            check_tensor("c", r.c, self._pool.slot_shape, allow_nonfinite=True)
+            if self._sessions.find(r.session_id):
+                raise InvalidInput(f"session {r.session_id} is already live")
+        for r in records:
+            slot = self._pool.allocate(torch.from_numpy(r.h), torch.from_numpy(r.c))
+            session = self._sessions.add(slot, r.owner, r.session_id, r.created_at)
+            session.last_applied_seq = session.last_assigned_seq = r.last_applied_seq
+            session.steps_applied = r.steps_applied
+            session.answers = collections.deque(r.answers, maxlen=self.limits.answers_kept)
 
     async def _expire_forever(self) -> None:
         period = min(1.0, self.limits.idle_timeout / 4)

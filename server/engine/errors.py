@@ -18,7 +18,11 @@ class SequenceError(EngineError):
 
 
 class LimitExceeded(EngineError):
-    """A configured resource limit would be exceeded."""
+    """A configured resource limit would be exceeded; `limit` names the setting (a metrics label)."""
+
+    def __init__(self, message: str, limit: str):
+        super().__init__(message)
+        self.limit = limit
 
 
 class Draining(EngineError):

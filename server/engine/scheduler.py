@@ -23,12 +23,13 @@ class Scheduler:
     """One task owns the loop; the model runs on a single worker thread so the event loop keeps serving I/O."""
 
     def __init__(self, runtime: ModelRuntime, pool: StatePool, metrics: Metrics,
-                 max_batch_size: int, max_batch_delay: float, persist=None):
+                 max_batch_size: int, max_batch_delay: float, answers_kept: int, persist=None):
         self._runtime = runtime
         self._pool = pool
         self._metrics = metrics
         self.max_batch_size = max_batch_size
         self._max_batch_delay = max_batch_delay
+        self._answers_kept = answers_kept
         self._ready: collections.deque[Session] = collections.deque()
         self._wakeup = asyncio.Event()
         self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -150,7 +151,7 @@ class Scheduler:
                   ) -> None:
         """`state`, the session's `(h, c)` right after this request, is added to the answer when given."""
         session.last_applied_seq = work.seq
-        session.last_answer = answer
+        session.remember(work.seq, answer, self._answers_kept)
         self._queued -= 1
         if not work.future.done():
             work.future.set_result(answer if state is None else (answer, *state))

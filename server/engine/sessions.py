@@ -20,6 +20,11 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(SESSION_ID_BYTES)
 
 
+def check_session_id(session_id: str) -> None:
+    if not _SESSION_ID.fullmatch(session_id):
+        raise InvalidInput("session_id is malformed: expected the 22-character id CreateSession returned")
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class Work:
     """One state-changing request of a session, waiting to be applied in order."""
@@ -46,7 +51,7 @@ class Session:
     last_applied_seq: int = 0
     last_assigned_seq: int = 0
     steps_applied: int = 0
-    last_answer: np.ndarray | None = None  # outputs of request last_applied_seq, for retries
+    answers: collections.deque | None = None  # (seq, outputs) of the latest applied requests, for retries
     pending: collections.deque | None = None  # Work in order; created on first use to keep idle sessions small
     in_flight: bool = False
     closed: bool = False  # closed while a batch held it: its slot is released when that batch ends
@@ -54,6 +59,19 @@ class Session:
     @property
     def busy(self) -> bool:
         return self.in_flight or bool(self.pending)
+
+    def remember(self, seq: int, answer: np.ndarray | None, keep: int) -> None:
+        """Keeps the answer of applied request `seq` among the latest `keep`, for retries and resumes."""
+        if self.answers is None:
+            self.answers = collections.deque(maxlen=keep)
+        self.answers.append((seq, answer))
+
+    def stored_answer(self, seq: int) -> tuple[bool, np.ndarray | None]:
+        """`(found, answer)` of an applied request still kept."""
+        for kept_seq, answer in self.answers or ():
+            if kept_seq == seq:
+                return True, answer
+        return False, None
 
 
 class SessionTable:
@@ -70,8 +88,11 @@ class SessionTable:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
-    def add(self, slot: int, owner: str, session_id: str | None = None) -> Session:
-        session = Session(id=session_id or new_session_id(), slot=slot, owner=owner, created_at=time.time(),
+    def add(self, slot: int, owner: str, session_id: str | None = None, created_at: float | None = None
+            ) -> Session:
+        """A new session (or a restored one, keeping its id and creation time), most recently used."""
+        created_at = time.time() if created_at is None else created_at
+        session = Session(id=session_id or new_session_id(), slot=slot, owner=owner, created_at=created_at,
                           last_used=self._clock())
         self._sessions[session.id] = session
         self._per_owner[owner] += 1
@@ -83,8 +104,7 @@ class SessionTable:
 
     def find(self, session_id: str) -> Session | None:
         """The live session with this id on this replica, if any."""
-        if not _SESSION_ID.fullmatch(session_id):
-            raise InvalidInput("session_id is malformed: expected the 22-character id CreateSession returned")
+        check_session_id(session_id)
         return self._sessions.get(session_id)
 
     def recently_used(self, since: float) -> list[Session]:
@@ -100,6 +120,13 @@ class SessionTable:
         self._per_owner[session.owner] -= 1
         if not self._per_owner[session.owner]:
             del self._per_owner[session.owner]
+
+    def least_recently_used_idle(self, owner: str | None = None) -> Session | None:
+        """The idle session (of `owner`, when given) unused for longest: the one to evict."""
+        for session in self._sessions.values():
+            if not session.busy and (owner is None or session.owner == owner):
+                return session
+        return None
 
     def idle_since(self, deadline: float) -> list[Session]:
         """Sessions not used since `deadline` and with no work queued, oldest first."""

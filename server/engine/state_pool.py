@@ -78,7 +78,7 @@ class StatePool:
         old = self.capacity
         new = min(max(1, 2 * old), self.max_capacity)
         if new == old:
-            raise LimitExceeded(f"state memory is full: all {old} session slots (max_sessions) are in use")
+            raise LimitExceeded(f"state memory is full: all {old} session slots are in use", "max_sessions")
         for name in ("_h", "_c"):
             grown = torch.empty(self._h.shape[0], new, self._h.shape[2], device=self._h.device)
             grown[:, :old] = getattr(self, name)

@@ -25,7 +25,8 @@ def check_tensor(name: str, array: np.ndarray, expected: tuple, allow_nonfinite:
 
 def check_at_most(name: str, value: int, limit: int, setting: str) -> None:
     if value > limit:
-        raise LimitExceeded(f"{name} is {value}, more than the server's {setting} of {limit}; split the request")
+        raise LimitExceeded(
+            f"{name} is {value}, more than the server's {setting} of {limit}; split the request", setting)
 
 
 def _shape_matches(shape: tuple, expected: tuple) -> bool:

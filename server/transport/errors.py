@@ -4,6 +4,7 @@ import functools
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 from lstmserve.tensors import TensorFormatError
 
 from server.engine import (
@@ -30,6 +31,7 @@ STATUS_BY_ERROR = {
     TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
     RequestFormatError: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownModel: grpc.StatusCode.NOT_FOUND,
+    DecodeError: grpc.StatusCode.INVALID_ARGUMENT,  # bytes that are not the method's request message
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     SequenceError: grpc.StatusCode.FAILED_PRECONDITION,
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -1,12 +1,15 @@
-"""RPC metrics for every method, native or not, recorded in one place; helpers shared by interceptors."""
+"""Interceptors for every method, native or not: RPC metrics, and malformed unary requests as bad input."""
 
+import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from server.metrics import Metrics
+from server.transport.errors import status_for
 
 _HANDLER_KINDS = (
     ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
@@ -52,25 +55,60 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def _timed(self, behavior, method: str):
         async def timed(request, context):
-            started = time.perf_counter()
+            started, cancelled = time.perf_counter(), False
             try:
                 return await behavior(request, context)
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
             finally:
-                self._record(method, context, started)
+                self._record(method, context, started, cancelled)
         return timed
 
     def _timed_stream(self, behavior, method: str):
         async def timed(request, context):
-            started = time.perf_counter()
+            started, cancelled = time.perf_counter(), False
             try:
                 async for response in responses(behavior, request, context):
                     yield response
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
             finally:
-                self._record(method, context, started)
+                self._record(method, context, started, cancelled)
         return timed
 
-    def _record(self, method: str, context, started: float) -> None:
-        code = context.code() or grpc.StatusCode.OK
+    def _record(self, method: str, context, started: float, cancelled: bool) -> None:
+        """A handler cancelled by gRPC (deadline, broken connection) has no code: count it as CANCELLED."""
+        code = context.code() or (grpc.StatusCode.CANCELLED if cancelled else grpc.StatusCode.OK)
         name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
         self._metrics.rpcs.labels(method, name).inc()
         self._metrics.rpc_latency.labels(method).observe(time.perf_counter() - started)
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Answers a unary request that does not parse as INVALID_ARGUMENT, not gRPC's UNKNOWN.
+
+    gRPC parses a unary request before the handler runs; streamed requests are parsed as the handler reads
+    them, so the streaming decorator maps those.
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.unary_unary:
+            return handler
+        parse, behavior = handler.request_deserializer, handler.unary_unary
+
+        def parse_or_keep_error(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as error:
+                return error
+
+        async def reject_malformed(request, context):
+            if isinstance(request, DecodeError):
+                await context.abort(*status_for(request))
+            return await behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(reject_malformed, parse_or_keep_error,
+                                                   handler.response_serializer)

@@ -32,11 +32,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=not self._engine.draining)
+        return pb.ServerReadyResponse(ready=not self._engine.draining.is_set())
 
     @unary
     async def ModelReady(self, request, context):
-        ready = self._serves(request.name, request.version) and not self._engine.draining
+        ready = self._serves(request.name, request.version) and not self._engine.draining.is_set()
         return pb.ModelReadyResponse(ready=ready)
 
     @unary
@@ -76,7 +76,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @streaming
     async def ModelStreamInfer(self, request_iterator, context):
-        submitted = read_ahead(request_iterator, self._submit_in_band, self._stream_window)
+        submitted = read_ahead(request_iterator, self._submit_in_band, self._stream_window, self._engine.draining)
         async for request, call, pending in submitted:
             try:
                 response = await self._answer(request, call, pending)

@@ -24,7 +24,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         return pb.ModelInfo(
             name=m.name, version=m.version, input_size=m.input_size, hidden_size=m.hidden_size,
             num_layers=m.num_layers, output_size=m.output_size, dtype=m.dtype,
-            idle_timeout_seconds=limits.idle_timeout,
+            idle_timeout_seconds=limits.idle_timeout, answers_kept=limits.answers_kept,
             batching=pb.BatchingLimits(
                 max_batch_size=limits.max_batch_size, max_batch_delay_seconds=limits.max_batch_delay,
                 max_steps_per_request=limits.max_steps_per_request,
@@ -44,7 +44,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         async def submit_one(request):
             return [await self._submit_step_in_band(request)]
 
-        async for submitted in read_ahead(request_iterator, submit_one, self._stream_window):
+        async for submitted in read_ahead(request_iterator, submit_one, self._stream_window, self._engine.draining):
             yield await _answer_in_band(pb.StepResponse(), *submitted[0])
 
     @streaming
@@ -52,7 +52,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         async def submit_all(batch):
             return [await self._submit_step_in_band(step) for step in batch.steps]
 
-        async for submitted in read_ahead(request_iterator, submit_all, self._stream_window):
+        async for submitted in read_ahead(request_iterator, submit_all, self._stream_window, self._engine.draining):
             response = pb.StepBatchResponse()
             for step in submitted:  # each answer is built in its place: no per-step message copies
                 await _answer_in_band(response.steps.add(), *step)
@@ -99,22 +99,29 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     async def _submit_step(self, request: pb.StepRequest):
         """Opens the session if asked, queues the step; returns (session id, sequence number, future)."""
-        if request.WhichOneof("target") == "new_session":
-            session_id = (await self._create(request.new_session)).session_id
-        else:
-            session_id = request.session_id
-        seq, answer = await self._engine.step(session_id, tensors.from_proto(request.inputs, name="inputs"),
-                                              request.sequence_number, owner=current_principal())
-        return session_id, seq, answer
+        inputs = tensors.from_proto(request.inputs, name="inputs")
+        owner = current_principal()
+        if request.WhichOneof("target") != "new_session":
+            return request.session_id, *await self._engine.step(request.session_id, inputs, request.sequence_number,
+                                                                 owner=owner)
+        session_id = (await self._create(request.new_session)).session_id
+        try:
+            return session_id, *await self._engine.step(session_id, inputs, request.sequence_number, owner=owner)
+        except Exception:
+            await self._engine.close_session(session_id, owner=owner)  # a rejected request leaves no session
+            raise
 
     async def _submit_step_in_band(self, request: pb.StepRequest):
         """Like _submit_step, but a rejected request becomes an error answer instead of raising."""
         try:
-            return await self._submit_step(request)
+            session_id, seq, answer = await self._submit_step(request)
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
-            failed = asyncio.get_running_loop().create_future()
-            failed.set_exception(error)
-            return request.session_id, request.sequence_number, failed
+            session_id, seq = request.session_id, request.sequence_number
+            answer = asyncio.get_running_loop().create_future()
+            answer.set_exception(error)
+        # a stream that ends early never awaits its last answers: their errors are not worth a log line
+        answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return session_id, seq, answer
 
 
 def _fill_answer(response: pb.StepResponse, session_id: str, seq: int, outputs) -> pb.StepResponse:

@@ -3,14 +3,18 @@
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from server.engine import Draining
 
-async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awaitable], window: int
-                     ) -> AsyncIterator:
+
+async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awaitable], window: int,
+                     draining: asyncio.Event) -> AsyncIterator:
     """Yields `await submit(request)` for each request in order while reading up to `window` requests ahead.
 
     `submit` queues the request's work and returns without waiting for its answer, and requests are
     submitted one at a time in stream order, so a client that sends requests back to back has them
-    batched instead of answered one round trip at a time.
+    batched instead of answered one round trip at a time. Once `draining` is set it stops reading,
+    yields what it took, and ends the stream with Draining (UNAVAILABLE), so the client resumes
+    elsewhere instead of waiting for the shutdown grace to run out.
     """
     submitted: asyncio.Queue = asyncio.Queue()
     slots = asyncio.Semaphore(window)
@@ -24,11 +28,19 @@ async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awai
         finally:
             submitted.put_nowait(done)
 
+    async def stop_reading_on_drain():
+        await draining.wait()
+        reader.cancel()
+
     reader = asyncio.create_task(read())
+    watcher = asyncio.create_task(stop_reading_on_drain())
     try:
         while (item := await submitted.get()) is not done:
             yield item
             slots.release()
+        if reader.cancelled():
+            raise Draining("the server is shutting down; reconnect and resume on another replica")
         await reader  # re-raises a failure to read the stream
     finally:
         reader.cancel()
+        watcher.cancel()

@@ -18,7 +18,7 @@ PRECONDITION, EXHAUSTED = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.R
 @pytest.fixture(scope="module")
 def small_limits_server(demo_model):
     with server_in_thread(demo_model, max_steps_per_request=8, max_sequence_length=50,
-                          max_message_bytes=64 * 1024) as server:
+                          max_message_bytes=64 * 1024, answers_kept=1) as server:
         yield server
 
 
@@ -62,6 +62,7 @@ BAD_STEPS = {
     "rank 3": (lambda: steps(1, 1, 4), INVALID, "expected [N, 4]"),
     "huge declared shape, small payload": (lambda: raw_tensor([1 << 40, 4], data=b"\0" * 16), INVALID, "bytes"),
     "negative dimension": (lambda: raw_tensor([-1, 4]), INVALID, "negative"),
+    "huge dimensions beside a zero": (lambda: raw_tensor([1 << 62, 0, 1 << 62]), INVALID, "over 2147483647"),
     "over max_steps_per_request": (lambda: steps(9, 4), EXHAUSTED, "max_steps_per_request"),
 }
 
@@ -163,4 +164,18 @@ def test_oversized_message_is_resource_exhausted(client, session):
     with pytest.raises(grpc.RpcError) as error:
         session.step(np.ones((20_000, 4)))
     assert error.value.code() == EXHAUSTED
+    assert snapshot(session) == before
+
+
+@pytest.mark.parametrize("method", ["Step", "Stream", "GetState", "ResetSession"])
+def test_bytes_that_are_not_the_request_message_are_invalid_argument(client, session, method):
+    before = snapshot(session)
+    channel = client._channel
+    path = f"/lstmserve.v1.LstmService/{method}"
+    call = channel.stream_stream(path) if method == "Stream" else channel.unary_unary(path)
+    with pytest.raises(grpc.RpcError) as error:
+        result = call(iter([b"\xff\xff\xff"])) if method == "Stream" else call(b"\xff\xff\xff")
+        list(result) if method == "Stream" else result
+    assert error.value.code() == INVALID
+    assert "Error parsing message with type 'lstmserve.v1." in error.value.details()
     assert snapshot(session) == before

@@ -9,6 +9,7 @@ import torch
 from lstmserve.v1 import lstm_service_pb2 as pb
 
 from client import Credentials, LstmClient, Session, StepError
+from client.resume import RetryPolicy
 from tests.certs import make_pki
 from tests.integration.reference import TOLERANCE, Reference
 from tests.integration.test_service import scrape
@@ -19,6 +20,9 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+# refusals are what these tests look at: a client that retries them would only see its deadline
+NO_RETRY = RetryPolicy(give_up_after=0)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def mtls_server(demo_model, pki):
 
 
 def client(server, pki, token=None, identity=None, roots=None) -> LstmClient:
-    return LstmClient(server.address, timeout=10, credentials=Credentials(
+    return LstmClient(server.address, timeout=10, retry=NO_RETRY, credentials=Credentials(
         root_certificates=str(roots or pki.ca.cert), token=token,
         certificate_chain=identity and str(identity.cert), private_key=identity and str(identity.key)))
 
@@ -52,7 +56,7 @@ def refusal(call) -> grpc.RpcError:
 # -- transport ----------------------------------------------------------------------------------
 
 def test_a_plaintext_client_is_refused_by_a_tls_server(token_server, pki):
-    with LstmClient(token_server.address, timeout=10) as plain:
+    with LstmClient(token_server.address, timeout=10, retry=NO_RETRY) as plain:
         assert refusal(plain.info).code() == grpc.StatusCode.UNAVAILABLE
     with client(token_server, pki, token=pki.tokens["alice"]) as tls:
         assert tls.info().input_size == 4

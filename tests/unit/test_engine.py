@@ -24,8 +24,9 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 async def engine():
     runtime = FakeRuntime()
-    engine = Engine(runtime, EngineLimits(max_batch_size=4, initial_capacity=2, max_sessions=64,
-                                          max_queued_requests=50), Metrics(CollectorRegistry()))
+    limits = EngineLimits(max_batch_size=4, initial_capacity=2, max_sessions=64, max_queued_requests=50,
+                          answers_kept=2)
+    engine = Engine(runtime, limits, Metrics(CollectorRegistry()))
     await engine.start()
     yield engine
     await engine.stop()
@@ -83,13 +84,22 @@ async def test_retried_sequence_number_returns_stored_answer_without_applying_ag
 
 async def test_gap_or_old_sequence_number_is_rejected_without_change(engine):
     sid = (await engine.create_session()).session_id
-    await applied(engine, sid, x(1), seq=1)
-    await applied(engine, sid, x(1), seq=2)
-    with pytest.raises(SequenceError, match="expected 3"):
+    for seq in (1, 2, 3):
+        await applied(engine, sid, x(1), seq=seq)
+    with pytest.raises(SequenceError, match="expected 4"):
         await engine.step(sid, x(1), seq=5)
-    with pytest.raises(SequenceError, match="expected 3"):
-        await engine.step(sid, x(1), seq=1)
-    assert (await engine.get_state(sid))[0] == 2
+    with pytest.raises(SequenceError, match="last 2 requests are kept; expected 4"):
+        await engine.step(sid, x(1), seq=1)  # answers_kept=2: only 2 and 3 can still be replayed
+    assert (await engine.get_state(sid))[0] == 3
+
+
+async def test_the_last_answers_kept_are_replayed_in_any_order_without_applying(engine):
+    sid = (await engine.create_session()).session_id
+    answers = [await applied(engine, sid, x(v), seq=seq) for seq, v in ((1, 1), (2, 2), (3, 3))]
+    for seq in (2, 3, 2):
+        np.testing.assert_array_equal(await applied(engine, sid, x(100), seq=seq), answers[seq - 1])
+    assert (await engine.get_session(sid)).steps_applied == 3
+    assert float((await engine.get_state(sid))[1][0, 0]) == 6.0
 
 
 async def test_failing_model_call_fails_only_its_batch_and_changes_no_state(engine):

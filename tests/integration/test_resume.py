@@ -1,0 +1,136 @@
+"""Resumable streams and retried calls across cut connections: every output once, in order, applied once."""
+
+import threading
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from client import AsyncLstmClient, LstmClient
+from client.resume import RetryPolicy
+from tests.integration.reference import TOLERANCE, Reference
+from tests.proxy import tcp_proxy
+
+pytestmark = pytest.mark.integration
+
+CUT_AFTER = (40, 41, 120, 199)  # outputs received before each cut; 40 and 41: a cut right after a resume
+
+
+@pytest.fixture
+def proxy(demo_server):
+    with tcp_proxy(demo_server.address) as proxy:
+        yield proxy
+
+
+def inputs(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def scripted(demo_model):
+    return torch.jit.load(str(demo_model))
+
+
+def expected(scripted, xs: np.ndarray):
+    reference = Reference(scripted, 1, 3)
+    return np.stack([reference.step(x[None])[0] for x in xs]), reference.state
+
+
+def check_exactly_once(scripted, session, xs, outputs):
+    """Outputs equal the in-process reference and the server applied each input exactly once."""
+    want, (h, c) = expected(scripted, xs)
+    assert len(outputs) == len(xs)
+    np.testing.assert_allclose(np.stack(outputs), want, atol=TOLERANCE)
+    info = session.info()
+    assert (info.steps_applied, info.last_sequence_number) == (len(xs), len(xs))
+    got_h, got_c = session.state()
+    np.testing.assert_allclose(got_h, h, atol=TOLERANCE)
+    np.testing.assert_allclose(got_c, c, atol=TOLERANCE)
+
+
+def test_sync_stream_survives_cut_connections(proxy, scripted):
+    xs = inputs(250, seed=1)
+    with LstmClient(proxy.address) as client, client.session() as session:
+        outputs = []
+        for y in session.stream(xs):
+            outputs.append(y)
+            if len(outputs) in CUT_AFTER:
+                proxy.cut()
+        assert proxy.cuts == len(CUT_AFTER)
+        check_exactly_once(scripted, session, xs, outputs)
+
+
+async def test_async_stream_survives_cut_connections(proxy, scripted):
+    xs = inputs(250, seed=2)
+    async with AsyncLstmClient(proxy.address) as client, client.session() as session:
+        outputs = []
+        async for y in session.stream(xs):
+            outputs.append(y)
+            if len(outputs) in CUT_AFTER:
+                proxy.cut()
+        with LstmClient(proxy.address) as sync_client:
+            check_exactly_once(scripted, sync_client.session(session_id=session.id), xs, outputs)
+
+
+def test_unary_steps_are_retried_with_their_number_while_the_server_is_unreachable(proxy, scripted):
+    xs = inputs(3, seed=3)
+    with LstmClient(proxy.address) as client, client.session() as session:
+        outputs = [session.step(xs[0])]
+        proxy.refuse()
+        result = {}
+        stepping = threading.Thread(target=lambda: result.update(y=session.step(xs[1])))
+        stepping.start()
+        while proxy.refused < 2 and stepping.is_alive():
+            threading.Event().wait(0.01)
+        proxy.accept()
+        stepping.join(30)
+        outputs += [result["y"], session.step(xs[2])]
+        check_exactly_once(scripted, session, xs, outputs)
+
+
+def test_a_deadline_ends_the_retries(proxy):
+    with LstmClient(proxy.address, retry=RetryPolicy(max_backoff=0.1)) as client, client.session() as session:
+        proxy.refuse()
+        with pytest.raises(grpc.RpcError) as error:
+            list(session.stream(inputs(5, seed=4), timeout=0.5))
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        proxy.accept()  # so the session can be closed
+
+
+def test_abandoned_stream_ends_on_the_server_and_is_settled_before_the_next_step(demo_server, scripted):
+    xs = inputs(300, seed=5)
+    streams_before = finished_streams(demo_server)
+    with LstmClient(demo_server.address) as client, client.session() as session:
+        outputs = []
+        for y in session.stream(xs[:200]):
+            outputs.append(y)
+            if len(outputs) == 10:
+                break  # 10 answered; up to answers_kept more were sent and may or may not have been applied
+        outputs += [session.step(x) for x in xs[200:203]]
+        applied = session.info().last_sequence_number
+        assert applied > 13  # the unanswered ones were settled, once each, before the new steps
+        want, _ = expected(scripted, np.concatenate([xs[: applied - 3], xs[200:203]]))
+        np.testing.assert_allclose(np.stack(outputs), np.concatenate([want[:10], want[-3:]]), atol=TOLERANCE)
+        assert session.info().steps_applied == applied
+    assert wait_for(lambda: finished_streams(demo_server) > streams_before)  # the handler let go of it
+    assert demo_server.app.engine.queued_requests == 0
+
+
+def finished_streams(server) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    rows = [
+        row
+        for row in text.splitlines()
+        if row.startswith("lstmserve_rpcs_total{") and 'method="/lstmserve.v1.LstmService/Stream"' in row
+    ]
+    return sum(float(row.split()[-1]) for row in rows)
+
+
+def wait_for(condition, seconds: float = 20) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return True
+        threading.Event().wait(0.05)
+    return condition()

@@ -1,0 +1,137 @@
+"""Snapshots: a round trip keeps every session exactly; a corrupt or foreign file is refused whole."""
+
+import logging
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from server.engine import Engine, EngineLimits, SessionNotFound, snapshot
+from server.metrics import Metrics
+from tests.unit.fakes import FakeRuntime
+
+pytestmark = pytest.mark.unit
+
+
+async def engine_with(runtime=None, **limits) -> Engine:
+    engine = Engine(runtime or FakeRuntime(), EngineLimits(**limits), Metrics(CollectorRegistry()))
+    await engine.start()
+    return engine
+
+
+async def saved_sessions(directory) -> dict:
+    """Three sessions with different histories saved to `directory`; returns what each looked like."""
+    engine = await engine_with()
+    expected = {}
+    for n in range(3):
+        sid = (await engine.create_session(owner=f"owner{n}")).session_id
+        answers = [
+            await (await engine.step(sid, np.full((n + 1, 2), seq, np.float32), seq=seq, owner=f"owner{n}"))[1]
+            for seq in range(1, n + 2)
+        ]
+        expected[sid] = (
+            f"owner{n}",
+            await engine.get_state(sid, owner=f"owner{n}"),
+            answers,
+            await engine.get_session(sid, owner=f"owner{n}"),
+        )
+    await engine.stop()
+    assert snapshot.save(directory, engine) == 3
+    return expected
+
+
+async def test_round_trip_restores_state_numbers_and_answers(tmp_path):
+    expected = await saved_sessions(tmp_path)
+    engine = await engine_with()
+    try:
+        assert snapshot.restore(tmp_path, engine) == 3
+        assert not (tmp_path / snapshot.FILE_NAME).exists()  # never loaded twice
+        for sid, (owner, (seq, h, c), answers, view) in expected.items():
+            got_seq, got_h, got_c = await engine.get_state(sid, owner=owner)
+            assert got_seq == seq
+            np.testing.assert_array_equal(got_h, h)
+            np.testing.assert_array_equal(got_c, c)
+            restored = await engine.get_session(sid, owner=owner)
+            assert (restored.steps_applied, restored.created_at) == (view.steps_applied, view.created_at)
+            # the last answer is replayed, not recomputed: the inputs sent with the retry are ignored
+            _, replayed = await engine.step(sid, np.full((len(answers), 2), 99, np.float32), seq=seq, owner=owner)
+            replay = await replayed
+            np.testing.assert_array_equal(replay, answers[-1])
+            after = await (await engine.step(sid, np.ones((1, 2), np.float32), seq=seq + 1, owner=owner))[1]
+            assert float(after[0, 0]) == float(h[0, 0]) + 2.0  # the fake adds the step's input sum
+    finally:
+        await engine.stop()
+
+
+def corrupt_payload(path):
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def bad_magic(path):
+    path.write_bytes(b"something-else" + path.read_bytes()[len(snapshot.MAGIC) :])
+
+
+def future_version(path):
+    path.write_bytes(path.read_bytes().replace(b'"version": 1', b'"version": 2', 1))
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (corrupt_payload, "checksum mismatch"),
+        (truncate, "checksum mismatch"),
+        (bad_magic, "not an lstmserve snapshot"),
+        (future_version, "format version 2"),
+    ],
+)
+async def test_damaged_snapshot_is_refused_whole_with_a_log_line(tmp_path, caplog, damage, reason):
+    expected = await saved_sessions(tmp_path)
+    damage(tmp_path / snapshot.FILE_NAME)
+    engine = await engine_with()
+    try:
+        with caplog.at_level(logging.ERROR, logger="server.engine.snapshot"):
+            assert snapshot.restore(tmp_path, engine) == 0
+        assert f"refused snapshot {tmp_path / snapshot.FILE_NAME}: {reason}" in caplog.text
+        for sid, (owner, *_) in expected.items():
+            with pytest.raises(SessionNotFound):
+                await engine.get_session(sid, owner=owner)
+        assert list(tmp_path.glob(f"{snapshot.FILE_NAME}.rejected-*"))  # kept for a person to inspect
+    finally:
+        await engine.stop()
+
+
+async def test_snapshot_of_another_model_is_refused(tmp_path, caplog):
+    await saved_sessions(tmp_path)
+    engine = await engine_with(FakeRuntime(hidden_size=4))
+    try:
+        with caplog.at_level(logging.ERROR, logger="server.engine.snapshot"):
+            assert snapshot.restore(tmp_path, engine) == 0
+        assert "written for model" in caplog.text and "'hidden_size': 4" in caplog.text
+    finally:
+        await engine.stop()
+
+
+async def test_snapshot_larger_than_the_limits_is_not_half_loaded(tmp_path, caplog):
+    await saved_sessions(tmp_path)
+    engine = await engine_with(max_sessions=2)
+    try:
+        with caplog.at_level(logging.ERROR, logger="server.engine.snapshot"):
+            assert snapshot.restore(tmp_path, engine) == 0
+        assert "3 sessions do not fit: max_sessions allows 2" in caplog.text
+        assert engine.export_sessions() == []
+    finally:
+        await engine.stop()
+
+
+async def test_no_snapshot_means_an_empty_start(tmp_path):
+    engine = await engine_with()
+    try:
+        assert snapshot.restore(tmp_path, engine) == 0
+    finally:
+        await engine.stop()
