@@ -7,6 +7,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -69,25 +70,31 @@ def main(argv: list[str] | None = None) -> int:
     at_start = machine()
     with tempfile.TemporaryDirectory(prefix="lstmserve-bench-") as workdir:
         bench = Bench(plan, Path(workdir))
+        runs = [(f"closed {name}", lambda name=name: bench.closed(name))
+                for name in plan.models if "closed" in plan.scenarios]
+        runs += [(scenario, run) for scenario, run in (
+            ("open", bench.open_loop),
+            ("multiplexed", bench.multiplexed),
+            ("predict", bench.predict),
+            ("memory", bench.memory),
+            ("durability", lambda: durability.run(bench)),
+        ) if scenario in plan.scenarios]
+        failed = {}
         try:
-            if "closed" in plan.scenarios:
-                for name in plan.models:
-                    bench.closed(name)
-            for scenario, run in (
-                ("open", bench.open_loop),
-                ("multiplexed", bench.multiplexed),
-                ("predict", bench.predict),
-                ("memory", bench.memory),
-                ("durability", lambda: durability.run(bench)),
-            ):
-                if scenario in plan.scenarios:
+            for scenario, run in runs:
+                try:
                     run()
+                except Exception as error:  # noqa: BLE001 - one broken scenario must not discard the others
+                    traceback.print_exc()
+                    failed[scenario] = repr(error)
+                    bench.progress(f"{scenario} FAILED: {error!r}; going on with the rest")
         finally:
             bench.close()
         results = {
             "machine": {**at_start, "load_average_at_end": os.getloadavg()},
             "plan": dataclasses.asdict(plan),
             "seconds": time.monotonic() - bench.started,
+            "failed": failed,
             **bench.results,
         }
     table = report.markdown(results) + durability.markdown(results)
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.plot(results, args.out / "plot.png"):
         print(f"plot: {args.out / 'plot.png'}", file=sys.stderr)
     print(f"results: {args.out / 'results.json'} ({results['seconds']:.0f} s)", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -62,7 +62,11 @@ def _keys(session_id: str) -> tuple[str, str, str]:
 
 class RedisStateStore:
     def __init__(self, url: str, replica: str, lease_ttl: float, state_ttl: float, lease_wait: float):
-        self._redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        # A bounded pool that makes callers wait for a connection: many sessions opening at once must queue,
+        # not fail with "Too many connections".
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=32, timeout=5.0, socket_timeout=2.0,
+                                                     socket_connect_timeout=2.0)
+        self._redis = redis.Redis(connection_pool=pool)
         self.replica = replica
         self.lease_ttl = lease_ttl
         self._lease_ms = str(int(lease_ttl * 1000))
