@@ -10,7 +10,6 @@ import sys
 import warnings
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -58,7 +57,6 @@ class App:
     async def start(self) -> None:
         """Loads and warms up the model, then opens the port; health turns SERVING last."""
         s = self.settings
-        torch.set_num_threads(s.torch_threads)
         self._start_metrics_http()
         runtime = await asyncio.to_thread(self._load_model)
         self.engine = Engine(runtime, s.engine_limits(), self.metrics, persistence=await self._persistence(runtime))
@@ -135,9 +133,7 @@ class App:
                            self.metrics)
 
     def _load_model(self) -> ModelRuntime:
-        runtime = ModelRuntime.load(self.settings.model_path, self.settings.device)
-        runtime.warm_up(self.settings.max_batch_size)
-        return runtime
+        return ModelRuntime.load(self.settings.model_path, self.settings.device)
 
     def _start_metrics_http(self) -> None:
         if self.settings.metrics_port < 0:

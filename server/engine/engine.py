@@ -42,6 +42,7 @@ class EngineLimits:
     max_sequence_length: int = 100_000
     max_queued_requests: int = 100_000
     allow_nonfinite: bool = False
+    torch_threads: int = 1  # intra-op threads of the model thread
     rate_limit: float = 0.0  # requests per second per owner; 0: unlimited
     rate_limit_burst: int = 100
 
@@ -79,7 +80,8 @@ class Engine:
         self._rate = RateLimiter(limits.rate_limit, limits.rate_limit_burst, clock)
         self._persistence = persistence
         self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay,
-                                    limits.answers_kept, persist=self._persist if persistence else None)
+                                    limits.answers_kept, limits.torch_threads,
+                                    persist=self._persist if persistence else None)
         self._attaching: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self.draining = asyncio.Event()  # set once drain() starts: open streams stop taking requests
@@ -92,6 +94,8 @@ class Engine:
         return self._scheduler.queued
 
     async def start(self) -> None:
+        """Warms the model up on its own thread, then starts taking work."""
+        await self._scheduler.run_in_model_thread(self.runtime.warm_up, self.limits.max_batch_size)
         self._scheduler.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._expire_forever(), name="expiry"))
