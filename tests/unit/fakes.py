@@ -22,6 +22,9 @@ class FakeRuntime:
         self.gate = threading.Event()
         self.gate.set()
 
+    def warm_up(self, max_batch_size: int) -> None:
+        """Nothing to warm up in a fake."""
+
     def initial_state(self, batch: int):
         shape = (self.metadata.num_layers, batch, self.metadata.hidden_size)
         return torch.zeros(shape), torch.zeros(shape)
