@@ -84,19 +84,7 @@ class Worker:
         ids = await self._session_ids(stub, job["address"], job["sessions"])
         inputs = tensor((job["steps"], job["input_size"]))
         requests = [pb.StepRequest(session_id=i, inputs=inputs) for i in ids]  # seq 0: server numbers them
-        calls = [stub.Stream() for _ in ids]
-
-        async def run(start: float, end: float) -> dict:
-            tally = Tally()
-            await asyncio.gather(
-                *(
-                    _ping_pong(call, request, start, end, tally)
-                    for call, request in zip(calls, requests, strict=True)
-                )
-            )
-            return tally.result()
-
-        return run
+        return _ping_pong_all([stub.Stream() for _ in ids], requests)
 
     # -- open loop: a fixed offered rate, round robin over the sessions ----------------------------
 
@@ -140,19 +128,7 @@ class Worker:
             pb.StepBatch(steps=[pb.StepRequest(session_id=i, inputs=inputs) for i in chunk])
             for chunk in per_stream
         ]
-        calls = [stub.StreamBatch() for _ in messages]
-
-        async def run(start: float, end: float) -> dict:
-            tally = Tally()
-            await asyncio.gather(
-                *(
-                    _ping_pong(call, message, start, end, tally)
-                    for call, message in zip(calls, messages, strict=True)
-                )
-            )
-            return tally.result()
-
-        return run
+        return _ping_pong_all([stub.StreamBatch() for _ in messages], messages)
 
     # -- whole sequences: Predict calls one after another ------------------------------------------
 
@@ -217,6 +193,17 @@ def _check(answer) -> int:
         if one.HasField("error"):
             raise StepFailed(f"server answered with error {one.error.code}: {one.error.message}")
     return sum(one.outputs.shape[0] for one in answers)
+
+
+def _ping_pong_all(calls: list, messages: list):
+    """A run in which every call sends its message and waits for the answer, over and over."""
+    async def run(start: float, end: float) -> dict:
+        tally = Tally()
+        await asyncio.gather(*(_ping_pong(call, message, start, end, tally)
+                               for call, message in zip(calls, messages, strict=True)))
+        return tally.result()
+
+    return run
 
 
 async def _ping_pong(call, request, start: float, end: float, tally: Tally) -> None:
