@@ -44,15 +44,24 @@ class CertificateAuthority:
                                            x509.DNSName("localhost")])
         return self._issue(file_stem, "localhost", ExtendedKeyUsageOID.SERVER_AUTH, san)
 
-    def issue_client(self, common_name: str) -> Issued:
-        return self._issue(f"client-{common_name}", common_name, ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    def issue_client(self, common_name: str | None, uris: tuple[str, ...] = (), dns_names: tuple[str, ...] = (),
+                     file_stem: str = "") -> Issued:
+        """A client certificate with subject `CN=common_name` (None: an empty subject) and the given URI and
+        DNS SANs; written to `client-<file_stem or common_name>.pem`.
 
-    def _issue(self, file_stem: str, common_name: str, usage, san) -> Issued:
+        Empty subjects with the identity only in a SAN are how SPIFFE, Istio and cert-manager issue workload
+        certificates; with no SAN either, the certificate names no identity at all."""
+        names = [x509.UniformResourceIdentifier(uri) for uri in uris] + [x509.DNSName(n) for n in dns_names]
+        return self._issue(f"client-{file_stem or common_name}", common_name, ExtendedKeyUsageOID.CLIENT_AUTH,
+                           x509.SubjectAlternativeName(names) if names else None)
+
+    def _issue(self, file_stem: str, common_name: str | None, usage, san) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = _builder(_name(common_name), self._subject, key.public_key()).add_extension(
+        subject = x509.Name([]) if common_name is None else _name(common_name)
+        builder = _builder(subject, self._subject, key.public_key()).add_extension(
             x509.ExtendedKeyUsage([usage]), critical=False)
-        if san is not None:
-            builder = builder.add_extension(san, critical=False)
+        if san is not None:  # RFC 5280: critical when the subject is empty
+            builder = builder.add_extension(san, critical=common_name is None)
         certificate = builder.sign(self._key, hashes.SHA256())
         issued = Issued(self.directory / f"{file_stem}.pem", self.directory / f"{file_stem}.key")
         issued.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))

@@ -63,7 +63,7 @@ class TokenTable:
 
 
 class Authenticator:
-    """A bearer token names the principal when present; else, under mutual TLS, the certificate's subject."""
+    """A bearer token names the principal when present; else, under mutual TLS, the certificate's identity."""
 
     def __init__(self, tokens_file: str = "", client_certificates: bool = False):
         self._tokens_file = tokens_file
@@ -86,13 +86,30 @@ class Authenticator:
             if principal is None:
                 raise Unauthenticated("the bearer token is not valid")
             return principal
-        subject = auth_context.get("x509_subject") if self._client_certificates else None
-        if subject:
-            return subject[0].decode()
+        # gRPC names a verified client certificate's subject even when it is empty
+        if self._client_certificates and "x509_subject" in auth_context:
+            return certificate_principal(auth_context)
         wanted = " or ".join(name for name, on in (("a bearer token ('authorization: Bearer <token>')",
                                                     self._tokens is not None),
                                                    ("a client certificate", self._client_certificates)) if on)
         raise Unauthenticated(f"this server requires credentials: {wanted}")
+
+
+# gRPC's auth context properties a client certificate's identity is read from, the first one found wins: the
+# first URI SAN (a SPIFFE ID such as spiffe://trust-domain/ns/x/sa/y; SPIFFE, Istio and cert-manager issue
+# workload certificates with it and often an empty subject), the subject ("CN=alice,O=team-a"), the first DNS SAN.
+CERTIFICATE_IDENTITIES = ("peer_uri", "x509_subject", "peer_dns")
+
+
+def certificate_principal(auth_context: dict) -> str:
+    """The verified client certificate's identity. One that names none is refused: identity-less certificates
+    must not share a principal with each other, nor with "" (every caller, when authentication is off)."""
+    for name in CERTIFICATE_IDENTITIES:
+        values = auth_context.get(name)
+        if values and values[0]:
+            return values[0].decode()
+    raise Unauthenticated("the client certificate names no identity: it needs a URI SAN (a SPIFFE ID), "
+                          "a subject or a DNS SAN")
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

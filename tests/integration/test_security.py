@@ -86,6 +86,59 @@ def test_each_client_certificate_is_its_own_principal(mtls_server, pki):
         assert alice.session(session_id=session.id).id == session.id
 
 
+@pytest.fixture(scope="module")
+def workloads(pki):
+    """Client certificates whose identity is in their SANs, or nowhere (see CertificateAuthority.issue_client)."""
+    issue = pki.ca.issue_client
+    return {
+        "spiffe one": issue(None, uris=("spiffe://example.org/one",), file_stem="spiffe-one"),
+        "spiffe two": issue(None, uris=("spiffe://example.org/two",), file_stem="spiffe-two"),
+        "dns a": issue(None, dns_names=("a.example.org",), file_stem="dns-a"),
+        "dns b": issue(None, dns_names=("b.example.org",), file_stem="dns-b"),
+        # the URI SAN wins over the subject, the subject over a DNS SAN
+        "alice with a spiffe id": issue("alice", uris=("spiffe://example.org/alice",), file_stem="alice-uri"),
+        "alice with a dns name": issue("alice", dns_names=("alice.example.org",), file_stem="alice-dns"),
+        "nameless": issue(None, file_stem="nameless"),
+        "nameless too": issue(None, file_stem="nameless-too"),
+    }
+
+
+@pytest.mark.parametrize("owner, stranger", [("spiffe one", "spiffe two"), ("dns a", "dns b"),
+                                             ("alice", "alice with a spiffe id")])
+def test_certificates_naming_different_identities_are_different_principals(mtls_server, pki, workloads, owner,
+                                                                            stranger):
+    identities = {**workloads, "alice": pki.alice}
+    with client(mtls_server, pki, identity=identities[owner]) as mine, \
+            client(mtls_server, pki, identity=identities[stranger]) as theirs:
+        session = mine.session()
+        session.step(np.ones(4))
+        before = session.state()
+        ref = pb.SessionRef(session_id=session.id)
+        for call in (theirs.stub.GetState, theirs.stub.CloseSession):
+            assert refusal(lambda call=call: call(ref)).code() == grpc.StatusCode.NOT_FOUND
+        for got, want in zip(session.state(), before, strict=True):
+            np.testing.assert_array_equal(got, want)
+        session.close()
+
+
+def test_a_dns_name_beside_a_subject_does_not_change_the_principal(mtls_server, pki, workloads):
+    with client(mtls_server, pki, identity=pki.alice) as alice, \
+            client(mtls_server, pki, identity=workloads["alice with a dns name"]) as alice_too:
+        session = alice.session()
+        assert alice_too.session(session_id=session.id).id == session.id
+        alice_too.stub.CloseSession(pb.SessionRef(session_id=session.id))
+
+
+def test_a_certificate_naming_no_identity_is_unauthenticated(mtls_server, pki, workloads):
+    with client(mtls_server, pki, identity=workloads["nameless"]) as nameless, \
+            client(mtls_server, pki, identity=workloads["nameless too"]) as nameless_too:
+        for call in (nameless.session, nameless.info, lambda: nameless_too.stub.GetSession(pb.SessionRef(
+                session_id=secrets.token_urlsafe(16)))):
+            error = refusal(call)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "names no identity" in error.details()
+
+
 # -- bearer tokens ------------------------------------------------------------------------------
 
 def test_a_valid_token_is_accepted_and_a_bad_or_missing_one_is_unauthenticated(token_server, pki):

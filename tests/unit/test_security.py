@@ -92,6 +92,23 @@ def test_a_token_wins_over_a_certificate_and_a_bad_one_is_never_echoed(tmp_path)
         auth.principal([], {})
 
 
+@pytest.mark.parametrize("auth_context, principal", [
+    ({"x509_subject": [b"CN=carol,O=x"], "peer_dns": [b"carol.example"]}, "CN=carol,O=x"),
+    ({"x509_subject": [b"CN=carol,O=x"], "peer_uri": [b"spiffe://example.org/a", b"spiffe://example.org/b"]},
+     "spiffe://example.org/a"),
+    ({"x509_subject": [b""], "peer_dns": [b"a.example", b"b.example"]}, "a.example"),
+    ({"x509_subject": [b""], "peer_ip": [b"127.0.0.1"]}, None),
+    ({"x509_subject": [b""]}, None),
+])
+def test_a_certificate_principal_is_its_uri_san_else_subject_else_dns_san_never_empty(auth_context, principal):
+    auth = Authenticator(client_certificates=True)
+    if principal is not None:
+        assert auth.principal([], auth_context) == principal
+        return
+    with pytest.raises(Unauthenticated, match="names no identity"):
+        auth.principal([], auth_context)
+
+
 @pytest.mark.parametrize("argv, problem", [
     (["--tls-cert-file", "c.pem"], "go together"),
     (["--tls-client-ca-file", "ca.pem"], "needs --tls-cert-file"),
