@@ -7,7 +7,7 @@ PROTOS := $(shell find proto -name '*.proto')
 GENERATED := $(PROTOS:.proto=_pb2.py)
 MODEL ?= models/demo.pt
 
-.PHONY: run test reliability proto lint bench bench-quick docker container container-test clean system-deps
+.PHONY: run test reliability proto lint bench bench-quick docker container container-test container-deps clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,10 +54,15 @@ docker:
 	docker build -t lstmserve:latest .
 
 # Without Docker (this machine): podman + runc, base image made locally; needs root. Not part of `make test`.
-container:
+# container-deps installs podman, runc and debootstrap when missing, or refuses (not root, no apt-get) before
+# anything is built.
+container-deps:
+	@deploy/container/system-deps.sh
+
+container: container-deps
 	deploy/container/build.sh localhost/lstmserve:latest
 
-container-test: $(STAMP) $(GENERATED)
+container-test: container-deps $(STAMP) $(GENERATED)
 	deploy/container/test.sh localhost/lstmserve:latest
 
 clean:
