@@ -39,7 +39,7 @@ reliability: $(STAMP) $(GENERATED)
 	LSTMSERVE_RELIABILITY=full $(PY) -m pytest tests/reliability -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server client tests bench
+	$(VENV)/bin/ruff check server client tests bench proto
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/shellcheck deploy/container/*.sh
 

@@ -7,6 +7,7 @@ import numpy as np
 from lstmserve.v1 import lstm_service_pb2 as pb
 
 WIRE_DTYPE = np.dtype("<f4")
+MAX_RANK = 3  # the API's largest tensors: Predict's [seq_len, batch, input] and [layers, batch, hidden]
 MAX_DIMENSION = 2**31 - 1
 
 
@@ -40,11 +41,7 @@ def from_proto(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     with a small payload costs nothing.
     """
     shape = tuple(tensor.shape)
-    if min(shape, default=0) < 0:
-        raise TensorFormatError(f"{name}: shape {list(shape)} has a negative dimension")
-    count = math.prod(shape)
-    if count == 0 and any(dim > MAX_DIMENSION for dim in shape):  # the count fits, the layout would not
-        raise TensorFormatError(f"{name}: shape {list(shape)} has a dimension over {MAX_DIMENSION}")
+    count = element_count(shape, name)
     data, values = tensor.data, tensor.values  # read each field once: every read builds a new object
     if len(values):
         if data:
@@ -57,3 +54,22 @@ def from_proto(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
             f"{name}: shape {list(shape)} needs {count * WIRE_DTYPE.itemsize} bytes of float32, "
             f"got {len(data)}")
     return np.frombuffer(data, dtype=WIRE_DTYPE).reshape(shape)
+
+
+def element_count(shape: tuple[int, ...], name: str) -> int:
+    """The number of elements `shape` declares, once it is known that numpy can lay it out.
+
+    Refused here, before numpy sees them (numpy's own errors would be INTERNAL and a traceback per request):
+    more dimensions than any of the API's tensors has (numpy stops at 64), a negative dimension, and a zero
+    dimension beside others whose product overflows numpy's index type (no elements, no possible layout). A
+    non-zero count needs a payload of its size, which the caller checks.
+    """
+    if len(shape) > MAX_RANK:  # the shape itself is not echoed: it may have thousands of dimensions
+        raise TensorFormatError(f"{name}: shape has {len(shape)} dimensions; tensors here have at most {MAX_RANK}")
+    if min(shape, default=0) < 0:
+        raise TensorFormatError(f"{name}: shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if count == 0 and math.prod(dim for dim in shape if dim) > MAX_DIMENSION:
+        raise TensorFormatError(f"{name}: shape {list(shape)} has no elements and its other dimensions "
+                                f"multiply to over {MAX_DIMENSION}")
+    return count

@@ -7,6 +7,7 @@ import numpy as np
 
 from server.engine.engine import Engine
 from server.engine.errors import InvalidInput, SessionNotFound
+from server.logsafe import clip
 
 SequenceId = int | str
 _Key = tuple[str, SequenceId]  # (owner, sequence id): each principal has its own sequence ids
@@ -49,7 +50,7 @@ class Sequences:
         else:
             live = self._live.get(key)
             if live is None:
-                raise SessionNotFound(f"sequence {sequence_id!r} is not active (never started, ended or "
+                raise SessionNotFound(f"sequence {clip(sequence_id)} is not active (never started, ended or "
                                       "expired): send sequence_start=true on its first request")
             if h0 is not None or c0 is not None:
                 raise InvalidInput("H0 and C0 set a sequence's initial state: "

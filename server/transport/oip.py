@@ -8,6 +8,7 @@ from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 
 from server.engine import Engine, Sequences
+from server.logsafe import clip
 from server.metrics import Metrics
 from server.transport import oip_convert as convert
 from server.transport.auth import current_principal
@@ -94,7 +95,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _check_model(self, name: str, version: str) -> None:
         if not self._serves(name, version):
             raise convert.UnknownModel(
-                f"model {name!r} version {version!r} is not served here; this server serves "
+                f"model {clip(name)} version {clip(version)} is not served here; this server serves "
                 f"{self._model.name!r} version {self._model.version!r} (leave the version empty for it)")
 
     async def _submit(self, request: pb.ModelInferRequest) -> tuple[convert.InferCall, asyncio.Future]:

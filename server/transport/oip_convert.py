@@ -7,13 +7,14 @@ position 1: `INPUT[seq_len, batch, input_size]`, `H0`, `C0[num_layers, batch, hi
 """
 
 import dataclasses
-import math
 
 import numpy as np
 from inference import grpc_service_pb2 as pb
 from inference import model_config_pb2 as config_pb
+from lstmserve import tensors
 
 from server.engine import EngineLimits, SequenceId
+from server.logsafe import clip
 from server.model import ModelMetadata
 
 DATATYPE = "FP32"
@@ -53,7 +54,7 @@ def decode_request(request: pb.ModelInferRequest) -> InferCall:
     inputs = {}
     for i, tensor in enumerate(request.inputs):
         if tensor.name not in INPUTS:
-            raise RequestFormatError(f"unknown input {tensor.name!r}; this model takes {', '.join(INPUTS)}")
+            raise RequestFormatError(f"unknown input {clip(tensor.name)}; this model takes {', '.join(INPUTS)}")
         if tensor.name in inputs:
             raise RequestFormatError(f"input {tensor.name} is sent twice")
         _check_tensor_parameters(f"input {tensor.name}", tensor.parameters)
@@ -79,10 +80,8 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
     """The tensor's data without copying raw bytes; the declared size is checked before anything is built."""
     name, shape = tensor.name, tuple(tensor.shape)
     if tensor.datatype != DATATYPE:
-        raise RequestFormatError(f"input {name} has datatype {tensor.datatype!r}; the model takes {DATATYPE}")
-    if any(dim < 0 for dim in shape):
-        raise RequestFormatError(f"input {name}: shape {list(shape)} has a negative dimension")
-    count = math.prod(shape)
+        raise RequestFormatError(f"input {name} has datatype {clip(tensor.datatype)}; the model takes {DATATYPE}")
+    count = tensors.element_count(shape, f"input {name}")
     if raw is not None:
         if tensor.HasField("contents"):
             raise RequestFormatError(f"input {name} has both contents and raw_input_contents; send one")
@@ -128,7 +127,7 @@ def _requested_outputs(requested) -> tuple[str, ...]:
     names = []
     for output in requested:
         if output.name not in OUTPUTS:
-            raise RequestFormatError(f"unknown output {output.name!r}; the model returns "
+            raise RequestFormatError(f"unknown output {clip(output.name)}; the model returns "
                                      f"{', '.join(OUTPUTS)}")
         if output.name in names:
             raise RequestFormatError(f"output {output.name} is requested twice")

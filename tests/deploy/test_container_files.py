@@ -23,3 +23,35 @@ def test_container_scripts_pass_shellcheck():
     assert scripts
     result = subprocess.run([BIN / "shellcheck", *scripts], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def fake_path(directory: Path, uid: int, with_system: bool) -> str:
+    """A PATH on which `id -u` says `uid`; with_system: the system's own directories after it (so podman, runc,
+    debootstrap and apt-get are found where installed); else only bash, so nothing is installed or installable."""
+    directory.mkdir()
+    (directory / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    (directory / "id").chmod(0o755)
+    (directory / "bash").symlink_to("/bin/bash")
+    return f"{directory}:/usr/sbin:/usr/bin:/sbin:/bin" if with_system else str(directory)
+
+
+@pytest.mark.parametrize("uid, with_system, problem", [
+    (1000, True, "make container needs root"),
+    (0, False, "cannot install them without apt-get"),
+])
+def test_the_container_targets_refuse_where_they_cannot_install_what_they_need(tmp_path, uid, with_system,
+                                                                                problem):
+    result = subprocess.run([ROOT / "deploy" / "container" / "system-deps.sh"], capture_output=True, text=True,
+                            env={"PATH": fake_path(tmp_path / "bin", uid, with_system)}, timeout=60)
+    assert result.returncode == 1
+    assert problem in result.stderr and "nothing was built" in result.stderr
+
+
+@pytest.mark.parametrize("target", ["container", "container-test"])
+def test_the_container_targets_install_their_tools_before_building(target):
+    """`make -n` lists the commands in the order make runs them: the tools' check comes before any build."""
+    commands = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              check=True).stdout.splitlines()
+    assert "deploy/container/system-deps.sh" in commands[0]
+    assert any(line.startswith("deploy/container/build.sh" if target == "container" else "deploy/container/test.sh")
+               for line in commands[1:])

@@ -1,5 +1,7 @@
 """Each bad request gets the right status code and a useful message, and changes no session's state."""
 
+import logging
+
 import grpc
 import numpy as np
 import pytest
@@ -63,6 +65,7 @@ BAD_STEPS = {
     "huge declared shape, small payload": (lambda: raw_tensor([1 << 40, 4], data=b"\0" * 16), INVALID, "bytes"),
     "negative dimension": (lambda: raw_tensor([-1, 4]), INVALID, "negative"),
     "huge dimensions beside a zero": (lambda: raw_tensor([1 << 62, 0, 1 << 62]), INVALID, "over 2147483647"),
+    "more dimensions than numpy holds": (lambda: raw_tensor([1] * 65, data=b"\0" * 4), INVALID, "65 dimensions"),
     "over max_steps_per_request": (lambda: steps(9, 4), EXHAUSTED, "max_steps_per_request"),
 }
 
@@ -91,6 +94,46 @@ def test_bad_streamed_step_is_answered_in_band_and_the_stream_goes_on(client, se
     assert snapshot(session)[:2] == (before[0] + 1, before[1] + 1)
 
 
+# Shapes numpy cannot lay out (over 64 dimensions; no elements beside dimensions whose product overflows) once
+# reached numpy and answered INTERNAL with an ERROR traceback per request; every tensor field is decoded alike.
+UNLAYABLE_SHAPES = {
+    "65 dimensions": (raw_tensor([1] * 65, data=b"\0" * 4), "shape has 65 dimensions; tensors here have at most 3"),
+    "4 dimensions": (steps(1, 1, 1, 4), "shape has 4 dimensions"),
+    "a zero beside an overflowing product": (raw_tensor([0] + [1 << 40] * 3), "shape has 4 dimensions"),
+    "a zero beside a huge product": (raw_tensor([1 << 31, 0, 1 << 31]), "over 2147483647"),
+}
+
+
+def request_with(rpc: str, field: str, tensor: pb.Tensor, session_id: str):
+    """A request of `rpc` with `tensor` in `field` and everything else well formed."""
+    if rpc == "Step":
+        return pb.StepRequest(session_id=session_id, sequence_number=2, **{field: tensor})
+    if rpc == "Predict":
+        return pb.PredictRequest(**{"inputs": steps(1, 1, 4), field: tensor})
+    if rpc == "ResetSession":
+        return pb.ResetSessionRequest(session_id=session_id, sequence_number=2, **{field: tensor})
+    return pb.CreateSessionRequest(**{field: tensor})
+
+
+@pytest.mark.parametrize("case", sorted(UNLAYABLE_SHAPES))
+@pytest.mark.parametrize("rpc, field", [("Step", "inputs"), ("Predict", "inputs"), ("Predict", "h0"),
+                                        ("CreateSession", "h0"), ("CreateSession", "c0"), ("ResetSession", "h")])
+def test_shapes_numpy_cannot_lay_out_are_invalid_argument_naming_the_field(
+        small_limits_server, client, session, caplog, rpc, field, case):
+    tensor, message = UNLAYABLE_SHAPES[case]
+    before, live = snapshot(session), live_sessions(small_limits_server)
+    with pytest.raises(grpc.RpcError) as error:
+        getattr(client.stub, rpc)(request_with(rpc, field, tensor, session.id))
+    assert error.value.code() == INVALID
+    assert error.value.details().startswith(f"{field}: ") and message in error.value.details()
+    assert snapshot(session) == before and live_sessions(small_limits_server) == live
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def live_sessions(server) -> float:
+    return server.app.metrics.registry.get_sample_value("lstmserve_live_sessions")
+
+
 @pytest.mark.parametrize("session_id, code", [("A" * 22, NOT_FOUND), ("not-an-id", INVALID), ("", INVALID)])
 @pytest.mark.parametrize("rpc", ["GetSession", "GetState", "CloseSession", "Step", "ResetSession"])
 def test_unknown_or_malformed_session_ids(client, session, rpc, session_id, code):
@@ -103,6 +146,19 @@ def test_unknown_or_malformed_session_ids(client, session, rpc, session_id, code
     assert error.value.code() == code
     assert "session" in error.value.details()
     assert snapshot(session) == before
+
+
+@pytest.mark.parametrize("rpc", ["GetSession", "GetState", "CloseSession", "Step", "ResetSession"])
+def test_a_megabyte_session_id_is_invalid_argument_with_a_short_message(demo_server, rpc):
+    """Under the default 64 MiB message limit: the id must not come back in the status (16 KiB of metadata)."""
+    session_id = "x" * (1 << 20)
+    request = {"Step": pb.StepRequest(session_id=session_id, sequence_number=1, inputs=steps(1, 4)),
+               "ResetSession": pb.ResetSessionRequest(session_id=session_id)}.get(
+        rpc, pb.SessionRef(session_id=session_id))
+    with LstmClient(demo_server.address) as client, pytest.raises(grpc.RpcError) as error:
+        getattr(client.stub, rpc)(request)
+    assert error.value.code() == INVALID
+    assert "session_id is malformed" in error.value.details() and len(error.value.details()) < 500
 
 
 def test_closed_session_is_not_found(client):

@@ -4,6 +4,7 @@ tritonclient runs in a child process (see triton_child.py); every answer is chec
 TorchScript model run in-process, and against the native API given the same inputs and state.
 """
 
+import logging
 import re
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from inference import grpc_service_pb2 as oip_pb
+from inference import grpc_service_pb2_grpc as oip_pb_grpc
 
 from client.sync import LstmClient
 from tests.conftest import export_model
@@ -258,3 +261,64 @@ def test_documented_examples_print_what_the_documents_show(demo_server, triton, 
     code, output = (re.search(rf"<!-- {marker}:{part} -->\n```\w*\n(.*?)```", text, re.S).group(1)
                     for part in ("code", "output"))
     assert triton.call("run_example", code.replace("127.0.0.1:50051", demo_server.address)) == output
+
+
+# -- refusals over raw gRPC: requests tritonclient would not build --------------------------------------
+
+def infer_request(model_name: str = MODEL, name: str = "INPUT", shape=(1, INPUT), raw: bytes | None = None,
+                  sequence_id: str | None = None, datatype: str = "FP32") -> oip_pb.ModelInferRequest:
+    request = oip_pb.ModelInferRequest(model_name=model_name)
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.append(steps(1, 60).tobytes() if raw is None else raw)
+    if sequence_id is not None:
+        request.parameters["sequence_id"].string_param = sequence_id
+    return request
+
+
+def refusals(server, request: oip_pb.ModelInferRequest) -> list[tuple[grpc.StatusCode, str]]:
+    """(code, message) of the request sent alone on ModelInfer, and in-band on ModelStreamInfer (whose
+    in-band errors carry no code: INVALID_ARGUMENT or NOT_FOUND stand for them there)."""
+    with grpc.insecure_channel(server.address) as channel:
+        stub = oip_pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelInfer(request)
+        streamed, = stub.ModelStreamInfer(iter([request]))
+    assert streamed.error_message and not streamed.infer_response.outputs
+    return [(error.value.code(), error.value.details()), (None, streamed.error_message)]
+
+
+@pytest.mark.parametrize("shape, raw, message", [
+    ([1] * 65, b"\0" * 4, "input INPUT: shape has 65 dimensions; tensors here have at most 3"),
+    ([0] + [1 << 40] * 3, b"", "input INPUT: shape has 4 dimensions"),
+    ([1 << 62, 0, 1 << 62], b"", "input INPUT: shape [4611686018427387904, 0, 4611686018427387904] has no "
+                                 "elements and its other dimensions multiply to over 2147483647"),
+], ids=["65 dimensions", "a zero beside an overflowing product", "a zero beside a huge product"])
+def test_shapes_numpy_cannot_lay_out_are_invalid_argument(server, caplog, shape, raw, message):
+    live = live_sessions(server)
+    for sequence_id in (None, "shapes"):
+        request = infer_request(shape=shape, raw=raw, sequence_id=sequence_id)
+        if sequence_id:
+            request.parameters["sequence_start"].bool_param = True
+        for code, details in refusals(server, request):
+            assert code in (None, grpc.StatusCode.INVALID_ARGUMENT) and details.startswith(message)
+    assert live_sessions(server) == live
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+MEGABYTE = "x" * (1 << 20)
+
+
+@pytest.mark.parametrize("request_fields, code, start", [
+    ({"model_name": MEGABYTE}, grpc.StatusCode.NOT_FOUND, "model 'xxxx"),
+    ({"sequence_id": MEGABYTE}, grpc.StatusCode.NOT_FOUND, "sequence 'xxxx"),
+    ({"name": MEGABYTE}, grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'xxxx"),
+    ({"datatype": MEGABYTE}, grpc.StatusCode.INVALID_ARGUMENT, "input INPUT has datatype 'xxxx"),
+], ids=["model_name", "sequence_id", "input name", "datatype"])
+def test_megabyte_names_and_ids_get_their_code_and_a_short_message(server, request_fields, code, start):
+    for got, details in refusals(server, infer_request(**request_fields)):
+        assert got in (None, code), details[:200]
+        assert details.startswith(start) and "xxx..." in details and len(details) < 500, details[:200]
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as error:
+        oip_pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+            oip_pb.ModelMetadataRequest(name=MEGABYTE, version=MEGABYTE))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and len(error.value.details()) < 500

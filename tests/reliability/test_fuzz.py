@@ -82,7 +82,13 @@ def observe(stub, session_id: str) -> tuple:
 # -- what the requests are made of ------------------------------------------------------------------
 
 DIMS = st.sampled_from([-1, 0, 1, 2, 3, 4, 5, 16, 17, 65, 2**31, 2**40, 2**62])
-SHAPES = st.lists(DIMS, max_size=4)
+HUGE_DIMS = st.sampled_from([2**31 - 1, 2**31, 2**40, 2**62, 2**63 - 1])
+SHAPES = st.one_of(
+    st.lists(DIMS, max_size=4),
+    st.lists(st.sampled_from([0, 1, 1, 1, 2]), min_size=60, max_size=70),  # numpy holds at most 64 dimensions
+    # no elements beside dimensions whose product overflows: a size that fits, a layout that does not
+    st.lists(HUGE_DIMS, min_size=1, max_size=4).flatmap(lambda dims: st.permutations([0, *dims])),
+)
 FLOATS = st.floats(width=32, allow_nan=True, allow_infinity=True)
 TENSORS = st.one_of(
     st.none(),
