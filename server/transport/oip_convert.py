@@ -46,7 +46,8 @@ class InferCall:
 
 
 def decode_request(request: pb.ModelInferRequest) -> InferCall:
-    """Checks names, datatypes, payload sizes and parameters; shapes are the engine's to check."""
+    """Checks names, datatypes, shapes (that numpy can hold them), payload sizes and parameters; whether the
+    shapes fit the model is the engine's to check."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise RequestFormatError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} "
