@@ -15,7 +15,7 @@ from server.engine.errors import Draining, InvalidInput, LimitExceeded, Sequence
 from server.engine.persistence import Persistence
 from server.engine.rate_limit import RateLimiter
 from server.engine.scheduler import Scheduler
-from server.engine.sessions import Session, SessionTable, Work, check_session_id
+from server.engine.sessions import Session, SessionTable, Work, check_session_id, inputs_digest
 from server.engine.snapshot import SessionRecord
 from server.engine.state_pool import StatePool
 from server.engine.store_sessions import StoreBackedSessions
@@ -60,6 +60,12 @@ class SessionView:
     idle_timeout: float
 
 
+def _check_same_inputs(seq: int, applied: bytes | None, retried: bytes) -> None:
+    if applied is not None and applied != retried:
+        raise SequenceError(f"sequence number {seq} was already applied with other inputs; a retry must resend "
+                            "the same inputs, and a new request takes the next sequence number")
+
+
 class Engine(StoreBackedSessions):
     def __init__(self, runtime: ModelRuntime, limits: EngineLimits, metrics: Metrics, clock=time.monotonic,
                  persistence: Persistence | None = None):
@@ -82,7 +88,8 @@ class Engine(StoreBackedSessions):
         self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay,
                                     limits.answers_kept, limits.torch_threads,
                                     persist=self._persist if persistence else None)
-        self._attaching: dict[str, asyncio.Future] = {}
+        self._peeking: dict[str, asyncio.Future] = {}  # session id -> its stored record being read
+        self._attaching: dict[str, asyncio.Future] = {}  # session id -> its owner taking it over
         self._tasks: list[asyncio.Task] = []
         self.draining = asyncio.Event()  # set once drain() starts: open streams stop taking requests
         self._close_listeners: list[Callable[[str], None]] = []
@@ -169,9 +176,10 @@ class Engine(StoreBackedSessions):
         """
         session = await self._session(session_id, owner)
         self.check_step_inputs(inputs)
+        digest = inputs_digest(b"step", inputs)
         with self._counting_refusals():
-            return self._submit(session, seq,
-                                lambda future, n: Work(n, future, inputs=inputs, with_state=with_state))
+            return self._submit(session, seq, digest, lambda future, n: Work(
+                n, future, inputs=inputs, with_state=with_state, digest=digest))
 
     def check_step_inputs(self, inputs: np.ndarray) -> None:
         """Raises InvalidInput unless `inputs` could be a step's `[T, input_size]`."""
@@ -185,8 +193,10 @@ class Engine(StoreBackedSessions):
         """Queues a reset to zeros or `(h, c)` behind the session's pending steps."""
         session = await self._session(session_id, owner)
         state = self._initial_state(h, c)
+        digest = inputs_digest(b"reset", h, c)
         with self._counting_refusals():
-            return self._submit(session, seq, lambda future, n: Work(n, future, reset_state=state))
+            return self._submit(session, seq, digest,
+                                lambda future, n: Work(n, future, reset_state=state, digest=digest))
 
     # -- stateless sequences --------------------------------------------------------------------
 
@@ -227,14 +237,14 @@ class Engine(StoreBackedSessions):
             raise SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)")
         return session
 
-    def _submit(self, session: Session, seq: int, make_work) -> tuple[int, asyncio.Future]:
+    def _submit(self, session: Session, seq: int, digest: bytes, make_work) -> tuple[int, asyncio.Future]:
         """Applies the sequence-number rules, then queues the request behind the session's others."""
         self._check_accepting()
         loop = asyncio.get_running_loop()
         if seq == 0:
             seq = session.last_assigned_seq + 1
         elif seq <= session.last_assigned_seq:
-            return seq, self._answer_again(session, seq, loop)
+            return seq, self._answer_again(session, seq, digest, loop)
         elif seq != session.last_assigned_seq + 1:
             raise SequenceError(f"sequence number {seq} skips ahead; expected {session.last_assigned_seq + 1}")
         if self._scheduler.queued >= self.limits.max_queued_requests:
@@ -246,15 +256,18 @@ class Engine(StoreBackedSessions):
         self._sessions.touch(session)
         return seq, future
 
-    def _answer_again(self, session: Session, seq: int, loop) -> asyncio.Future:
-        """A retried request: the queued original's future, or the stored answer; never applied twice."""
+    def _answer_again(self, session: Session, seq: int, digest: bytes, loop) -> asyncio.Future:
+        """A retried request: the queued original's future, or the stored answer; never applied twice.
+        A number reused with other inputs is refused: answering it would hand back another request's outputs."""
         for work in session.pending or ():
             if work.seq == seq:
+                _check_same_inputs(seq, work.digest, digest)
                 return asyncio.shield(work.future)
-        found, answer = session.stored_answer(seq)
-        if found:
+        kept = session.kept_answer(seq)
+        if kept is not None:
+            _check_same_inputs(seq, kept.digest, digest)
             future = loop.create_future()
-            future.set_result(answer)
+            future.set_result(kept.answer)
             return future
         raise SequenceError(f"sequence number {seq} was applied earlier and only the answers of the last "
                             f"{self.limits.answers_kept} requests are kept; "

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from server.engine.sessions import Session
+from server.engine.sessions import KeptAnswer, Session
 from server.store import Lease, SessionMoved, SessionRecord, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,12 @@ class Persistence:
         self._renewed: dict[str, float] = {}
         self._written: dict[str, int] = {}  # session id -> steps_applied of its last record written
 
-    def record(self, session: Session, h: np.ndarray, c: np.ndarray, answer=None, seq=None, steps=None):
+    def record(self, session: Session, h: np.ndarray, c: np.ndarray, kept: KeptAnswer | None = None, steps=None):
+        """The record of `session` with state (h, c) after request `kept.seq` (its last applied one if None)."""
         return SessionRecord(session.id, session.owner, self._model_id,
-                             session.last_applied_seq if seq is None else seq,
-                             session.steps_applied if steps is None else steps, h, c, answer)
+                             session.last_applied_seq if kept is None else kept.seq,
+                             session.steps_applied if steps is None else steps, h, c,
+                             None if kept is None else kept.answer, None if kept is None else kept.digest)
 
     async def adopt_new(self, session: Session, h: np.ndarray, c: np.ndarray) -> None:
         """Takes the lease of a new session and writes its initial state."""
@@ -50,14 +52,16 @@ class Persistence:
         self._renewed[session.id] = self._clock()
         await self._write([self.record(session, h, c)], [session])
 
-    async def fetch(self, session_id: str, owner: str) -> SessionRecord | None:
-        """The stored record of a session this owner may use, under a fresh lease; None if there is none."""
+    async def peek(self, session_id: str) -> SessionRecord | None:
+        """The stored record of a session of this model, without taking it; None if there is none."""
         record = await self._guard(self.store.load(session_id))
-        if record is None or record.owner != owner or record.model != self._model_id:
-            return None
+        return record if record is not None and record.model == self._model_id else None
+
+    async def take_over(self, session_id: str, owner: str) -> SessionRecord | None:
+        """The stored record of `owner`'s session under a fresh lease; None if there is none (any more)."""
         lease = await self._guard(self.store.acquire(session_id))
         record = await self._guard(self.store.load(session_id))  # it may have moved on while we waited
-        if record is None:
+        if record is None or record.owner != owner:
             await self.store.release(lease)
             return None
         self._leases[session_id] = lease

@@ -11,7 +11,7 @@ import torch
 
 from server.engine.batching import take_batch
 from server.engine.errors import Draining, ModelFailure, SequenceError
-from server.engine.sessions import Session, Work
+from server.engine.sessions import KeptAnswer, Session, Work
 from server.engine.state_pool import StatePool
 from server.metrics import Metrics
 from server.model import ModelRuntime
@@ -156,7 +156,7 @@ class Scheduler:
                   ) -> None:
         """`state`, the session's `(h, c)` right after this request, is added to the answer when given."""
         session.last_applied_seq = work.seq
-        session.remember(work.seq, answer, self._answers_kept)
+        session.remember(KeptAnswer(work.seq, answer, work.digest), self._answers_kept)
         self._queued -= 1
         if not work.future.done():
             work.future.set_result(answer if state is None else (answer, *state))

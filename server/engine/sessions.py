@@ -3,10 +3,12 @@
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import re
 import secrets
 import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,8 +23,30 @@ def new_session_id() -> str:
 
 
 def check_session_id(session_id: str) -> None:
-    if not _SESSION_ID.fullmatch(session_id):
+    # by length first: a huge id is refused without the regex walking it
+    if len(session_id) != 22 or not _SESSION_ID.fullmatch(session_id):
         raise InvalidInput("session_id is malformed: expected the 22-character id CreateSession returned")
+
+
+def inputs_digest(kind: bytes, *arrays: np.ndarray | None) -> bytes:
+    """A cheap fingerprint of a request's inputs, kept beside its answer: a retry sends the same inputs, while a
+    sequence number reused with other inputs is a client bug that must not be answered as if it were a retry."""
+    digest = hashlib.blake2b(kind, digest_size=8)
+    for array in arrays:
+        if array is None:
+            digest.update(b"-")
+        else:
+            digest.update(repr(array.shape).encode())
+            digest.update(np.ascontiguousarray(array, np.float32).data)
+    return digest.digest()
+
+
+class KeptAnswer(NamedTuple):
+    """An applied request's answer, kept for retries and resumes; `digest` is its inputs' (None: not known)."""
+
+    seq: int
+    answer: np.ndarray | None  # outputs [T, output], None for a reset
+    digest: bytes | None = None
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -35,6 +59,7 @@ class Work:
     reset_state: tuple | None = None  # (h, c) for a reset
     with_state: bool = False  # answer (outputs, h, c) instead of outputs, for callers that return the state
     enqueued_at: float = 0.0
+    digest: bytes | None = None  # of the inputs, see inputs_digest
 
     @property
     def steps(self) -> int:
@@ -51,7 +76,7 @@ class Session:
     last_applied_seq: int = 0
     last_assigned_seq: int = 0
     steps_applied: int = 0
-    answers: collections.deque | None = None  # (seq, outputs) of the latest applied requests, for retries
+    answers: collections.deque | None = None  # KeptAnswer of the latest applied requests, for retries
     pending: collections.deque | None = None  # Work in order; created on first use to keep idle sessions small
     in_flight: bool = False
     closed: bool = False  # closed while a batch held it: its slot is released when that batch ends
@@ -60,18 +85,18 @@ class Session:
     def busy(self) -> bool:
         return self.in_flight or bool(self.pending)
 
-    def remember(self, seq: int, answer: np.ndarray | None, keep: int) -> None:
-        """Keeps the answer of applied request `seq` among the latest `keep`, for retries and resumes."""
+    def remember(self, kept: KeptAnswer, keep: int) -> None:
+        """Keeps the answer of an applied request among the latest `keep`, for retries and resumes."""
         if self.answers is None:
             self.answers = collections.deque(maxlen=keep)
-        self.answers.append((seq, answer))
+        self.answers.append(kept)
 
-    def stored_answer(self, seq: int) -> tuple[bool, np.ndarray | None]:
-        """`(found, answer)` of an applied request still kept."""
-        for kept_seq, answer in self.answers or ():
-            if kept_seq == seq:
-                return True, answer
-        return False, None
+    def kept_answer(self, seq: int) -> KeptAnswer | None:
+        """The kept answer of applied request `seq`, if it is still kept."""
+        for kept in self.answers or ():
+            if kept.seq == seq:
+                return kept
+        return None
 
 
 class SessionTable:

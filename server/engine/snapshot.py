@@ -12,10 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from server.engine.sessions import KeptAnswer
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"lstmserve-snapshot"
-VERSION = 1
+VERSION = 2  # 2: kept answers carry their inputs' digest
+READABLE_VERSIONS = (1, VERSION)  # version 1's answers have no digest: their replays are not checked
 FILE_NAME = "sessions.snapshot"
 
 
@@ -30,7 +33,7 @@ class SessionRecord:
     steps_applied: int
     h: np.ndarray  # [num_layers, hidden]
     c: np.ndarray
-    answers: tuple  # ((seq, outputs [T, output] or None for a reset), ...), oldest first
+    answers: tuple  # KeptAnswer, oldest first
 
 
 class SnapshotRejected(Exception):
@@ -105,7 +108,7 @@ def read(path: Path, metadata) -> list[SessionRecord]:
         raise SnapshotRejected(f"corrupt header: {error}") from error
     if not isinstance(header, dict):
         raise SnapshotRejected("corrupt header: not a JSON object")
-    if header.get("version") != VERSION:
+    if header.get("version") not in READABLE_VERSIONS:
         raise SnapshotRejected(
             f"format version {header.get('version')!r}, this server reads version {VERSION}"
         )
@@ -128,8 +131,8 @@ def _encode(records: list[SessionRecord]) -> bytes:
     meta, answers = [], []
     for r in records:
         shapes = []
-        for seq, answer in r.answers:
-            shapes.append([seq, None if answer is None else list(answer.shape)])
+        for seq, answer, digest in r.answers:
+            shapes.append([seq, None if answer is None else list(answer.shape), digest and digest.hex()])
             if answer is not None:
                 answers.append(np.asarray(answer, np.float32).ravel())
         meta.append(
@@ -162,14 +165,15 @@ def _decode(payload: bytes, slot_shape: tuple[int, int]) -> list[SessionRecord]:
     records, offset = [], 0
     for i, m in enumerate(meta):
         answers = []
-        for seq, shape in m["answers"]:
+        for seq, shape, *digest_hex in m["answers"]:
+            digest = bytes.fromhex(digest_hex[0]) if digest_hex and digest_hex[0] else None
             if shape is None:
-                answers.append((int(seq), None))
+                answers.append(KeptAnswer(int(seq), None, digest))
                 continue
             size = int(np.prod(shape))
             if offset + size > flat.size:
                 raise ValueError("answers run past the end of the payload")
-            answers.append((int(seq), flat[offset : offset + size].reshape(shape).copy()))
+            answers.append(KeptAnswer(int(seq), flat[offset : offset + size].reshape(shape).copy(), digest))
             offset += size
         records.append(
             SessionRecord(

@@ -10,7 +10,7 @@ import torch
 
 from server.engine.errors import SessionNotFound
 from server.engine.persistence import Durability
-from server.engine.sessions import Session
+from server.engine.sessions import KeptAnswer, Session
 from server.logsafe import fingerprint
 from server.store import SessionMoved, StoreUnavailable
 
@@ -21,16 +21,16 @@ class StoreBackedSessions:
     """Engine's methods for sessions in a shared state store, used only when `self._persistence` is set."""
 
     async def _attach(self, session_id: str, owner: str) -> Session | None:
-        """Takes over a session from the store; concurrent requests for it share one fetch."""
-        if session_id not in self._attaching:
-            self._attaching[session_id] = asyncio.ensure_future(self._fetch(session_id, owner))
-        try:
-            return await asyncio.shield(self._attaching[session_id])
-        finally:
-            self._attaching.pop(session_id, None)
+        """Takes over `owner`'s session from the store. Concurrent requests share the reads, but each is judged
+        by its own principal: another principal's request (who learnt the id) neither takes the session's
+        lease nor decides what the owner's request is answered."""
+        record = await _shared(self._peeking, session_id, lambda: self._persistence.peek(session_id))
+        if record is None or record.owner != owner:
+            return None
+        return await _shared(self._attaching, session_id, lambda: self._take_over(session_id, owner))
 
-    async def _fetch(self, session_id: str, owner: str) -> Session | None:
-        record = await self._persistence.fetch(session_id, owner)
+    async def _take_over(self, session_id: str, owner: str) -> Session | None:
+        record = await self._persistence.take_over(session_id, owner)
         if record is None:
             return None
         self._check_accepting()
@@ -45,12 +45,13 @@ class StoreBackedSessions:
         session.last_applied_seq = session.last_assigned_seq = record.seq
         session.steps_applied = record.steps_applied
         session.answers = None
-        session.remember(record.seq, record.answer, self.limits.answers_kept)
+        session.remember(KeptAnswer(record.seq, record.answer, record.answer_digest), self.limits.answers_kept)
 
     async def _persist(self, sessions, works, h_n, c_n, answers) -> list:
         h, c = h_n.cpu().numpy(), c_n.cpu().numpy()
-        records = [self._persistence.record(session, h[:, i], c[:, i], None if answers is None else answers[i],
-                                            seq=work.seq, steps=session.steps_applied + work.steps)
+        records = [self._persistence.record(session, h[:, i], c[:, i],
+                                            KeptAnswer(work.seq, None if answers is None else answers[i], work.digest),
+                                            steps=session.steps_applied + work.steps)
                    for i, (session, work) in enumerate(zip(sessions, works))]
         errors = await self._persistence.after_batch(sessions, records)
         for session, error in zip(sessions, errors):
@@ -74,7 +75,7 @@ class StoreBackedSessions:
 
     async def _checkpoint(self, sessions: list[Session]) -> None:
         records = [self._persistence.record(s, *(t.numpy() for t in self._pool.read(s.slot)),
-                                            s.stored_answer(s.last_applied_seq)[1]) for s in sessions]
+                                            s.kept_answer(s.last_applied_seq)) for s in sessions]
         await self._persistence.checkpoint(sessions, records)
 
     async def _maintain_store_forever(self) -> None:
@@ -104,3 +105,15 @@ class StoreBackedSessions:
                 await self._persistence.forget(session, delete=False)
         except StoreUnavailable:
             log.warning("state store unreachable at shutdown; leases will expire by themselves")
+
+
+async def _shared(in_flight: dict, key: str, start):
+    """`await start()`, or the result of the same call already in flight for `key`."""
+    future = in_flight.get(key)
+    if future is None:
+        future = in_flight[key] = asyncio.ensure_future(start())
+    try:
+        return await asyncio.shield(future)
+    finally:
+        if in_flight.get(key) is future:
+            del in_flight[key]

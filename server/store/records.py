@@ -37,12 +37,14 @@ class SessionRecord:
     h: np.ndarray  # [num_layers, hidden]
     c: np.ndarray
     answer: np.ndarray | None = None
+    answer_digest: bytes | None = None  # of the inputs of request `seq`: a replay must match it
 
     def to_fields(self) -> dict[str, bytes | str | int]:
         answer = self.answer if self.answer is not None else np.zeros((0, 0), np.float32)
         return {"owner": self.owner, "model": self.model, "seq": self.seq, "steps": self.steps_applied,
                 "state_shape": _shape(self.h), "h": _bytes(self.h), "c": _bytes(self.c),
-                "answer_shape": _shape(answer), "answer": _bytes(answer)}
+                "answer_shape": _shape(answer), "answer": _bytes(answer),
+                "answer_digest": self.answer_digest or b""}
 
     @classmethod
     def from_fields(cls, session_id: str, fields: dict[bytes, bytes]) -> "SessionRecord":
@@ -53,7 +55,8 @@ class SessionRecord:
         return cls(session_id=session_id, owner=f["owner"].decode(), model=f["model"].decode(),
                    seq=int(f["seq"]), steps_applied=int(f["steps"]),
                    h=np.frombuffer(f["h"], np.float32).reshape(state_shape).copy(),
-                   c=np.frombuffer(f["c"], np.float32).reshape(state_shape).copy(), answer=answer)
+                   c=np.frombuffer(f["c"], np.float32).reshape(state_shape).copy(), answer=answer,
+                   answer_digest=f.get("answer_digest") or None)
 
 
 def _bytes(array: np.ndarray) -> bytes:

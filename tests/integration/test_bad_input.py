@@ -183,9 +183,58 @@ def test_out_of_order_sequence_numbers_are_failed_precondition(client, session, 
 def test_retry_of_the_last_request_returns_the_same_answer_and_applies_nothing(client, session):
     first = client.stub.Step(pb.StepRequest(session_id=session.id, sequence_number=2, inputs=steps(1, 4)))
     before = snapshot(session)
-    retry = client.stub.Step(pb.StepRequest(session_id=session.id, sequence_number=2, inputs=steps(1, 4, fill=9)))
+    retry = client.stub.Step(pb.StepRequest(session_id=session.id, sequence_number=2, inputs=steps(1, 4)))
     assert retry.outputs.data == first.outputs.data
     assert snapshot(session) == before
+
+
+# A sequence number reused with other inputs (a client bug, two writers on one session) is not a retry: the
+# stored answer belongs to other inputs, so the request is refused like an idempotency key reused elsewhere.
+REUSED_WITH = {"other values": steps(1, 4, fill=9), "another shape": steps(3, 4)}
+REUSED = "sequence number 2 was already applied with other inputs"
+
+
+@pytest.mark.parametrize("inputs", sorted(REUSED_WITH))
+def test_a_unary_step_reusing_a_number_with_other_inputs_is_failed_precondition(client, session, inputs):
+    client.stub.Step(pb.StepRequest(session_id=session.id, sequence_number=2, inputs=steps(1, 4)))
+    before = snapshot(session)
+    with pytest.raises(grpc.RpcError) as error:
+        client.stub.Step(pb.StepRequest(session_id=session.id, sequence_number=2, inputs=REUSED_WITH[inputs]))
+    assert error.value.code() == PRECONDITION
+    assert REUSED in error.value.details()
+    assert snapshot(session) == before
+
+
+@pytest.mark.parametrize("inputs", sorted(REUSED_WITH))
+def test_a_streamed_step_reusing_a_number_with_other_inputs_is_refused_in_band(client, session, inputs):
+    applied, retried, reused = list(client.stub.Stream(iter([
+        pb.StepRequest(session_id=session.id, sequence_number=2, inputs=steps(1, 4)),
+        pb.StepRequest(session_id=session.id, sequence_number=2, inputs=steps(1, 4)),
+        pb.StepRequest(session_id=session.id, sequence_number=2, inputs=REUSED_WITH[inputs])])))
+    assert not applied.HasField("error") and retried.outputs.data == applied.outputs.data
+    assert (reused.error.code, reused.sequence_number) == (PRECONDITION.value[0], 2)
+    assert REUSED in reused.error.message
+    assert snapshot(session)[:2] == (2, 3)
+
+
+@pytest.mark.parametrize("inputs", sorted(REUSED_WITH))
+def test_a_batched_step_reusing_a_number_with_other_inputs_is_refused_in_band(client, session, inputs):
+    """In one StreamBatch message, beside another session's good step: only the reused number is refused."""
+    with client.session() as other:
+        batch = pb.StepBatch(steps=[
+            pb.StepRequest(session_id=session.id, sequence_number=2, inputs=steps(1, 4)),
+            pb.StepRequest(session_id=other.id, sequence_number=1, inputs=steps(1, 4))])
+        reused = pb.StepBatch(steps=[
+            pb.StepRequest(session_id=session.id, sequence_number=2, inputs=REUSED_WITH[inputs]),
+            pb.StepRequest(session_id=other.id, sequence_number=2, inputs=steps(1, 4))])
+        first, second = list(client.stub.StreamBatch(iter([batch, reused])))
+        assert not any(answer.HasField("error") for answer in first.steps)
+        refused, served = second.steps
+        assert (refused.error.code, refused.sequence_number) == (PRECONDITION.value[0], 2)
+        assert REUSED in refused.error.message
+        assert not served.HasField("error")
+        assert snapshot(session)[:2] == (2, 3)
+        assert other.info().last_sequence_number == 2
 
 
 def test_bad_initial_state_is_refused(client):

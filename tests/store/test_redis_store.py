@@ -30,7 +30,8 @@ async def stores(redis_url):
 
 def record(seq: int, value: float = 0.0) -> SessionRecord:
     state = np.full((1, 3), value, np.float32)
-    return SessionRecord(SID, "alice", "m@1", seq, seq, state, state, np.full((1, 3), seq, np.float32))
+    return SessionRecord(SID, "alice", "m@1", seq, seq, state, state, np.full((1, 3), seq, np.float32),
+                         answer_digest=bytes([seq]) * 8)
 
 
 async def test_record_round_trips(stores):
@@ -41,6 +42,7 @@ async def test_record_round_trips(stores):
     assert (loaded.owner, loaded.model, loaded.seq, loaded.steps_applied) == ("alice", "m@1", 3, 3)
     np.testing.assert_array_equal(loaded.h, np.full((1, 3), 1.5))
     np.testing.assert_array_equal(loaded.answer, np.full((1, 3), 3))
+    assert loaded.answer_digest == bytes([3]) * 8  # a replay after a takeover is checked against it
 
 
 async def test_a_held_lease_makes_the_other_replica_wait_then_give_up_with_a_retry_hint(stores):

@@ -38,6 +38,9 @@ async def applied(engine, session_id, inputs, seq=0) -> np.ndarray:
     return await answer
 
 
+STATE_OF_ONES = np.ones((1, 3), np.float32)  # one session's h or c in the fake (1 layer, hidden 3)
+
+
 def x(*values) -> np.ndarray:
     """Steps of the fake's 2 inputs whose sum is each given value."""
     return np.array([[v, 0.0] for v in values], dtype=np.float32)
@@ -76,10 +79,34 @@ async def test_chunks_of_different_lengths_are_each_applied_whole(engine):
 async def test_retried_sequence_number_returns_stored_answer_without_applying_again(engine):
     sid = (await engine.create_session()).session_id
     first = await applied(engine, sid, x(2), seq=1)
-    again = await applied(engine, sid, x(100), seq=1)
+    again = await applied(engine, sid, x(2), seq=1)
     np.testing.assert_array_equal(first, again)
     assert (await engine.get_state(sid))[1][0, 0] == 2.0
     assert (await engine.get_session(sid)).steps_applied == 1
+
+
+async def test_a_sequence_number_reused_with_other_inputs_is_refused_without_change(engine):
+    sid = (await engine.create_session()).session_id
+    await applied(engine, sid, x(2), seq=1)
+    for other in (x(100), x(2, 2)):  # other values, or another shape
+        with pytest.raises(SequenceError, match="sequence number 1 was already applied with other inputs"):
+            await engine.step(sid, other, seq=1)
+    _, reset_to_zeros = await engine.reset(sid, seq=2)
+    await reset_to_zeros
+    with pytest.raises(SequenceError, match="sequence number 2 was already applied with other inputs"):
+        await engine.reset(sid, STATE_OF_ONES, STATE_OF_ONES, seq=2)
+    assert (await engine.get_state(sid))[0] == 2
+    assert (await engine.get_session(sid)).steps_applied == 1
+
+
+async def test_a_queued_request_retried_with_other_inputs_is_refused(engine):
+    sid = (await engine.create_session()).session_id
+    _, queued = await engine.step(sid, x(3), seq=1)  # not applied yet: the batch loop has not run
+    with pytest.raises(SequenceError, match="sequence number 1 was already applied with other inputs"):
+        await engine.step(sid, x(4), seq=1)
+    _, retried = await engine.step(sid, x(3), seq=1)
+    np.testing.assert_array_equal(await queued, await retried)
+    assert (await engine.get_state(sid))[1][0, 0] == 3.0
 
 
 async def test_gap_or_old_sequence_number_is_rejected_without_change(engine):
@@ -97,7 +124,7 @@ async def test_the_last_answers_kept_are_replayed_in_any_order_without_applying(
     sid = (await engine.create_session()).session_id
     answers = [await applied(engine, sid, x(v), seq=seq) for seq, v in ((1, 1), (2, 2), (3, 3))]
     for seq in (2, 3, 2):
-        np.testing.assert_array_equal(await applied(engine, sid, x(100), seq=seq), answers[seq - 1])
+        np.testing.assert_array_equal(await applied(engine, sid, x(seq), seq=seq), answers[seq - 1])
     assert (await engine.get_session(sid)).steps_applied == 3
     assert float((await engine.get_state(sid))[1][0, 0]) == 6.0
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, EngineLimits, SessionNotFound, snapshot
+from server.engine import Engine, EngineLimits, SequenceError, SessionNotFound, snapshot
 from server.metrics import Metrics
 from tests.unit.fakes import FakeRuntime
 
@@ -53,8 +53,10 @@ async def test_round_trip_restores_state_numbers_and_answers(tmp_path):
             np.testing.assert_array_equal(got_c, c)
             restored = await engine.get_session(sid, owner=owner)
             assert (restored.steps_applied, restored.created_at) == (view.steps_applied, view.created_at)
-            # the last answer is replayed, not recomputed: the inputs sent with the retry are ignored
-            _, replayed = await engine.step(sid, np.full((len(answers), 2), 99, np.float32), seq=seq, owner=owner)
+            # the last answer is replayed, not recomputed, and only for the same inputs (kept with it)
+            with pytest.raises(SequenceError, match=f"sequence number {seq} was already applied with other"):
+                await engine.step(sid, np.full((len(answers), 2), 99, np.float32), seq=seq, owner=owner)
+            _, replayed = await engine.step(sid, np.full((len(answers), 2), seq, np.float32), seq=seq, owner=owner)
             replay = await replayed
             np.testing.assert_array_equal(replay, answers[-1])
             after = await (await engine.step(sid, np.ones((1, 2), np.float32), seq=seq + 1, owner=owner))[1]
@@ -78,7 +80,8 @@ def bad_magic(path):
 
 
 def future_version(path):
-    path.write_bytes(path.read_bytes().replace(b'"version": 1', b'"version": 2', 1))
+    current = f'"version": {snapshot.VERSION}'.encode()
+    path.write_bytes(path.read_bytes().replace(current, f'"version": {snapshot.VERSION + 1}'.encode(), 1))
 
 
 @pytest.mark.parametrize(
@@ -87,7 +90,7 @@ def future_version(path):
         (corrupt_payload, "checksum mismatch"),
         (truncate, "checksum mismatch"),
         (bad_magic, "not an lstmserve snapshot"),
-        (future_version, "format version 2"),
+        (future_version, f"format version {snapshot.VERSION + 1}"),
     ],
 )
 async def test_damaged_snapshot_is_refused_whole_with_a_log_line(tmp_path, caplog, damage, reason):

@@ -1,0 +1,62 @@
+"""Taking a session over from a real redis-server: each concurrent request is judged by its own principal."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from server.engine import Engine, EngineLimits, SessionNotFound
+from server.engine.persistence import Durability, Persistence
+from server.metrics import Metrics
+from server.store import RedisStateStore
+from tests.redis_server import redis_server
+from tests.unit.fakes import FakeRuntime
+
+pytestmark = pytest.mark.integration
+
+SESSIONS = 24
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+async def replica(redis_url: str, name: str) -> Engine:
+    store = RedisStateStore(redis_url, name, lease_ttl=5.0, state_ttl=60, lease_wait=0.1)
+    metrics = Metrics(CollectorRegistry())
+    persistence = Persistence(store, Durability.EVERY_STEP, "fake@0", 100, 5.0, metrics)
+    engine = Engine(FakeRuntime(), EngineLimits(), metrics, persistence=persistence)
+    await engine.start()
+    return engine
+
+
+@pytest.mark.parametrize("stranger_first", [True, False], ids=["stranger-first", "owner-first"])
+async def test_the_owner_always_gets_its_session_whatever_request_races_it(redis_url, stranger_first):
+    first = await replica(redis_url, "first")
+    states = {}
+    for n in range(SESSIONS):
+        sid = (await first.create_session(owner="alice")).session_id
+        await (await first.step(sid, np.full((1, 2), n, np.float32), owner="alice"))[1]
+        states[sid] = await first.get_state(sid, owner="alice")
+    await first.stop()  # hands every lease over: the next replica takes the sessions at once
+    second = await replica(redis_url, "second")
+    try:
+        for sid, (seq, h, c) in states.items():
+            stranger = second.step(sid, np.ones((1, 2), np.float32), owner="mallory")
+            owner = second.get_state(sid, owner="alice")
+            racing = (stranger, owner) if stranger_first else (owner, stranger)
+            results = await asyncio.gather(*racing, return_exceptions=True)
+            strangers, owners = results if stranger_first else results[::-1]
+            assert isinstance(strangers, SessionNotFound), strangers
+            got_seq, got_h, got_c = owners
+            assert got_seq == seq
+            np.testing.assert_array_equal(got_h, h)
+            np.testing.assert_array_equal(got_c, c)
+        for sid, (seq, h, _) in states.items():  # nothing the strangers sent was applied
+            assert (await second.get_session(sid, owner="alice")).last_sequence_number == seq
+            np.testing.assert_array_equal((await second.get_state(sid, owner="alice"))[1], h)
+    finally:
+        await second.stop()
