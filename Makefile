@@ -27,9 +27,12 @@ $(MODEL): | $(STAMP)
 run: $(STAMP) $(GENERATED) $(MODEL)
 	$(VENV)/bin/lstmserve --model-path $(MODEL)
 
-# The state-store tests start a real redis-server; install it from Debian's packages when missing.
+# The state-store tests start a real redis-server, the monitoring tests a real Prometheus and its promtool
+# (Debian's package `prometheus` has both); install them from Debian's packages when missing.
 system-deps:
-	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	@command -v redis-server >/dev/null && command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			redis-server prometheus; }
 
 test: $(STAMP) $(GENERATED) system-deps
 	$(PY) -m pytest

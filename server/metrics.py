@@ -4,6 +4,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The settings (`limit` label values) that make room by evicting under --full-policy evict, and all those a
+# request can be refused for. Exported at 0 from the start: a counter's series that appears only at its first
+# increment has no rate or increase for that increment, and no data in a dashboard before it.
+EVICTING_LIMITS = ("max_sessions", "max_state_bytes", "max_sessions_per_owner")
+REFUSING_LIMITS = (*EVICTING_LIMITS, "max_queued_requests", "rate_limit", "max_steps_per_request",
+                   "max_sequence_length", "max_batch_size")
 
 
 class Metrics:
@@ -27,6 +33,10 @@ class Metrics:
         self.limit_refusals = Counter("lstmserve_limit_refusals_total",
                                       "Requests refused with RESOURCE_EXHAUSTED, by the limit reached",
                                       ["limit"], registry=registry)
+        for limit in EVICTING_LIMITS:
+            self.sessions_evicted.labels(limit)
+        for limit in REFUSING_LIMITS:
+            self.limit_refusals.labels(limit)
         self.steps_applied = Counter("lstmserve_steps_applied_total", "Time steps applied to session state",
                                      registry=registry)
         self.batch_size = Histogram("lstmserve_batch_size", "Sessions per model call", buckets=_BATCH_BUCKETS,

@@ -1,33 +1,20 @@
 """Every metric the alert rules and the Grafana dashboard query is one the server really exports."""
 
-import json
 import re
 import urllib.request
-from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.deploy.monitoring_files import alert_rules, dashboard_targets, dashboard_variable_queries
 from tests.servers import server_in_thread
 
 pytestmark = pytest.mark.integration
 
-MONITORING = Path(__file__).parents[2] / "deploy" / "monitoring"
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
 
-def alert_rules() -> list[dict]:
-    rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"][0]["rules"]
-    assert all({"alert", "expr", "labels", "annotations"} <= rule.keys() for rule in rules)
-    return rules
-
-
 def dashboard_queries() -> list[str]:
-    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
-    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    variables = dashboard["templating"]["list"]
-    queries += [variable["definition"] for variable in variables if "definition" in variable]
-    return queries
+    return [*dashboard_targets().values(), *dashboard_variable_queries().values()]
 
 
 def metric_names(queries: list[str]) -> set[str]:
@@ -80,11 +67,3 @@ def test_alerts_cover_errors_latency_evictions_and_the_state_store():
     assert "lstmserve_sessions_evicted_total" in exprs["LstmserveSessionEvictions"]
     assert "lstmserve_state_store_errors_total" in exprs["LstmserveStateStoreErrors"]
 
-
-def test_prometheus_scrapes_the_annotated_port_and_loads_the_rules():
-    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
-    assert config["rule_files"] == ["alerts.yml"]
-    (job,) = config["scrape_configs"]
-    assert job["job_name"] == "lstmserve"
-    sources = [source for relabel in job["relabel_configs"] for source in relabel.get("source_labels", [])]
-    assert "__meta_kubernetes_pod_annotation_prometheus_io_port" in sources

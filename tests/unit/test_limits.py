@@ -1,13 +1,15 @@
 """Session limits with a fake runtime: per owner, by state bytes, refuse or evict, each counted in metrics."""
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from server.engine import Engine, EngineLimits, LimitExceeded, SessionNotFound
-from server.metrics import Metrics
+from server.metrics import EVICTING_LIMITS, REFUSING_LIMITS, Metrics
+from server.settings import Settings
 from tests.unit.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
@@ -23,11 +25,21 @@ async def started(**limits) -> tuple[Engine, CollectorRegistry]:
 
 
 def refusals(registry, limit: str) -> float:
-    return registry.get_sample_value("lstmserve_limit_refusals_total", {"limit": limit}) or 0.0
+    return registry.get_sample_value("lstmserve_limit_refusals_total", {"limit": limit})
 
 
 def evictions(registry, limit: str) -> float:
-    return registry.get_sample_value("lstmserve_sessions_evicted_total", {"limit": limit}) or 0.0
+    return registry.get_sample_value("lstmserve_sessions_evicted_total", {"limit": limit})
+
+
+def test_every_limit_is_exported_at_zero_before_its_first_refusal_or_eviction():
+    registry = Metrics(CollectorRegistry()).registry
+    settings = {field.name for field in dataclasses.fields(Settings)}
+    assert set(EVICTING_LIMITS) <= set(REFUSING_LIMITS) <= settings
+    assert all(registry.get_sample_value("lstmserve_limit_refusals_total", {"limit": limit}) == 0
+               for limit in REFUSING_LIMITS)
+    assert all(registry.get_sample_value("lstmserve_sessions_evicted_total", {"limit": limit}) == 0
+               for limit in EVICTING_LIMITS)
 
 
 async def test_sessions_per_owner_are_limited_without_touching_other_owners():
