@@ -17,12 +17,19 @@ from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from lstmserve.v1 import lstm_service_pb2, lstm_service_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from server.engine import Engine, LimitExceeded, Sequences, snapshot
-from server.engine.persistence import Durability, Persistence
+from server.engine import Engine, LimitExceeded, Sequences
 from server.metrics import Metrics
 from server.model import ModelContractError, ModelRuntime
 from server.settings import Settings
-from server.store import RedisStateStore
+from server.store import (
+    Durability,
+    MemoryStore,
+    RedisSessionStore,
+    RedisStateStore,
+    SessionStore,
+    SnapshotStore,
+    model_identity,
+)
 from server.transport.auth import Authenticator, AuthInterceptor
 from server.transport.interceptors import MalformedRequestInterceptor, MetricsInterceptor
 from server.transport.oip import OipServicer
@@ -59,9 +66,7 @@ class App:
         s = self.settings
         self._start_metrics_http()
         runtime = await asyncio.to_thread(self._load_model)
-        self.engine = Engine(runtime, s.engine_limits(), self.metrics, persistence=await self._persistence(runtime))
-        if s.snapshot_dir:
-            snapshot.restore(s.snapshot_dir, self.engine)
+        self.engine = Engine(runtime, s.engine_limits(), self.metrics, store=await self._session_store(runtime))
         await self.engine.start()
         self._server = grpc.aio.server(
             interceptors=[MetricsInterceptor(self.metrics), MalformedRequestInterceptor(), *self._auth_interceptors()],
@@ -117,20 +122,22 @@ class App:
             except (OSError, ValueError) as error:
                 log.error("kept the previous %s: cannot reload: %s", name, error)
 
-    async def _persistence(self, runtime: ModelRuntime) -> Persistence | None:
-        """The shared state store, when one is configured with a durability other than none."""
+    async def _session_store(self, runtime: ModelRuntime) -> SessionStore:
+        """Where sessions outlive this process: a state store shared by replicas, a snapshot directory, or nowhere."""
         s = self.settings
+        model = model_identity(runtime.metadata)
+        if s.snapshot_dir:
+            return SnapshotStore(s.snapshot_dir, model)
         if not s.state_store or s.durability == Durability.NONE:
-            return None
+            return MemoryStore()
         replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._store = RedisStateStore(s.state_store, replica, lease_ttl=s.lease_ttl, state_ttl=s.idle_timeout,
                                       lease_wait=s.lease_wait)
         if not await self._store.ping():
             log.warning("state store %s is unreachable; sessions that need it get UNAVAILABLE until it is back",
                         s.state_store.split("@")[-1])
-        model_id = f"{runtime.metadata.name}@{runtime.metadata.version}"
-        return Persistence(self._store, Durability(s.durability), model_id, s.checkpoint_every, s.checkpoint_interval,
-                           self.metrics)
+        return RedisSessionStore(self._store, Durability(s.durability), model, s.checkpoint_every,
+                                 s.checkpoint_interval, self.metrics)
 
     def _load_model(self) -> ModelRuntime:
         return ModelRuntime.load(self.settings.model_path, self.settings.device)
@@ -152,8 +159,6 @@ class App:
             await self._server.stop(grace)
         if self.engine:
             await self.engine.stop()
-            if self.settings.snapshot_dir:
-                snapshot.save(self.settings.snapshot_dir, self.engine)
         if self._store:
             await self._store.close()
         if self._metrics_http:

@@ -103,6 +103,9 @@ class Settings:
         """Why these settings cannot work together, or None."""
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             return "--tls-cert-file and --tls-key-file go together"
+        if self.snapshot_dir and self.state_store:
+            return ("--snapshot-dir and --state-store are alternatives: with a state store, sessions already "
+                    "outlive the process")
         if self.tls_client_ca_file and not self.tls:
             return "--tls-client-ca-file needs --tls-cert-file and --tls-key-file (mutual TLS is TLS)"
         return None

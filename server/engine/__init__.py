@@ -1,6 +1,6 @@
 """The engine: sessions, their state pool and the batching scheduler. Knows nothing about gRPC."""
 
-from server.engine.engine import Engine, EngineLimits, SessionView
+from server.engine.engine import Engine, EngineLimits, ModelDescription, SessionView
 from server.engine.errors import (
     Draining,
     EngineError,
@@ -9,8 +9,11 @@ from server.engine.errors import (
     ModelFailure,
     SequenceError,
     SessionNotFound,
+    StateUnavailable,
 )
+from server.engine.scheduler import StepAnswer
 from server.engine.sequences import SequenceId, Sequences
 
-__all__ = ["Draining", "Engine", "EngineError", "EngineLimits", "InvalidInput", "LimitExceeded",
-           "ModelFailure", "SequenceError", "SequenceId", "Sequences", "SessionNotFound", "SessionView"]
+__all__ = ["Draining", "Engine", "EngineError", "EngineLimits", "InvalidInput", "LimitExceeded", "ModelDescription",
+           "ModelFailure", "SequenceError", "SequenceId", "Sequences", "SessionNotFound", "SessionView",
+           "StateUnavailable", "StepAnswer"]

@@ -11,18 +11,31 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from server.engine.errors import Draining, InvalidInput, LimitExceeded, SequenceError, SessionNotFound
-from server.engine.persistence import Persistence
+from server.engine.errors import (
+    Draining,
+    InvalidInput,
+    LimitExceeded,
+    SequenceError,
+    SessionNotFound,
+    StateUnavailable,
+)
 from server.engine.rate_limit import RateLimiter
-from server.engine.scheduler import Scheduler
-from server.engine.sessions import Session, SessionTable, Work, check_session_id, inputs_digest
-from server.engine.snapshot import SessionRecord
+from server.engine.scheduler import Scheduler, StepAnswer
+from server.engine.sessions import Session, SessionTable, Work, check_session_id, inputs_digest, record_of
 from server.engine.state_pool import StatePool
-from server.engine.store_sessions import StoreBackedSessions
 from server.engine.validation import check_at_most, check_tensor
 from server.logsafe import fingerprint
 from server.metrics import Metrics
-from server.model import ModelRuntime
+from server.model import ModelMetadata, ModelRuntime
+from server.store import (
+    LiveSession,
+    MemoryStore,
+    SessionGone,
+    SessionRecord,
+    SessionStore,
+    StoreUnavailable,
+    model_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +61,14 @@ class EngineLimits:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelDescription:
+    """What clients may know of the served model and the limits its requests meet."""
+
+    metadata: ModelMetadata
+    limits: EngineLimits
+
+
+@dataclasses.dataclass(frozen=True)
 class SessionView:
     """A snapshot of a session's bookkeeping, in wall-clock seconds."""
 
@@ -66,9 +87,12 @@ def _check_same_inputs(seq: int, applied: bytes | None, retried: bytes) -> None:
                             "the same inputs, and a new request takes the next sequence number")
 
 
-class Engine(StoreBackedSessions):
+class Engine:
+    """Sessions of one model: their lifecycle, their ordered exactly-once requests, and stateless sequences.
+    Sessions are kept beyond this process by one SessionStore, whichever it is."""
+
     def __init__(self, runtime: ModelRuntime, limits: EngineLimits, metrics: Metrics, clock=time.monotonic,
-                 persistence: Persistence | None = None):
+                 store: SessionStore | None = None):
         self.runtime = runtime
         self.limits = limits
         self._metrics = metrics
@@ -84,16 +108,22 @@ class Engine(StoreBackedSessions):
                                device=str(runtime.device))
         self._sessions = SessionTable(clock)
         self._rate = RateLimiter(limits.rate_limit, limits.rate_limit_burst, clock)
-        self._persistence = persistence
+        self._store = store or MemoryStore()
+        self._model = model_identity(m)
         self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay,
-                                    limits.answers_kept, limits.torch_threads,
-                                    persist=self._persist if persistence else None)
-        self._peeking: dict[str, asyncio.Future] = {}  # session id -> its stored record being read
-        self._attaching: dict[str, asyncio.Future] = {}  # session id -> its owner taking it over
+                                    limits.answers_kept, limits.torch_threads, self._store, self._model)
         self._tasks: list[asyncio.Task] = []
-        self.draining = asyncio.Event()  # set once drain() starts: open streams stop taking requests
+        self._draining = asyncio.Event()
         self._close_listeners: list[Callable[[str], None]] = []
         metrics.live_sessions.set_function(lambda: len(self._sessions))
+
+    def describe(self) -> ModelDescription:
+        return ModelDescription(self.runtime.metadata, self.limits)
+
+    @property
+    def draining(self) -> asyncio.Event:
+        """Set once drain() starts: open streams stop taking requests."""
+        return self._draining
 
     @property
     def queued_requests(self) -> int:
@@ -101,27 +131,28 @@ class Engine(StoreBackedSessions):
         return self._scheduler.queued
 
     async def start(self) -> None:
-        """Warms the model up on its own thread, then starts taking work."""
+        """Restores stored sessions, warms the model up on its own thread, then starts taking work."""
+        self._store.restore(self._import)
         await self._scheduler.run_in_model_thread(self.runtime.warm_up, self.limits.max_batch_size)
         self._scheduler.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._expire_forever(), name="expiry"))
-        if self._persistence:
+        if self._store.maintenance_period:
             self._tasks.append(loop.create_task(self._maintain_store_forever(), name="state-store"))
 
     async def drain(self, timeout: float) -> None:
         """Takes no new work and waits (up to `timeout`) for queued requests to be answered."""
-        self.draining.set()
+        self._draining.set()
         deadline = self._clock() + timeout
         while self.queued_requests and self._clock() < deadline:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
+        """Stops the batch loop, then hands every live session to the store (a snapshot, other replicas)."""
         for task in self._tasks:
             task.cancel()
         await self._scheduler.stop()
-        if self._persistence:
-            await self._hand_over_all()
+        await self._store.hand_over([self._record(s) for s in self._sessions])
 
     # -- sessions: each call is one request of `owner`, who sees only the sessions it created -------
 
@@ -133,16 +164,16 @@ class Engine(StoreBackedSessions):
         with self._counting_refusals():
             evicted = self._make_room(owner)
             slot = self._pool.allocate(h, c)
-        for victim in evicted if self._persistence else ():
-            await self._persistence.forget(victim, delete=True)
+        for victim in evicted:
+            await self._store.release(victim.id, delete=True)
         session = self._sessions.add(slot, owner)
-        if self._persistence:
-            try:
-                await self._persistence.adopt_new(session, h.numpy(), c.numpy())
-            except Exception:
-                self._sessions.remove(session)
-                self._pool.release(slot)
-                raise
+        try:
+            with _store_errors():
+                await self._store.created(self._record(session))
+        except Exception:
+            self._sessions.remove(session)
+            self._pool.release(slot)
+            raise
         self._metrics.sessions_created.inc()
         log.debug("session %s opened for principal %r", fingerprint(session.id), owner)
         return self._view(session)
@@ -159,8 +190,7 @@ class Engine(StoreBackedSessions):
     async def close_session(self, session_id: str, owner: str = "") -> None:
         session = await self._session(session_id, owner)
         self._close(session, SessionNotFound(f"session {session_id} was closed before this request ran"))
-        if self._persistence:
-            await self._persistence.forget(session, delete=True)
+        await self._store.release(session.id, delete=True)
         self._metrics.sessions_closed.inc()
         log.debug("session %s closed by its principal", fingerprint(session_id))
 
@@ -170,16 +200,27 @@ class Engine(StoreBackedSessions):
 
     async def step(self, session_id: str, inputs: np.ndarray, seq: int = 0, owner: str = "",
                    with_state: bool = False) -> tuple[int, asyncio.Future]:
-        """Queues `inputs[T, input_size]`; returns its sequence number and a future of `outputs[T, output]`.
-
-        With `with_state` the future holds `(outputs, h, c)`, `h` and `c` the state right after this request.
-        """
+        """Queues `inputs[T, input_size]`; returns its sequence number and a future of its StepAnswer, whose
+        `state` is the session's `(h, c)` right after this request when `with_state` is set."""
         session = await self._session(session_id, owner)
         self.check_step_inputs(inputs)
         digest = inputs_digest(b"step", inputs)
         with self._counting_refusals():
             return self._submit(session, seq, digest, lambda future, n: Work(
                 n, future, inputs=inputs, with_state=with_state, digest=digest))
+
+    async def open_and_step(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
+                            seq: int = 0, owner: str = "", with_state: bool = False
+                            ) -> tuple[str, int, asyncio.Future]:
+        """Opens a session and queues its first request; a rejected request leaves no session behind.
+        Returns (session id, sequence number, future) like step()."""
+        self.check_step_inputs(inputs)  # before the session exists, so a bad request costs nothing
+        session_id = (await self.create_session(h0, c0, owner=owner)).session_id
+        try:
+            return session_id, *await self.step(session_id, inputs, seq, owner=owner, with_state=with_state)
+        except Exception:
+            await self.close_session(session_id, owner=owner)
+            raise
 
     def check_step_inputs(self, inputs: np.ndarray) -> None:
         """Raises InvalidInput unless `inputs` could be a step's `[T, input_size]`."""
@@ -222,20 +263,40 @@ class Engine(StoreBackedSessions):
     # -- internals ------------------------------------------------------------------------------
 
     async def _session(self, session_id: str, owner: str) -> Session:
-        """Counts a request of `owner`, then finds the session, from the state store if it lives there but not
+        """Counts a request of `owner`, then finds the session, from the store if it is kept there but not live
         here yet. Another owner's session is reported exactly like one that does not exist."""
         self._admit(owner)
         session = self._sessions.find(session_id)
-        if self._persistence:
+        with _store_errors():
             if session is None:
-                session = await self._attach(session_id, owner)
+                record = await self._store.load(session_id, owner)
+                # concurrent requests of the owner share one takeover: the first to get here adopts the record
+                session = self._sessions.find(session_id) or (record and self._adopt(record))
             elif session.owner == owner and not session.busy:
-                record = await self._persistence.revalidate(session)
-                if record is not None:
-                    self._load(session, record)
+                try:
+                    record = await self._store.refresh(session_id)
+                except SessionGone:
+                    self._close(session, SessionNotFound(f"session {session_id} was closed elsewhere"))
+                    session = None
+                else:
+                    if record is not None:
+                        self._load(session, record)
         if session is None or session.owner != owner:
             raise SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)")
         return session
+
+    def _adopt(self, record: SessionRecord) -> Session:
+        """A session taken over from the store, live here from now on."""
+        self._check_accepting()
+        self._import([record])
+        return self._sessions.find(record.session_id)
+
+    def _load(self, session: Session, record: SessionRecord) -> None:
+        """Replaces a live session's state and numbering with a newer stored record."""
+        self._pool.write(session.slot, torch.from_numpy(record.h), torch.from_numpy(record.c))
+        session.last_applied_seq = session.last_assigned_seq = record.last_applied_seq
+        session.steps_applied = record.steps_applied
+        session.answers = collections.deque(record.answers, maxlen=self.limits.answers_kept)
 
     def _submit(self, session: Session, seq: int, digest: bytes, make_work) -> tuple[int, asyncio.Future]:
         """Applies the sequence-number rules, then queues the request behind the session's others."""
@@ -267,7 +328,7 @@ class Engine(StoreBackedSessions):
         if kept is not None:
             _check_same_inputs(seq, kept.digest, digest)
             future = loop.create_future()
-            future.set_result(kept.answer)
+            future.set_result(StepAnswer(kept.answer, None))
             return future
         raise SequenceError(f"sequence number {seq} was applied earlier and only the answers of the last "
                             f"{self.limits.answers_kept} requests are kept; "
@@ -344,19 +405,14 @@ class Engine(StoreBackedSessions):
         return SessionView(session.id, session.steps_applied, session.last_applied_seq, session.created_at,
                            last_used_at, last_used_at + self.limits.idle_timeout, self.limits.idle_timeout)
 
-    # -- snapshots ------------------------------------------------------------------------------
+    # -- the store ------------------------------------------------------------------------------
 
-    def export_sessions(self) -> list[SessionRecord]:
-        """Every live session's applied state, least recently used first; call once the scheduler stopped."""
-        records = []
-        for s in self._sessions:
-            h, c = self._pool.read(s.slot)
-            records.append(SessionRecord(s.id, s.owner, s.created_at, s.last_applied_seq, s.steps_applied,
-                                         h.cpu().numpy(), c.cpu().numpy(), tuple(s.answers or ())))
-        return records
+    def _record(self, session: Session) -> SessionRecord:
+        h, c = self._pool.read(session.slot)
+        return record_of(session, self._model, h.cpu().numpy(), c.cpu().numpy())
 
-    def import_sessions(self, records: list[SessionRecord]) -> None:
-        """Restores sessions all or none: every record is checked before the first one is added."""
+    def _import(self, records: list[SessionRecord]) -> None:
+        """Makes stored sessions live, all or none: every record is checked before the first one is added."""
         if len(records) > self._capacity - len(self._sessions):
             raise LimitExceeded(f"{len(records)} sessions do not fit: {self._capacity_limit} allows "
                                 f"{self._capacity}", self._capacity_limit)
@@ -368,10 +424,21 @@ class Engine(StoreBackedSessions):
                 raise InvalidInput(f"session {r.session_id} is already live")
         for r in records:
             slot = self._pool.allocate(torch.from_numpy(r.h), torch.from_numpy(r.c))
-            session = self._sessions.add(slot, r.owner, r.session_id, r.created_at)
-            session.last_applied_seq = session.last_assigned_seq = r.last_applied_seq
-            session.steps_applied = r.steps_applied
-            session.answers = collections.deque(r.answers, maxlen=self.limits.answers_kept)
+            self._load(self._sessions.add(slot, r.owner, r.session_id, r.created_at), r)
+
+    async def _maintain_store_forever(self) -> None:
+        """Lets the store renew its claims and write checkpoints; drops sessions another replica took."""
+        while True:
+            await asyncio.sleep(self._store.maintenance_period)
+            now = self._clock()
+            live = [LiveSession(s.id, 0.0 if s.busy else now - s.last_used, s.steps_applied) for s in self._sessions]
+            try:
+                lost = await self._store.maintain(live, lambda sid: self._record(self._sessions.find(sid)))
+            except StoreUnavailable:
+                continue  # counted by the store, which reconnects by itself
+            for session_id in lost:
+                if session := self._sessions.find(session_id):
+                    self._close(session, SessionNotFound(f"session {session_id} moved to another replica"))
 
     async def _expire_forever(self) -> None:
         period = min(1.0, self.limits.idle_timeout / 4)
@@ -381,5 +448,13 @@ class Engine(StoreBackedSessions):
                 self._close(session, SessionNotFound(f"session {session.id} expired"))
                 self._metrics.sessions_expired.inc()
                 log.debug("session %s expired", fingerprint(session.id))
-                if self._persistence:
-                    await self._persistence.forget(session, delete=True)
+                await self._store.release(session.id, delete=True)
+
+
+@contextlib.contextmanager
+def _store_errors():
+    """The store's own errors, as the engine's."""
+    try:
+        yield
+    except StoreUnavailable as error:
+        raise StateUnavailable(str(error), error.retry_after) from error

@@ -31,3 +31,12 @@ class Draining(EngineError):
 
 class ModelFailure(EngineError):
     """The model call for this request's batch raised; no state was changed."""
+
+
+class StateUnavailable(EngineError):
+    """The session's stored state cannot be reached now (the state store is down, or another replica holds
+    the session); nothing was applied. `retry_after`: seconds worth waiting, when known."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after

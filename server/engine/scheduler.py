@@ -5,26 +5,35 @@ import collections
 import concurrent.futures
 import logging
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from server.engine.batching import take_batch
-from server.engine.errors import Draining, ModelFailure, SequenceError
-from server.engine.sessions import KeptAnswer, Session, Work
+from server.engine.errors import Draining, ModelFailure, SequenceError, StateUnavailable
+from server.engine.sessions import Session, Work, record_of
 from server.engine.state_pool import StatePool
 from server.metrics import Metrics
 from server.model import ModelRuntime
+from server.store import KeptAnswer, SessionStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+
+class StepAnswer(NamedTuple):
+    """The answer to a step: its outputs [T, output], and the session's (h, c) right after it when asked for."""
+
+    outputs: np.ndarray | None  # None for a reset
+    state: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class Scheduler:
     """One task owns the loop; the model runs on a single worker thread so the event loop keeps serving I/O."""
 
     def __init__(self, runtime: ModelRuntime, pool: StatePool, metrics: Metrics,
-                 max_batch_size: int, max_batch_delay: float, answers_kept: int, torch_threads: int = 1,
-                 persist=None):
+                 max_batch_size: int, max_batch_delay: float, answers_kept: int, torch_threads: int,
+                 store: SessionStore, model: str):
         self._runtime = runtime
         self._pool = pool
         self._metrics = metrics
@@ -40,9 +49,8 @@ class Scheduler:
             1, thread_name_prefix="model", initializer=torch.set_num_threads, initargs=(torch_threads,))
         self._task: asyncio.Task | None = None
         self._queued = 0
-        # async (sessions, works, h_n, c_n, answers) -> per session None or the error to answer with;
-        # set when a state store must hold new states before they are acknowledged
-        self._persist = persist
+        self._store = store  # new states are committed to it before they are acknowledged
+        self._model = model
 
     @property
     def queued(self) -> int:
@@ -132,8 +140,9 @@ class Scheduler:
         self._metrics.steps_applied.inc(len(batch) * works[0].steps)
 
     async def _commit(self, batch: list[Session], works: list[Work], h_n, c_n, answers) -> None:
-        """Makes new states durable where a store requires it, then writes them and answers the requests."""
-        errors = await self._persist(batch, works, h_n, c_n, answers) if self._persist else [None] * len(batch)
+        """Commits the new states to the store, then writes them to the pool and answers the requests."""
+        errors = await self._store_commit(batch, works, h_n, c_n, answers) if self._store.wants_commits \
+            else [None] * len(batch)
         kept = [i for i, error in enumerate(errors) if error is None]
         if len(kept) == len(batch):
             self._pool.scatter(_slots(batch), h_n, c_n)
@@ -152,6 +161,14 @@ class Scheduler:
             self._complete(session, work, answer=None if answers is None else answers[i].copy(), state=state)
             self._after_flight(session)
 
+    async def _store_commit(self, batch: list[Session], works: list[Work], h_n, c_n, answers) -> list:
+        """Per session None, or the engine error its request is answered with instead."""
+        h, c = h_n.cpu().numpy(), c_n.cpu().numpy()
+        records = [record_of(session, self._model, h[:, i], c[:, i], self._answers_kept,
+                             KeptAnswer(work.seq, None if answers is None else answers[i], work.digest), work.steps)
+                   for i, (session, work) in enumerate(zip(batch, works))]
+        return [None if error is None else _engine_error(error) for error in await self._store.commit(records)]
+
     def _complete(self, session: Session, work: Work, answer: np.ndarray | None, state: tuple | None = None
                   ) -> None:
         """`state`, the session's `(h, c)` right after this request, is added to the answer when given."""
@@ -159,7 +176,7 @@ class Scheduler:
         session.remember(KeptAnswer(work.seq, answer, work.digest), self._answers_kept)
         self._queued -= 1
         if not work.future.done():
-            work.future.set_result(answer if state is None else (answer, *state))
+            work.future.set_result(StepAnswer(answer, state))
 
     def _after_flight(self, session: Session) -> None:
         if session.closed:
@@ -179,12 +196,13 @@ class Scheduler:
             self._fail_head(session, error_for(session.pending[0].seq))
 
     def _fail_head(self, session: Session, error: Exception) -> None:
-        """Fails a session's head request and everything queued behind it: those were sent assuming success."""
+        """Fails a session's head request and everything queued behind it: those were sent assuming success.
+        When the store could not take the head's state, those behind it are as retryable as the head."""
         session.in_flight = False
         failed = session.pending.popleft()
         self._queued -= 1
         _fail(failed.future, error)
-        self.fail_pending(session, SequenceError(
+        self.fail_pending(session, error if isinstance(error, StateUnavailable) else SequenceError(
             f"request {failed.seq} failed before this one; resend from sequence number {failed.seq}"))
         session.last_assigned_seq = session.last_applied_seq
         if session.closed:
@@ -209,6 +227,10 @@ class Scheduler:
             log.error("batch loop died", exc_info=task.exception())
         for session in list(self._ready):
             self.fail_pending(session, error)
+
+
+def _engine_error(error: StoreUnavailable) -> StateUnavailable:
+    return StateUnavailable(str(error), error.retry_after)
 
 
 def _fail(future: asyncio.Future, error: Exception) -> None:

@@ -63,13 +63,7 @@ class Sequences:
 
     async def _start(self, key: _Key, inputs: np.ndarray, h0, c0, with_state: bool) -> asyncio.Future:
         owner = key[0]
-        self._engine.check_step_inputs(inputs)  # before a session exists, so a bad START costs nothing
-        session_id = (await self._engine.create_session(h0, c0, owner=owner)).session_id
-        try:
-            _, answer = await self._engine.step(session_id, inputs, with_state=with_state, owner=owner)
-        except Exception:
-            await self._engine.close_session(session_id, owner=owner)
-            raise
+        session_id, _, answer = await self._engine.open_and_step(inputs, h0, c0, owner=owner, with_state=with_state)
         self._retire(key)
         self._live[key] = _Live(session_id, owner, answer)
         self._key_by_session[session_id] = key

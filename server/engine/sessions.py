@@ -8,11 +8,11 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import numpy as np
 
 from server.engine.errors import InvalidInput
+from server.store import KeptAnswer, SessionRecord
 
 SESSION_ID_BYTES = 16  # 128 bits from the OS's cryptographic random source
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22}")
@@ -39,14 +39,6 @@ def inputs_digest(kind: bytes, *arrays: np.ndarray | None) -> bytes:
             digest.update(repr(array.shape).encode())
             digest.update(np.ascontiguousarray(array, np.float32).data)
     return digest.digest()
-
-
-class KeptAnswer(NamedTuple):
-    """An applied request's answer, kept for retries and resumes; `digest` is its inputs' (None: not known)."""
-
-    seq: int
-    answer: np.ndarray | None  # outputs [T, output], None for a reset
-    digest: bytes | None = None
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -162,3 +154,15 @@ class SessionTable:
             if not session.busy:
                 expired.append(session)
         return expired
+
+
+def record_of(session: Session, model: str, h: np.ndarray, c: np.ndarray, keep: int | None = None,
+              latest: KeptAnswer | None = None, steps: int | None = None) -> SessionRecord:
+    """The stored form of `session` with state (h, c): as it is, or right after request `latest` (of `steps`
+    more time steps) that is being committed, its answer kept among the latest `keep`."""
+    answers = tuple(session.answers or ())
+    if latest is not None:
+        answers = (*answers, latest)[-keep:]
+    return SessionRecord(session.id, session.owner, model, session.created_at,
+                         session.last_applied_seq if latest is None else latest.seq,
+                         session.steps_applied + (steps or 0), h, c, answers)

@@ -1,13 +1,15 @@
 """Session records and leases in Redis. Every write is fenced by the lease and compare-and-set on `seq`."""
 
 import asyncio
+import dataclasses
 import logging
 import time
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from server.store.records import Lease, SessionRecord, StoreUnavailable
+from server.store.record import SessionRecord, decode, encode
+from server.store.seam import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,14 @@ else
 end
 return 1
 """
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """The right to write one session's state; `fence` grows with every new holder."""
+
+    session_id: str
+    fence: int
 
 
 def _keys(session_id: str) -> tuple[str, str, str]:
@@ -101,8 +111,8 @@ class RedisStateStore:
             await asyncio.sleep(min(0.05, left))
 
     async def load(self, session_id: str) -> SessionRecord | None:
-        fields = await self._call(self._redis.hgetall, _keys(session_id)[0])
-        return SessionRecord.from_fields(session_id, fields) if fields else None
+        data = await self._call(self._redis.hget, _keys(session_id)[0], "record")
+        return None if data is None else decode(data)[0]
 
     async def save(self, writes: list[tuple[SessionRecord, Lease]]) -> list[int]:
         """Writes many records in one pipeline; per record 1 written, 0 fenced out, -1 stale."""
@@ -111,10 +121,10 @@ class RedisStateStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             for record, lease in writes:
                 state_key, lease_key, _ = _keys(record.session_id)
-                fields = [item for pair in record.to_fields().items() for item in pair]
                 await self._save(keys=[state_key, lease_key],
-                                 args=[self.replica, lease.fence, record.seq, self._lease_ms, self._state_ms,
-                                       *fields], client=pipe)
+                                 args=[self.replica, lease.fence, record.last_applied_seq, self._lease_ms,
+                                       self._state_ms, "seq", record.last_applied_seq, "record", encode(record)],
+                                 client=pipe)
             return [int(r) for r in await self._call(pipe.execute)]
 
     async def renew(self, leases: list[Lease]) -> list[bool]:

@@ -14,8 +14,8 @@ from server.engine import (
     ModelFailure,
     SequenceError,
     SessionNotFound,
+    StateUnavailable,
 )
-from server.store import StoreUnavailable
 from server.transport.oip_convert import RequestFormatError, UnknownModel
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ STATUS_BY_ERROR = {
     LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Draining: grpc.StatusCode.UNAVAILABLE,
     ModelFailure: grpc.StatusCode.INTERNAL,
-    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    StateUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -7,7 +7,7 @@ import importlib.metadata
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 
-from server.engine import Engine, Sequences
+from server.engine import Engine, Sequences, StepAnswer
 from server.logsafe import clip
 from server.metrics import Metrics
 from server.transport import oip_convert as convert
@@ -25,7 +25,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._sequences = sequences
         self._metrics = metrics
         self._stream_window = stream_window  # requests read ahead of the answers sent, per stream
-        self._model = engine.runtime.metadata
+        self._model = engine.describe().metadata
 
     @unary
     async def ServerLive(self, request, context):
@@ -53,7 +53,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ModelConfig(self, request, context):
         self._check_model(request.name, request.version)
-        return pb.ModelConfigResponse(config=convert.model_config(self._model, self._engine.limits))
+        return pb.ModelConfigResponse(config=convert.model_config(self._model, self._engine.describe().limits))
 
     @unary
     async def ModelStatistics(self, request, context):
@@ -104,13 +104,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         call = convert.decode_request(request)
         h0, c0 = call.inputs.get("H0"), call.inputs.get("C0")
         if call.sequence_id is None:
-            pending = asyncio.ensure_future(self._engine.predict(call.inputs["INPUT"], h0, c0,
-                                                                 owner=current_principal()))
+            pending = asyncio.ensure_future(self._predict(call.inputs["INPUT"], h0, c0))
         else:
             pending = await self._sequences.step(
                 call.sequence_id, call.inputs["INPUT"], call.start, call.end, h0, c0,
                 with_state=any(name in convert.STATE_OUTPUTS for name in call.outputs), owner=current_principal())
         return call, pending
+
+    async def _predict(self, inputs, h0, c0) -> StepAnswer:
+        outputs, h_n, c_n = await self._engine.predict(inputs, h0, c0, owner=current_principal())
+        return StepAnswer(outputs, (h_n, c_n))
 
     async def _submit_in_band(self, request: pb.ModelInferRequest):
         """Like _submit, but a rejected request becomes a failed future instead of raising."""
@@ -123,8 +126,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _answer(self, request, call: convert.InferCall, pending: asyncio.Future
                       ) -> pb.ModelInferResponse:
-        result = await pending
-        arrays = result if isinstance(result, tuple) else (result,)  # (OUTPUT[, HN, CN])
-        available = dict(zip(convert.OUTPUTS, arrays, strict=False))
+        answer: StepAnswer = await pending
+        available = dict(zip(convert.OUTPUTS, (answer.outputs, *(answer.state or ())), strict=False))
         return convert.encode_response(request, self._model.version,
                                        {name: available[name] for name in call.outputs})

@@ -6,7 +6,7 @@ from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
-from server.engine import Engine
+from server.engine import Engine, StepAnswer
 from server.transport.auth import current_principal
 from server.transport.errors import status_for, streaming, unary
 from server.transport.messages import optional_tensor, session_info
@@ -20,7 +20,8 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @unary
     async def GetModelInfo(self, request, context):
-        m, limits = self._engine.runtime.metadata, self._engine.limits
+        description = self._engine.describe()
+        m, limits = description.metadata, description.limits
         return pb.ModelInfo(
             name=m.name, version=m.version, input_size=m.input_size, hidden_size=m.hidden_size,
             num_layers=m.num_layers, output_size=m.output_size, dtype=m.dtype,
@@ -32,7 +33,8 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @unary
     async def CreateSession(self, request, context):
-        return session_info(await self._create(request))
+        return session_info(await self._engine.create_session(
+            optional_tensor(request, "h0"), optional_tensor(request, "c0"), owner=current_principal()))
 
     @unary
     async def Step(self, request, context):
@@ -93,10 +95,6 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     # -- helpers --------------------------------------------------------------------------------
 
-    async def _create(self, request: pb.CreateSessionRequest):
-        return await self._engine.create_session(optional_tensor(request, "h0"), optional_tensor(request, "c0"),
-                                                 owner=current_principal())
-
     async def _submit_step(self, request: pb.StepRequest):
         """Opens the session if asked, queues the step; returns (session id, sequence number, future)."""
         inputs = tensors.from_proto(request.inputs, name="inputs")
@@ -104,12 +102,9 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         if request.WhichOneof("target") != "new_session":
             return request.session_id, *await self._engine.step(request.session_id, inputs, request.sequence_number,
                                                                  owner=owner)
-        session_id = (await self._create(request.new_session)).session_id
-        try:
-            return session_id, *await self._engine.step(session_id, inputs, request.sequence_number, owner=owner)
-        except Exception:
-            await self._engine.close_session(session_id, owner=owner)  # a rejected request leaves no session
-            raise
+        new = request.new_session
+        return await self._engine.open_and_step(inputs, optional_tensor(new, "h0"), optional_tensor(new, "c0"),
+                                                request.sequence_number, owner=owner)
 
     async def _submit_step_in_band(self, request: pb.StepRequest):
         """Like _submit_step, but a rejected request becomes an error answer instead of raising."""
@@ -124,10 +119,10 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         return session_id, seq, answer
 
 
-def _fill_answer(response: pb.StepResponse, session_id: str, seq: int, outputs) -> pb.StepResponse:
+def _fill_answer(response: pb.StepResponse, session_id: str, seq: int, answer: StepAnswer) -> pb.StepResponse:
     response.session_id = session_id
     response.sequence_number = seq
-    tensors.fill(response.outputs, outputs)
+    tensors.fill(response.outputs, answer.outputs)
     return response
 
 

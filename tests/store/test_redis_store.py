@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from server.store import Lease, RedisStateStore, SessionRecord, StoreUnavailable
+from server.store import KeptAnswer, Lease, RedisStateStore, SessionRecord, StoreUnavailable
 from tests.redis_server import redis_server
 
 pytestmark = pytest.mark.integration
@@ -30,8 +30,8 @@ async def stores(redis_url):
 
 def record(seq: int, value: float = 0.0) -> SessionRecord:
     state = np.full((1, 3), value, np.float32)
-    return SessionRecord(SID, "alice", "m@1", seq, seq, state, state, np.full((1, 3), seq, np.float32),
-                         answer_digest=bytes([seq]) * 8)
+    kept = KeptAnswer(seq, np.full((1, 3), seq, np.float32), bytes([seq]) * 8)
+    return SessionRecord(SID, "alice", "m@1", 1700000000.5, seq, seq, state, state, (kept,))
 
 
 async def test_record_round_trips(stores):
@@ -39,10 +39,11 @@ async def test_record_round_trips(stores):
     lease = await a.acquire(SID)
     assert await a.save([(record(3, 1.5), lease)]) == [1]
     loaded = await a.load(SID)
-    assert (loaded.owner, loaded.model, loaded.seq, loaded.steps_applied) == ("alice", "m@1", 3, 3)
+    assert (loaded.owner, loaded.model, loaded.last_applied_seq, loaded.steps_applied) == ("alice", "m@1", 3, 3)
+    assert loaded.created_at == 1700000000.5
     np.testing.assert_array_equal(loaded.h, np.full((1, 3), 1.5))
-    np.testing.assert_array_equal(loaded.answer, np.full((1, 3), 3))
-    assert loaded.answer_digest == bytes([3]) * 8  # a replay after a takeover is checked against it
+    np.testing.assert_array_equal(loaded.answers[-1].answer, np.full((1, 3), 3))
+    assert loaded.answers[-1].digest == bytes([3]) * 8  # a replay after a takeover is checked against it
 
 
 async def test_a_held_lease_makes_the_other_replica_wait_then_give_up_with_a_retry_hint(stores):
@@ -69,7 +70,7 @@ async def test_a_stale_replica_cannot_overwrite_newer_state(stores):
     lease_b = await b.acquire(SID)
     assert await b.save([(record(2, 9.0), lease_b)]) == [1]
     assert await a.save([(record(5, -1.0), lease_a)]) == [0]  # fenced out
-    assert (await a.load(SID)).seq == 2
+    assert (await a.load(SID)).last_applied_seq == 2
 
 
 async def test_compare_and_set_refuses_an_older_sequence_number(stores):
@@ -77,7 +78,7 @@ async def test_compare_and_set_refuses_an_older_sequence_number(stores):
     lease = await a.acquire(SID)
     assert await a.save([(record(4), lease)]) == [1]
     assert await a.save([(record(3), lease)]) == [-1]
-    assert (await a.load(SID)).seq == 4
+    assert (await a.load(SID)).last_applied_seq == 4
 
 
 async def test_release_with_delete_removes_the_session_but_only_for_the_holder(stores):

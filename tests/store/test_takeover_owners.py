@@ -7,9 +7,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.engine import Engine, EngineLimits, SessionNotFound
-from server.engine.persistence import Durability, Persistence
 from server.metrics import Metrics
-from server.store import RedisStateStore
+from server.store import Durability, RedisSessionStore, RedisStateStore, model_identity
 from tests.redis_server import redis_server
 from tests.unit.fakes import FakeRuntime
 
@@ -25,10 +24,10 @@ def redis_url(tmp_path_factory):
 
 
 async def replica(redis_url: str, name: str) -> Engine:
-    store = RedisStateStore(redis_url, name, lease_ttl=5.0, state_ttl=60, lease_wait=0.1)
-    metrics = Metrics(CollectorRegistry())
-    persistence = Persistence(store, Durability.EVERY_STEP, "fake@0", 100, 5.0, metrics)
-    engine = Engine(FakeRuntime(), EngineLimits(), metrics, persistence=persistence)
+    redis = RedisStateStore(redis_url, name, lease_ttl=5.0, state_ttl=60, lease_wait=0.1)
+    metrics, runtime = Metrics(CollectorRegistry()), FakeRuntime()
+    store = RedisSessionStore(redis, Durability.EVERY_STEP, model_identity(runtime.metadata), 100, 5.0, metrics)
+    engine = Engine(runtime, EngineLimits(), metrics, store=store)
     await engine.start()
     return engine
 

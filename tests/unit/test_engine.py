@@ -35,7 +35,7 @@ async def engine():
 async def applied(engine, session_id, inputs, seq=0) -> np.ndarray:
     """Submits a step and waits for its outputs."""
     _, answer = await engine.step(session_id, inputs, seq)
-    return await answer
+    return (await answer).outputs
 
 
 STATE_OF_ONES = np.ones((1, 3), np.float32)  # one session's h or c in the fake (1 layer, hidden 3)
@@ -49,7 +49,7 @@ def x(*values) -> np.ndarray:
 async def test_requests_of_a_session_apply_in_order_with_state_carried(engine):
     sid = (await engine.create_session()).session_id
     futures = [(await engine.step(sid, x(v)))[1] for v in (1, 2, 3)]
-    outputs = [float(y[0, 0]) for y in await asyncio.gather(*futures)]
+    outputs = [float(y.outputs[0, 0]) for y in await asyncio.gather(*futures)]
     assert outputs == [1.0, 3.0, 6.0]
     seq, h, c = await engine.get_state(sid)
     assert (seq, float(h[0, 0]), float(c[0, 0])) == (3, 6.0, 3.0)
@@ -62,7 +62,7 @@ async def test_many_sessions_share_a_model_call_up_to_max_batch_size(engine):
     await asyncio.sleep(0.05)
     engine.runtime.gate.set()
     outputs = await asyncio.gather(*futures)
-    assert [float(y[0, 0]) for y in outputs] == list(range(10))
+    assert [float(y.outputs[0, 0]) for y in outputs] == list(range(10))
     assert max(engine.runtime.batch_sizes) == 4
     assert sum(engine.runtime.batch_sizes) == 10
     assert len(engine.runtime.batch_sizes) < 10
@@ -72,8 +72,8 @@ async def test_chunks_of_different_lengths_are_each_applied_whole(engine):
     a, b = (await engine.create_session()).session_id, (await engine.create_session()).session_id
     ya = (await engine.step(a, x(1, 1, 1)))[1]
     yb = (await engine.step(b, x(5)))[1]
-    assert (await ya)[:, 0].tolist() == [1.0, 2.0, 3.0]
-    assert (await yb)[:, 0].tolist() == [5.0]
+    assert (await ya).outputs[:, 0].tolist() == [1.0, 2.0, 3.0]
+    assert (await yb).outputs[:, 0].tolist() == [5.0]
 
 
 async def test_retried_sequence_number_returns_stored_answer_without_applying_again(engine):
@@ -105,7 +105,7 @@ async def test_a_queued_request_retried_with_other_inputs_is_refused(engine):
     with pytest.raises(SequenceError, match="sequence number 1 was already applied with other inputs"):
         await engine.step(sid, x(4), seq=1)
     _, retried = await engine.step(sid, x(3), seq=1)
-    np.testing.assert_array_equal(await queued, await retried)
+    np.testing.assert_array_equal((await queued).outputs, (await retried).outputs)
     assert (await engine.get_state(sid))[1][0, 0] == 3.0
 
 
@@ -140,7 +140,7 @@ async def test_failing_model_call_fails_only_its_batch_and_changes_no_state(engi
     bad = (await engine.step(doomed, x(FAIL_MARKER)))[1]
     behind_bad = (await engine.step(doomed, x(1)))[1]
     engine.runtime.gate.set()
-    assert float((await blocker)[0, 0]) == 2.0
+    assert float((await blocker).outputs[0, 0]) == 2.0
     with pytest.raises(ModelFailure):
         await bad
     with pytest.raises(SequenceError, match="resend from sequence number 2"):

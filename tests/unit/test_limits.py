@@ -92,7 +92,7 @@ async def test_evict_policy_never_evicts_a_session_with_work_in_flight():
         with pytest.raises(LimitExceeded, match="max_sessions=1"):
             await engine.create_session()
         engine.runtime.gate.set()
-        assert float((await step)[0, 0]) == 2.0
+        assert float((await step).outputs[0, 0]) == 2.0
         assert refusals(registry, "max_sessions") == 1
     finally:
         await engine.stop()

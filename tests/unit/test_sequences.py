@@ -53,8 +53,9 @@ def reference(model, x: np.ndarray, h0=None, c0=None):
 
 
 async def answer(sequences: Sequences, *args, **kwargs):
-    """Submits a request and waits for its answer."""
-    return await (await sequences.step(*args, **kwargs))
+    """Submits a request and waits for its outputs (and state, when asked for)."""
+    answer = await (await sequences.step(*args, **kwargs))
+    return (answer.outputs, *answer.state) if answer.state else answer.outputs
 
 
 async def settle() -> None:
@@ -96,9 +97,9 @@ async def test_start_on_a_live_id_restarts_it_after_answering_what_was_queued(en
     first = await sequences.step(5, x1, start=True)
     queued = await sequences.step(5, x2)
     restarted = await sequences.step(5, x3, start=True)
-    np.testing.assert_allclose(await first, reference(model, x1)[0], atol=1e-5)
-    np.testing.assert_allclose(await queued, reference(model, np.concatenate([x1, x2]))[0][2:], atol=1e-5)
-    np.testing.assert_allclose(await restarted, reference(model, x3)[0], atol=1e-5)
+    np.testing.assert_allclose((await first).outputs, reference(model, x1)[0], atol=1e-5)
+    np.testing.assert_allclose((await queued).outputs, reference(model, np.concatenate([x1, x2]))[0][2:], atol=1e-5)
+    np.testing.assert_allclose((await restarted).outputs, reference(model, x3)[0], atol=1e-5)
     await settle()
     assert len(sequences) == 1
     assert live_sessions(metrics) == 1  # the replaced session was freed
@@ -137,7 +138,7 @@ async def test_sequence_steps_share_a_model_call_with_native_steps(engine, model
     x = chunk(1, 4)
     _, native_answer = await engine.step(native, x)
     sequence_answer = await sequences.step(3, x, start=True)
-    y_native, y_sequence = await native_answer, await sequence_answer
+    y_native, y_sequence = (await native_answer).outputs, (await sequence_answer).outputs
     registry = metrics.registry
     assert registry.get_sample_value("lstmserve_batch_size_count") == 1  # one model call ...
     assert registry.get_sample_value("lstmserve_batch_size_sum") == 2  # ... for both sessions

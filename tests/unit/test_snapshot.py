@@ -6,45 +6,48 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, EngineLimits, SequenceError, SessionNotFound, snapshot
+from server.engine import Engine, EngineLimits, SequenceError, SessionNotFound
 from server.metrics import Metrics
+from server.store import SnapshotStore, model_identity, snapshot
 from tests.unit.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
 
 
-async def engine_with(runtime=None, **limits) -> Engine:
-    engine = Engine(runtime or FakeRuntime(), EngineLimits(**limits), Metrics(CollectorRegistry()))
+async def engine_with(directory, runtime=None, **limits) -> Engine:
+    """An engine keeping its sessions in a snapshot in `directory`, started (so restored from it)."""
+    runtime = runtime or FakeRuntime()
+    store = SnapshotStore(directory, model_identity(runtime.metadata))
+    engine = Engine(runtime, EngineLimits(**limits), Metrics(CollectorRegistry()), store=store)
     await engine.start()
     return engine
 
 
 async def saved_sessions(directory) -> dict:
     """Three sessions with different histories saved to `directory`; returns what each looked like."""
-    engine = await engine_with()
+    engine = await engine_with(directory)
     expected = {}
     for n in range(3):
         sid = (await engine.create_session(owner=f"owner{n}")).session_id
-        answers = [
-            await (await engine.step(sid, np.full((n + 1, 2), seq, np.float32), seq=seq, owner=f"owner{n}"))[1]
-            for seq in range(1, n + 2)
-        ]
+        answers = []
+        for seq in range(1, n + 2):
+            _, answer = await engine.step(sid, np.full((n + 1, 2), seq, np.float32), seq=seq, owner=f"owner{n}")
+            answers.append((await answer).outputs)
         expected[sid] = (
             f"owner{n}",
             await engine.get_state(sid, owner=f"owner{n}"),
             answers,
             await engine.get_session(sid, owner=f"owner{n}"),
         )
-    await engine.stop()
-    assert snapshot.save(directory, engine) == 3
+    await engine.stop()  # writes the snapshot
+    assert (directory / snapshot.FILE_NAME).exists()
     return expected
 
 
 async def test_round_trip_restores_state_numbers_and_answers(tmp_path):
     expected = await saved_sessions(tmp_path)
-    engine = await engine_with()
+    engine = await engine_with(tmp_path, FakeRuntime())
     try:
-        assert snapshot.restore(tmp_path, engine) == 3
         assert not (tmp_path / snapshot.FILE_NAME).exists()  # never loaded twice
         for sid, (owner, (seq, h, c), answers, view) in expected.items():
             got_seq, got_h, got_c = await engine.get_state(sid, owner=owner)
@@ -57,9 +60,9 @@ async def test_round_trip_restores_state_numbers_and_answers(tmp_path):
             with pytest.raises(SequenceError, match=f"sequence number {seq} was already applied with other"):
                 await engine.step(sid, np.full((len(answers), 2), 99, np.float32), seq=seq, owner=owner)
             _, replayed = await engine.step(sid, np.full((len(answers), 2), seq, np.float32), seq=seq, owner=owner)
-            replay = await replayed
+            replay = (await replayed).outputs
             np.testing.assert_array_equal(replay, answers[-1])
-            after = await (await engine.step(sid, np.ones((1, 2), np.float32), seq=seq + 1, owner=owner))[1]
+            after = (await (await engine.step(sid, np.ones((1, 2), np.float32), seq=seq + 1, owner=owner))[1]).outputs
             assert float(after[0, 0]) == float(h[0, 0]) + 2.0  # the fake adds the step's input sum
     finally:
         await engine.stop()
@@ -96,45 +99,45 @@ def future_version(path):
 async def test_damaged_snapshot_is_refused_whole_with_a_log_line(tmp_path, caplog, damage, reason):
     expected = await saved_sessions(tmp_path)
     damage(tmp_path / snapshot.FILE_NAME)
-    engine = await engine_with()
+    with caplog.at_level(logging.ERROR, logger="server.store.snapshot"):
+        engine = await engine_with(tmp_path)
     try:
-        with caplog.at_level(logging.ERROR, logger="server.engine.snapshot"):
-            assert snapshot.restore(tmp_path, engine) == 0
         assert f"refused snapshot {tmp_path / snapshot.FILE_NAME}: {reason}" in caplog.text
-        for sid, (owner, *_) in expected.items():
-            with pytest.raises(SessionNotFound):
-                await engine.get_session(sid, owner=owner)
+        await assert_none_restored(engine, expected)
         assert list(tmp_path.glob(f"{snapshot.FILE_NAME}.rejected-*"))  # kept for a person to inspect
     finally:
         await engine.stop()
 
 
+async def assert_none_restored(engine, expected: dict) -> None:
+    for sid, (owner, *_) in expected.items():
+        with pytest.raises(SessionNotFound):
+            await engine.get_session(sid, owner=owner)
+
+
 async def test_snapshot_of_another_model_is_refused(tmp_path, caplog):
-    await saved_sessions(tmp_path)
-    engine = await engine_with(FakeRuntime(hidden_size=4))
+    expected = await saved_sessions(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="server.store.snapshot"):
+        engine = await engine_with(tmp_path, FakeRuntime(hidden_size=4))
     try:
-        with caplog.at_level(logging.ERROR, logger="server.engine.snapshot"):
-            assert snapshot.restore(tmp_path, engine) == 0
         assert "written for model" in caplog.text and "'hidden_size': 4" in caplog.text
+        await assert_none_restored(engine, expected)
     finally:
         await engine.stop()
 
 
 async def test_snapshot_larger_than_the_limits_is_not_half_loaded(tmp_path, caplog):
-    await saved_sessions(tmp_path)
-    engine = await engine_with(max_sessions=2)
+    expected = await saved_sessions(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="server.store.snapshot"):
+        engine = await engine_with(tmp_path, max_sessions=2)
     try:
-        with caplog.at_level(logging.ERROR, logger="server.engine.snapshot"):
-            assert snapshot.restore(tmp_path, engine) == 0
         assert "3 sessions do not fit: max_sessions allows 2" in caplog.text
-        assert engine.export_sessions() == []
+        await assert_none_restored(engine, expected)
     finally:
         await engine.stop()
 
 
-async def test_no_snapshot_means_an_empty_start(tmp_path):
-    engine = await engine_with()
-    try:
-        assert snapshot.restore(tmp_path, engine) == 0
-    finally:
-        await engine.stop()
+def test_no_snapshot_means_an_empty_start(tmp_path):
+    restored = []
+    assert SnapshotStore(tmp_path, model_identity(FakeRuntime().metadata)).restore(restored.extend) == 0
+    assert restored == []

@@ -1,0 +1,204 @@
+"""Sessions kept in Redis by durability mode, so another replica can take them over.
+
+`every-step`: a batch's new states are written (one pipeline per batch) before any of its steps is
+acknowledged. `checkpoint`: a session's state is written once N steps are unwritten, whatever is
+unwritten is written every `checkpoint_interval` seconds (so also soon after a stream goes idle), and
+everything at shutdown; a crash loses at most what was applied since the last write. Every write is fenced by
+the session's lease, so a replica that lost a session can never overwrite newer state.
+"""
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Iterable
+
+from server.logsafe import fingerprint
+from server.store.record import SessionRecord
+from server.store.redis_store import Lease, RedisStateStore
+from server.store.seam import LiveSession, RecordOf, SessionGone, SessionMoved, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Durability(enum.StrEnum):
+    NONE = "none"
+    CHECKPOINT = "checkpoint"
+    EVERY_STEP = "every-step"
+
+
+class RedisSessionStore:
+    """The SessionStore of replicas that share sessions through Redis; holds this replica's leases."""
+
+    wants_commits = True
+
+    def __init__(self, redis: RedisStateStore, durability: Durability, model: str, checkpoint_every: int,
+                 checkpoint_interval: float, metrics, clock=time.monotonic):
+        self.redis = redis
+        self.durability = durability
+        self._model = model
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_interval = checkpoint_interval
+        self.maintenance_period = min(redis.lease_ttl / 3, checkpoint_interval)
+        self._metrics = metrics
+        self._clock = clock
+        self._leases: dict[str, Lease] = {}
+        self._renewed: dict[str, float] = {}
+        self._written: dict[str, int] = {}  # session id -> steps_applied of its last record written
+        self._last_checkpoint = clock()
+        self._reading: dict[str, asyncio.Future] = {}  # session id -> its record being read
+        self._taking: dict[str, asyncio.Future] = {}  # session id -> its owner taking it over
+        self._background: set[asyncio.Task] = set()
+
+    def restore(self, accept) -> int:
+        return 0  # sessions are taken over one by one, on their first request here
+
+    async def load(self, session_id: str, owner: str) -> SessionRecord | None:
+        """Concurrent requests share the reads, but each is judged by its own principal: another principal's
+        request (who learnt the id) neither takes the session's lease nor decides what the owner's request
+        is answered."""
+        record = await _shared(self._reading, session_id, lambda: self._read(session_id))
+        if record is None or record.owner != owner:
+            return None
+        return await _shared(self._taking, session_id, lambda: self._take_over(session_id, owner))
+
+    async def _read(self, session_id: str) -> SessionRecord | None:
+        record = await self._guard(self.redis.load(session_id))
+        return record if record is not None and record.model == self._model else None
+
+    async def _take_over(self, session_id: str, owner: str) -> SessionRecord | None:
+        lease = await self._guard(self.redis.acquire(session_id))
+        record = await self._guard(self.redis.load(session_id))  # it may have moved on while we waited
+        if record is None or record.owner != owner:
+            await self.redis.release(lease)
+            return None
+        self._hold(lease, record.steps_applied)
+        log.info("took over session %s at sequence number %d", fingerprint(session_id), record.last_applied_seq)
+        return record
+
+    async def refresh(self, session_id: str) -> SessionRecord | None:
+        """Re-takes a lease that may have lapsed; a lease of a new holder means another replica may have written."""
+        if self._clock() - self._renewed.get(session_id, 0.0) < self.redis.lease_ttl / 2:
+            return None
+        old = self._leases.get(session_id)
+        lease = await self._guard(self.redis.acquire(session_id))
+        if old is not None and old.fence == lease.fence:
+            self._renewed[session_id] = self._clock()
+            return None
+        record = await self._guard(self.redis.load(session_id))
+        if record is None:
+            await self.redis.release(lease)
+            raise SessionGone(f"session {session_id} ended on another replica")
+        self._hold(lease, record.steps_applied)
+        return record
+
+    async def created(self, record: SessionRecord) -> None:
+        self._hold(await self._guard(self.redis.acquire(record.session_id)), written=-1)
+        await self._write([record], raise_errors=True)
+
+    async def commit(self, records: list[SessionRecord]) -> list[StoreUnavailable | None]:
+        if self.durability is Durability.EVERY_STEP:
+            return await self._write(records)
+        due = [r for r in records if r.steps_applied - self._written.get(r.session_id, 0) >= self._checkpoint_every]
+        if due:  # written in the background: checkpoint mode acknowledges without waiting for the store
+            self._in_background(self._write(due))
+        return [None] * len(records)
+
+    async def release(self, session_id: str, delete: bool) -> None:
+        lease = self._forget(session_id)
+        if lease is not None:
+            try:
+                await self.redis.release(lease, delete=delete)
+            except StoreUnavailable:
+                self._metrics.state_store_errors.inc()  # the lease expires by itself
+
+    async def maintain(self, live: Iterable[LiveSession], record_of: RecordOf) -> list[str]:
+        """Renews the leases of sessions in use, then writes what checkpoints are due."""
+        live = list(live)
+        in_use = [s.session_id for s in live if s.idle_for <= self.redis.lease_ttl and s.session_id in self._leases]
+        held = await self._guard(self.redis.renew([self._leases[sid] for sid in in_use]))
+        now, lost = self._clock(), []
+        for session_id, ok in zip(in_use, held):
+            if ok:
+                self._renewed[session_id] = now
+            else:
+                self._forget(session_id)
+                lost.append(session_id)
+        if now - self._last_checkpoint >= self._checkpoint_interval:
+            self._last_checkpoint = now
+            lost_ids = set(lost)
+            await self._write([record_of(s.session_id) for s in self._unwritten(live) if s.session_id not in lost_ids])
+        return lost
+
+    async def hand_over(self, records: list[SessionRecord]) -> None:
+        """Last checkpoints, then every lease released so other replicas take over at once."""
+        for task in list(self._background):
+            task.cancel()
+        try:
+            await self._write([r for r in records if r.steps_applied != self._written.get(r.session_id)])
+            for record in records:
+                await self.release(record.session_id, delete=False)
+        except StoreUnavailable:
+            log.warning("state store unreachable at shutdown; leases will expire by themselves")
+
+    def _unwritten(self, live: list[LiveSession]) -> list[LiveSession]:
+        return [s for s in live if s.steps_applied != self._written.get(s.session_id) and s.session_id in self._leases]
+
+    def _hold(self, lease: Lease, written: int) -> None:
+        self._leases[lease.session_id] = lease
+        self._renewed[lease.session_id] = self._clock()
+        self._written[lease.session_id] = written
+
+    def _forget(self, session_id: str) -> Lease | None:
+        self._renewed.pop(session_id, None)
+        self._written.pop(session_id, None)
+        return self._leases.pop(session_id, None)
+
+    def _in_background(self, write) -> None:
+        task = asyncio.ensure_future(write)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write(self, records: list[SessionRecord], raise_errors: bool = False) -> list[StoreUnavailable | None]:
+        """Per record: None when stored (or a newer state of ours is), else the error to answer with."""
+        held = [r for r in records if r.session_id in self._leases]
+        try:
+            results = await self._guard(self.redis.save([(r, self._leases[r.session_id]) for r in held]))
+        except StoreUnavailable as error:
+            if raise_errors:
+                raise
+            return [error] * len(records)
+        by_id = dict(zip((r.session_id for r in held), results))
+        errors = []
+        for record in records:
+            result = by_id.get(record.session_id, 0)  # no lease: given up meanwhile, as good as fenced out
+            if result == 1:
+                self._written[record.session_id] = record.steps_applied
+                self._renewed[record.session_id] = self._clock()  # a write extends the lease too
+                errors.append(None)
+            elif result == -1:
+                errors.append(None)  # an overlapping write of ours already stored a newer state
+            else:
+                log.warning("session %s is held by another replica; giving it up", fingerprint(record.session_id))
+                self._forget(record.session_id)  # the next request here takes it over again, or waits for it
+                errors.append(SessionMoved("the session moved to another replica; retry the request"))
+        return errors
+
+    async def _guard(self, operation):
+        try:
+            return await operation
+        except StoreUnavailable:
+            self._metrics.state_store_errors.inc()
+            raise
+
+
+async def _shared(in_flight: dict, key: str, start):
+    """`await start()`, or the result of the same call already in flight for `key`."""
+    future = in_flight.get(key)
+    if future is None:
+        future = in_flight[key] = asyncio.ensure_future(start())
+    try:
+        return await asyncio.shield(future)
+    finally:
+        if in_flight.get(key) is future:
+            del in_flight[key]

@@ -1,0 +1,142 @@
+"""The engine through its one seam to stored sessions, with an in-process fake store that records each call."""
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from server.engine import Engine, EngineLimits, SessionNotFound, StateUnavailable
+from server.engine.sessions import inputs_digest
+from server.metrics import Metrics
+from server.store import KeptAnswer, MemoryStore, SessionGone, SessionRecord, StoreUnavailable
+from tests.unit.fakes import FakeRuntime
+
+pytestmark = pytest.mark.unit
+
+OWNER = "alice"
+STORED_ID = "S" * 22
+RETRIED = np.zeros((1, 2), np.float32)  # the inputs of the stored session's last request
+
+
+class FakeStore(MemoryStore):
+    """Records what the engine asks; `stored` plays the records other processes wrote."""
+
+    wants_commits = True
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.stored: dict[str, SessionRecord] = {}
+        self.commit_error: StoreUnavailable | None = None
+        self.gone: set[str] = set()
+
+    async def load(self, session_id, owner):
+        self.calls.append(("load", session_id, owner))
+        record = self.stored.get(session_id)
+        return record if record is not None and record.owner == owner else None
+
+    async def refresh(self, session_id):
+        self.calls.append(("refresh", session_id))
+        if session_id in self.gone:
+            raise SessionGone("ended elsewhere")
+        return self.stored.pop(session_id, None)
+
+    async def created(self, record):
+        self.calls.append(("created", record))
+
+    async def commit(self, records):
+        self.calls.append(("commit", records))
+        return [self.commit_error] * len(records)
+
+    async def release(self, session_id, delete):
+        self.calls.append(("release", session_id, delete))
+
+    async def hand_over(self, records):
+        self.calls.append(("hand_over", records))
+
+    def of(self, kind: str) -> list[tuple]:
+        return [call for call in self.calls if call[0] == kind]
+
+
+@pytest.fixture
+async def engine_and_store():
+    store = FakeStore()
+    engine = Engine(FakeRuntime(), EngineLimits(answers_kept=2), Metrics(CollectorRegistry()), store=store)
+    await engine.start()
+    yield engine, store
+    await engine.stop()
+
+
+def x(value: float) -> np.ndarray:
+    return np.array([[value, 0.0]], np.float32)
+
+
+def stored_record(seq: int = 7, h: float = 5.0) -> SessionRecord:
+    state = np.full((1, 3), h, np.float32)
+    kept = KeptAnswer(seq, state, inputs_digest(b"step", RETRIED))
+    return SessionRecord(STORED_ID, OWNER, "model", 1234.5, seq, 9, state, state, (kept,))
+
+
+async def test_a_new_session_is_handed_to_the_store_before_it_is_acknowledged(engine_and_store):
+    engine, store = engine_and_store
+    view = await engine.create_session(owner=OWNER)
+    (_, record), = store.of("created")
+    assert (record.session_id, record.owner, record.created_at) == (view.session_id, OWNER, view.created_at)
+    assert (record.last_applied_seq, record.steps_applied, record.answers) == (0, 0, ())
+
+
+async def test_each_committed_step_carries_its_state_and_kept_answers(engine_and_store):
+    engine, store = engine_and_store
+    sid = (await engine.create_session(owner=OWNER)).session_id
+    for seq, value in enumerate((1.0, 2.0, 3.0), 1):
+        await (await engine.step(sid, x(value), seq=seq, owner=OWNER))[1]
+    records = [call[1][0] for call in store.of("commit")]
+    assert [r.last_applied_seq for r in records] == [1, 2, 3]
+    assert [[kept.seq for kept in r.answers] for r in records] == [[1], [1, 2], [2, 3]]  # answers_kept=2
+    assert float(records[-1].h[0, 0]) == 6.0 and float(records[-1].answers[-1].answer[0, 0]) == 6.0
+
+
+async def test_a_commit_the_store_refuses_is_unavailable_and_changes_nothing(engine_and_store):
+    engine, store = engine_and_store
+    sid = (await engine.create_session(owner=OWNER)).session_id
+    await (await engine.step(sid, x(1.0), seq=1, owner=OWNER))[1]
+    store.commit_error = StoreUnavailable("store down", retry_after=0.5)
+    _, refused = await engine.step(sid, x(1.0), seq=2, owner=OWNER)
+    with pytest.raises(StateUnavailable, match="store down") as error:
+        await refused
+    assert error.value.retry_after == 0.5
+    seq, h, _ = await engine.get_state(sid, owner=OWNER)
+    assert (seq, float(h[0, 0])) == (1, 1.0)
+
+
+async def test_a_session_not_live_here_is_loaded_from_the_store_for_its_owner_only(engine_and_store):
+    engine, store = engine_and_store
+    store.stored[STORED_ID] = stored_record()
+    with pytest.raises(SessionNotFound):
+        await engine.get_session(STORED_ID, owner="mallory")
+    view = await engine.get_session(STORED_ID, owner=OWNER)
+    assert (view.last_sequence_number, view.steps_applied, view.created_at) == (7, 9, 1234.5)
+    replay = await (await engine.step(STORED_ID, RETRIED, seq=7, owner=OWNER))[1]
+    assert float(replay.outputs[0, 0]) == 5.0  # the stored kept answer, not a recomputation
+    assert [call[2] for call in store.of("load")] == ["mallory", OWNER]
+
+
+async def test_a_newer_record_replaces_a_live_sessions_state_and_a_gone_one_is_not_found(engine_and_store):
+    engine, store = engine_and_store
+    sid = (await engine.create_session(owner=OWNER)).session_id
+    store.stored[sid] = SessionRecord(sid, OWNER, "model", 1.0, 4, 4, np.full((1, 3), 8.0, np.float32),
+                                      np.zeros((1, 3), np.float32))
+    seq, h, _ = await engine.get_state(sid, owner=OWNER)
+    assert (seq, float(h[0, 0])) == (4, 8.0)
+    store.gone.add(sid)
+    with pytest.raises(SessionNotFound):
+        await engine.get_state(sid, owner=OWNER)
+
+
+async def test_closing_and_stopping_release_and_hand_over(engine_and_store):
+    engine, store = engine_and_store
+    closed = (await engine.create_session(owner=OWNER)).session_id
+    kept = (await engine.create_session(owner=OWNER)).session_id
+    await engine.close_session(closed, owner=OWNER)
+    assert store.of("release") == [("release", closed, True)]
+    await engine.stop()
+    (_, records), = store.of("hand_over")
+    assert [r.session_id for r in records] == [kept]
