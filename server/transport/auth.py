@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from server.transport.errors import Unauthenticated, status_for
+from server.transport.errors import Unauthenticated, refuse
 from server.transport.interceptors import responses, wrap_handler
 
 log = logging.getLogger(__name__)
@@ -128,22 +128,27 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior, method: str):
         async def authenticated(request, context):
-            await self._authenticate(context, method)
+            if not self._authenticate(context, method):
+                return None
             return await behavior(request, context)
         return authenticated
 
     def _streaming(self, behavior, method: str):
         async def authenticated(request, context):
-            await self._authenticate(context, method)
+            if not self._authenticate(context, method):
+                return
             async for response in responses(behavior, request, context):
                 yield response
         return authenticated
 
-    async def _authenticate(self, context, method: str) -> None:
+    def _authenticate(self, context, method: str) -> bool:
+        """Makes the caller's principal current; False when the call is refused (and ends UNAUTHENTICATED)."""
         try:
             principal = self._authenticator.principal(context.invocation_metadata(), context.auth_context())
         except Unauthenticated as error:
             log.info("refused %s from %s: %s", method, context.peer(), error)
-            await context.abort(*status_for(error))
+            refuse(context, error)
+            return False
         log.debug("%s called by principal %r", method, principal)
         _PRINCIPAL.set(principal)
+        return True

@@ -42,12 +42,27 @@ STATUS_BY_ERROR = {
 
 
 def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-safe message for an error; unexpected ones are logged, never echoed."""
+    """The status code and client-safe message for an error; unexpected ones are logged, never echoed.
+
+    The error is answered from here on, so it loses its traceback (after the log line): the traceback's frames
+    hold the request, and often the future that holds the error, a cycle that would keep a refused request in
+    memory until the cycle collector ran."""
     for error_type, code in STATUS_BY_ERROR.items():
         if isinstance(error, error_type):
+            error.with_traceback(None)
             return code, str(error)
     log.error("unexpected error while serving a request", exc_info=error)
+    error.with_traceback(None)
     return grpc.StatusCode.INTERNAL, "internal server error; the details are in the server's log"
+
+
+def refuse(context, error: Exception) -> None:
+    """Ends the call with the error's status once the handler returns. Not context.abort: its AbortError stays
+    on the call and its traceback keeps the handlers' frames, the request among their locals, and the context
+    in those locals keeps the call, a cycle that held refused 60 MB requests until the cycle collector ran."""
+    code, message = status_for(error)
+    context.set_code(code)
+    context.set_details(message)
 
 
 def unary(method):
@@ -57,7 +72,8 @@ def unary(method):
         try:
             return await method(self, request, context)
         except Exception as error:  # noqa: BLE001 - every error becomes a status
-            await context.abort(*status_for(error))
+            refuse(context, error)
+            return None  # gRPC discards the answer of a call whose code is not OK
     return wrapper
 
 
@@ -69,5 +85,5 @@ def streaming(method):
             async for response in method(self, request_iterator, context):
                 yield response
         except Exception as error:  # noqa: BLE001 - every error becomes a status
-            await context.abort(*status_for(error))
+            refuse(context, error)
     return wrapper

@@ -9,7 +9,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from server.metrics import Metrics
-from server.transport.errors import status_for
+from server.transport.errors import refuse
 
 _HANDLER_KINDS = (
     ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
@@ -107,7 +107,8 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
 
         async def reject_malformed(request, context):
             if isinstance(request, DecodeError):
-                await context.abort(*status_for(request))
+                refuse(context, request)
+                return None
             return await behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(reject_malformed, parse_or_keep_error,

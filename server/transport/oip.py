@@ -13,7 +13,7 @@ from server.metrics import Metrics
 from server.transport import oip_convert as convert
 from server.transport.auth import current_principal
 from server.transport.errors import status_for, streaming, unary
-from server.transport.streams import read_ahead
+from server.transport.streams import read_ahead, refused
 
 SERVER_NAME = "lstmserve"
 EXTENSIONS = ("model_configuration", "sequence", "statistics")
@@ -120,9 +120,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return request, *await self._submit(request)
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
-            failed = asyncio.get_running_loop().create_future()
-            failed.set_exception(error)
-            return request, None, failed
+            return request, None, refused(error)
 
     async def _answer(self, request, call: convert.InferCall, pending: asyncio.Future
                       ) -> pb.ModelInferResponse:

@@ -10,7 +10,7 @@ from server.engine import Engine, StepAnswer
 from server.transport.auth import current_principal
 from server.transport.errors import status_for, streaming, unary
 from server.transport.messages import optional_tensor, session_info
-from server.transport.streams import read_ahead
+from server.transport.streams import read_ahead, refused
 
 
 class LstmServicer(pb_grpc.LstmServiceServicer):
@@ -111,9 +111,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         try:
             session_id, seq, answer = await self._submit_step(request)
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
-            session_id, seq = request.session_id, request.sequence_number
-            answer = asyncio.get_running_loop().create_future()
-            answer.set_exception(error)
+            session_id, seq, answer = request.session_id, request.sequence_number, refused(error)
         # a stream that ends early never awaits its last answers: their errors are not worth a log line
         answer.add_done_callback(lambda done: done.cancelled() or done.exception())
         return session_id, seq, answer

@@ -6,6 +6,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from server.engine import Draining
 
 
+def refused(error: Exception) -> asyncio.Future:
+    """A failed future standing in for the answer of a request refused before it was queued. It keeps the
+    error without its traceback: the traceback's frames hold the request, and the submitting frame holds
+    this future, a cycle that kept refused requests in memory until the cycle collector ran."""
+    answer = asyncio.get_running_loop().create_future()
+    answer.set_exception(error.with_traceback(None))
+    return answer
+
+
 async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awaitable], window: int,
                      draining: asyncio.Event) -> AsyncIterator:
     """Yields `await submit(request)` for each request in order while reading up to `window` requests ahead.
