@@ -74,7 +74,8 @@ class App:
                      ("grpc.max_send_message_length", s.max_message_bytes)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         lstm_service_pb2_grpc.add_LstmServiceServicer_to_server(
-            LstmServicer(self.engine, s.stream_window), self._server)
+            LstmServicer(self.engine, self.metrics, s.stream_window, s.max_batch_entries, s.max_message_bytes),
+            self._server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             OipServicer(self.engine, Sequences(self.engine), self.metrics, s.stream_window), self._server)
         reflection.enable_server_reflection(

@@ -1,22 +1,39 @@
 """`lstmserve.v1.LstmService`: decode, call the engine, encode. No model or session logic here."""
 
 import asyncio
+from collections.abc import AsyncIterator, Iterable
 
+import grpc
 from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
-from server.engine import Engine, StepAnswer
+from server.engine import Engine, LimitExceeded, StepAnswer
+from server.metrics import Metrics
 from server.transport.auth import current_principal
 from server.transport.errors import status_for, streaming, unary
 from server.transport.messages import optional_tensor, session_info
-from server.transport.streams import read_ahead, refused
+from server.transport.streams import read_ahead
+
+# StreamBatch entries submitted or answered between two yields to the event loop: a message of
+# max_batch_entries must not hold up other clients' calls for its whole duration.
+BATCH_SLICE = 256
+# An answer entry's bytes besides its outputs' payload and its request's session id: tags and lengths, the
+# sequence number, the outputs' shape, and room for the id of a session the entry creates.
+ANSWER_FRAMING = 72
+# An error answer's code and message: the server's messages are shorter (client text in them is clipped).
+ERROR_ANSWER_BYTES = 256
+ENTRY_TAG_AND_LENGTH = 6  # around each answer entry in the StepBatchResponse
 
 
 class LstmServicer(pb_grpc.LstmServiceServicer):
-    def __init__(self, engine: Engine, stream_window: int):
+    def __init__(self, engine: Engine, metrics: Metrics, stream_window: int, max_batch_entries: int,
+                 max_message_bytes: int):
         self._engine = engine
+        self._metrics = metrics
         self._stream_window = stream_window  # requests read ahead of the answers sent, per stream
+        self._max_batch_entries = max_batch_entries
+        self._max_message_bytes = max_message_bytes  # no answer larger than this is built
 
     @unary
     async def GetModelInfo(self, request, context):
@@ -51,13 +68,20 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @streaming
     async def StreamBatch(self, request_iterator, context):
+        """A message too long, or whose answer would be too large, ends the stream before any of it is queued."""
         async def submit_all(batch):
-            return [await self._submit_step_in_band(step) for step in batch.steps]
+            await self._check_batch(batch)
+            return [await self._submit_step_in_band(step) async for step in _in_slices(batch.steps)]
 
         async for submitted in read_ahead(request_iterator, submit_all, self._stream_window, self._engine.draining):
-            response = pb.StepBatchResponse()
-            for step in submitted:  # each answer is built in its place: no per-step message copies
-                await _answer_in_band(response.steps.add(), *step)
+            response, size = pb.StepBatchResponse(), 0
+            async for step in _in_slices(submitted):  # each answer is built in its place: no per-step copies
+                size += (await _answer_in_band(response.steps.add(), *step)).ByteSize() + ENTRY_TAG_AND_LENGTH
+                if size > self._max_message_bytes:  # answers given again, or errors, can outgrow the estimate
+                    raise self._refusal(
+                        f"the answers to this StreamBatch message take more than the server's max_message_bytes "
+                        f"of {self._max_message_bytes}; its steps are applied and their answers kept for a while: "
+                        "resend it in smaller messages with the same sequence numbers", "max_message_bytes")
             yield response
 
     @unary
@@ -107,14 +131,42 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
                                                 request.sequence_number, owner=owner)
 
     async def _submit_step_in_band(self, request: pb.StepRequest):
-        """Like _submit_step, but a rejected request becomes an error answer instead of raising."""
+        """Like _submit_step, but a rejected request becomes its error answer, a (code, message) pair, instead of
+        raising: a message of thousands of bad entries keeps no exception, traceback or future per entry."""
         try:
             session_id, seq, answer = await self._submit_step(request)
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
-            session_id, seq, answer = request.session_id, request.sequence_number, refused(error)
-        # a stream that ends early never awaits its last answers: their errors are not worth a log line
-        answer.add_done_callback(lambda done: done.cancelled() or done.exception())
+            return request.session_id, request.sequence_number, status_for(error)
+        answer.add_done_callback(_observe)
         return session_id, seq, answer
+
+    async def _check_batch(self, batch: pb.StepBatch) -> None:
+        """Refuses a StreamBatch message with too many entries, or whose answer would pass max_message_bytes."""
+        if len(batch.steps) > self._max_batch_entries:
+            raise self._refusal(
+                f"this StreamBatch message has {len(batch.steps)} entries, more than the server's max_batch_entries "
+                f"of {self._max_batch_entries}; split it into smaller messages", "max_batch_entries")
+        estimate = 0
+        async for step in _in_slices(batch.steps):
+            estimate += self._answer_size_estimate(step)
+        if estimate > self._max_message_bytes:
+            raise self._refusal(
+                f"the answer to this StreamBatch message would take about {estimate} bytes, more than the server's "
+                f"max_message_bytes of {self._max_message_bytes}; split it into smaller messages", "max_message_bytes")
+
+    def _answer_size_estimate(self, step: pb.StepRequest) -> int:
+        """Bytes of `step`'s answer: its outputs when its inputs look valid, else an error's."""
+        shape, description = step.inputs.shape, self._engine.describe()
+        model = description.metadata
+        framing = ANSWER_FRAMING + len(step.session_id) + ENTRY_TAG_AND_LENGTH
+        if len(shape) == 2 and 0 < shape[0] <= description.limits.max_steps_per_request and \
+                shape[1] == model.input_size:
+            return framing + shape[0] * model.output_size * tensors.WIRE_DTYPE.itemsize
+        return framing + ERROR_ANSWER_BYTES
+
+    def _refusal(self, message: str, limit: str) -> LimitExceeded:
+        self._metrics.limit_refusals.labels(limit).inc()
+        return LimitExceeded(message, limit)
 
 
 def _fill_answer(response: pb.StepResponse, session_id: str, seq: int, answer: StepAnswer) -> pb.StepResponse:
@@ -124,13 +176,29 @@ def _fill_answer(response: pb.StepResponse, session_id: str, seq: int, answer: S
     return response
 
 
-async def _answer_in_band(response: pb.StepResponse, session_id: str, seq: int, answer: asyncio.Future
-                          ) -> pb.StepResponse:
+async def _answer_in_band(response: pb.StepResponse, session_id: str, seq: int,
+                          answer: asyncio.Future | tuple[grpc.StatusCode, str]) -> pb.StepResponse:
     """Fills `response` with the answer, or with the error that stands in for it."""
-    try:
-        return _fill_answer(response, session_id, seq, await answer)
-    except Exception as error:  # noqa: BLE001 - one failed request must not end the stream
-        code, message = status_for(error)
-        response.session_id, response.sequence_number = session_id, seq
-        response.error.code, response.error.message = code.value[0], message
-        return response
+    if isinstance(answer, asyncio.Future):
+        try:
+            return _fill_answer(response, session_id, seq, await answer)
+        except Exception as error:  # noqa: BLE001 - one failed request must not end the stream
+            answer = status_for(error)
+    code, message = answer
+    response.session_id, response.sequence_number = session_id, seq
+    response.error.code, response.error.message = code.value[0], message
+    return response
+
+
+def _observe(answer: asyncio.Future) -> None:
+    """A stream that ends early never awaits its last answers: their errors are not worth a log line."""
+    if not answer.cancelled():
+        answer.exception()
+
+
+async def _in_slices(items: Iterable) -> AsyncIterator:
+    """`items`, yielding to the event loop after every BATCH_SLICE of them."""
+    for i, item in enumerate(items):
+        if i and i % BATCH_SLICE == 0:
+            await asyncio.sleep(0)
+        yield item

@@ -23,8 +23,16 @@ def test_engine_limits_come_from_the_settings():
     assert (limits.max_batch_size, limits.max_sessions) == (8, 10)
 
 
+def test_max_batch_entries_is_a_flag_and_a_variable_with_a_default():
+    env = {"LSTMSERVE_MAX_BATCH_ENTRIES": "100"}
+    assert Settings.from_args([], environ={}).max_batch_entries == 4096
+    assert Settings.from_args([], environ=env).max_batch_entries == 100
+    assert Settings.from_args(["--max-batch-entries", "7"], environ=env).max_batch_entries == 7
+
+
 @pytest.mark.parametrize("argv, env", [
     (["--max-batch-size", "0"], {}),
+    (["--max-batch-entries", "0"], {}),
     ([], {"LSTMSERVE_PORT": "not-a-port"}),
     ([], {"LSTMSERVE_ALLOW_NONFINITE": "maybe"}),
 ])
