@@ -74,14 +74,9 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             return [await self._submit_step_in_band(step) async for step in _in_slices(batch.steps)]
 
         async for submitted in read_ahead(request_iterator, submit_all, self._stream_window, self._engine.draining):
-            response, size = pb.StepBatchResponse(), 0
+            response = pb.StepBatchResponse()
             async for step in _in_slices(submitted):  # each answer is built in its place: no per-step copies
-                size += (await _answer_in_band(response.steps.add(), *step)).ByteSize() + ENTRY_TAG_AND_LENGTH
-                if size > self._max_message_bytes:  # answers given again, or errors, can outgrow the estimate
-                    raise self._refusal(
-                        f"the answers to this StreamBatch message take more than the server's max_message_bytes "
-                        f"of {self._max_message_bytes}; its steps are applied and their answers kept for a while: "
-                        "resend it in smaller messages with the same sequence numbers", "max_message_bytes")
+                await _answer_in_band(response.steps.add(), *step)
             yield response
 
     @unary

@@ -147,16 +147,17 @@ def test_a_message_whose_answer_would_pass_the_message_cap_is_refused_before_any
         assert not answer.steps[0].HasField("error") and list(answer.steps[0].outputs.shape) == [100, 32]
 
 
-def test_answers_given_again_that_outgrow_the_estimate_are_never_built_past_the_cap(wide_server):
+def test_retries_whose_kept_answers_pass_the_cap_are_refused_before_anything_is_built(wide_server):
+    """A retry resends its inputs (a reused number with other inputs is refused), so the estimate sees the
+    steps its kept answer holds."""
     with LstmClient(wide_server.address) as client, client.session() as session:
         for seq in (1, 2):
             client.stub.Step(pb.StepRequest(session_id=session.id, sequence_number=seq, inputs=steps(100, 16)))
         before = snapshot(session)
-        # retries declare one step each, but their kept answers hold 100 steps of outputs
-        retries = pb.StepBatch(steps=[pb.StepRequest(session_id=session.id, sequence_number=seq, inputs=steps(1, 16))
-                                      for seq in (1, 2)])
+        retries = pb.StepBatch(steps=[pb.StepRequest(session_id=session.id, sequence_number=seq,
+                                                     inputs=steps(100, 16)) for seq in (1, 2)])
         with pytest.raises(grpc.RpcError) as error:
             list(client.stub.StreamBatch(iter([retries])))
         assert error.value.code() == EXHAUSTED
-        assert "take more than the server's max_message_bytes of 16384" in error.value.details()
+        assert "more than the server's max_message_bytes of 16384" in error.value.details()
         assert snapshot(session) == before
