@@ -9,6 +9,7 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from server.engine import Engine, LimitExceeded, StepAnswer
+from server.logsafe import CLIP_CHARACTERS
 from server.metrics import Metrics
 from server.transport.auth import current_principal
 from server.transport.errors import status_for, streaming, unary
@@ -131,7 +132,8 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         try:
             session_id, seq, answer = await self._submit_step(request)
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
-            return request.session_id, request.sequence_number, status_for(error)
+            # the id is echoed so the answer can be matched, but never a huge malformed one in full
+            return request.session_id[:CLIP_CHARACTERS], request.sequence_number, status_for(error)
         answer.add_done_callback(_observe)
         return session_id, seq, answer
 

@@ -161,6 +161,15 @@ def test_a_megabyte_session_id_is_invalid_argument_with_a_short_message(demo_ser
     assert "session_id is malformed" in error.value.details() and len(error.value.details()) < 500
 
 
+def test_a_megabyte_session_id_on_a_stream_is_answered_in_band_without_echoing_it_whole(demo_server):
+    session_id = "x" * (1 << 20)
+    with LstmClient(demo_server.address) as client:
+        answer, = client.stub.Stream(iter([pb.StepRequest(session_id=session_id, sequence_number=1,
+                                                          inputs=steps(1, 4))]))
+    assert answer.error.code == INVALID.value[0] and "session_id is malformed" in answer.error.message
+    assert answer.session_id == session_id[:64]  # enough to match the answer, never a megabyte back
+
+
 def resident_megabytes(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
