@@ -19,6 +19,7 @@ from server.engine.errors import (
     SessionNotFound,
     StateUnavailable,
 )
+from server.engine.limits import EngineLimits
 from server.engine.rate_limit import RateLimiter
 from server.engine.scheduler import Scheduler, StepAnswer
 from server.engine.sessions import Session, SessionTable, Work, check_session_id, inputs_digest, record_of
@@ -27,6 +28,7 @@ from server.engine.validation import check_at_most, check_tensor
 from server.logsafe import fingerprint
 from server.metrics import Metrics
 from server.model import ModelMetadata, ModelRuntime
+from server.policies import FullPolicy
 from server.store import (
     LiveSession,
     MemoryStore,
@@ -38,26 +40,6 @@ from server.store import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineLimits:
-    max_batch_size: int = 256
-    max_batch_delay: float = 0.0
-    idle_timeout: float = 600.0
-    max_sessions: int = 100_000
-    max_sessions_per_owner: int = 100_000
-    max_state_bytes: int = 1 << 30
-    full_policy: str = "refuse"  # or "evict": close the least recently used idle session to make room
-    answers_kept: int = 32
-    initial_capacity: int = 1024
-    max_steps_per_request: int = 1024
-    max_sequence_length: int = 100_000
-    max_queued_requests: int = 100_000
-    allow_nonfinite: bool = False
-    torch_threads: int = 1  # intra-op threads of the model thread
-    rate_limit: float = 0.0  # requests per second per owner; 0: unlimited
-    rate_limit_burst: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,7 +332,7 @@ class Engine:
         return evicted
 
     def _evict_or_refuse(self, owner: str | None, refusal: LimitExceeded) -> Session:
-        evicting = self.limits.full_policy == "evict"
+        evicting = self.limits.full_policy == FullPolicy.EVICT
         victim = self._sessions.least_recently_used_idle(owner) if evicting else None
         if victim is None:
             raise refusal
