@@ -1,6 +1,7 @@
 """Composition root: wires model, engine, servicers, health, reflection and metrics; owns start and stop."""
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -17,12 +18,12 @@ from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from lstmserve.v1 import lstm_service_pb2, lstm_service_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from server.engine import Engine, LimitExceeded, Sequences
+from server.engine import Engine, EngineLimits, LimitExceeded, Sequences
 from server.metrics import Metrics
 from server.model import ModelContractError, ModelRuntime
+from server.policies import Durability
 from server.settings import Settings
 from server.store import (
-    Durability,
     MemoryStore,
     RedisSessionStore,
     RedisStateStore,
@@ -43,6 +44,11 @@ OIP_SERVICE_NAME = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceSe
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # What may be served without credentials when open_health_and_reflection is on: neither touches sessions.
 OPEN_SERVICE_NAMES = (HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+
+
+def engine_limits(settings: Settings) -> EngineLimits:
+    """The engine's limits, as the settings give them."""
+    return EngineLimits(**{field.name: getattr(settings, field.name) for field in dataclasses.fields(EngineLimits)})
 
 
 class App:
@@ -66,7 +72,7 @@ class App:
         s = self.settings
         self._start_metrics_http()
         runtime = await asyncio.to_thread(self._load_model)
-        self.engine = Engine(runtime, s.engine_limits(), self.metrics, store=await self._session_store(runtime))
+        self.engine = Engine(runtime, engine_limits(s), self.metrics, store=await self._session_store(runtime))
         await self.engine.start()
         self._server = grpc.aio.server(
             interceptors=[MetricsInterceptor(self.metrics), MalformedRequestInterceptor(), *self._auth_interceptors()],
@@ -129,7 +135,7 @@ class App:
         model = model_identity(runtime.metadata)
         if s.snapshot_dir:
             return SnapshotStore(s.snapshot_dir, model)
-        if not s.state_store or s.durability == Durability.NONE:
+        if not s.state_store or s.durability is Durability.NONE:
             return MemoryStore()
         replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._store = RedisStateStore(s.state_store, replica, lease_ttl=s.lease_ttl, state_ttl=s.idle_timeout,
@@ -137,7 +143,7 @@ class App:
         if not await self._store.ping():
             log.warning("state store %s is unreachable; sessions that need it get UNAVAILABLE until it is back",
                         s.state_store.split("@")[-1])
-        return RedisSessionStore(self._store, Durability(s.durability), model, s.checkpoint_every,
+        return RedisSessionStore(self._store, s.durability, model, s.checkpoint_every,
                                  s.checkpoint_interval, self.metrics)
 
     def _load_model(self) -> ModelRuntime:

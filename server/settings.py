@@ -2,16 +2,17 @@
 
 import argparse
 import dataclasses
+import enum
 import os
 from collections.abc import Mapping, Sequence
 
-from server.engine import EngineLimits
+from server.policies import Durability, FullPolicy
 
 ENV_PREFIX = "LSTMSERVE_"
 
 
-def _setting(default, help: str, minimum: float | None = None, choices: tuple | None = None):
-    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "choices": choices})
+def _setting(default, help: str, minimum: float | None = None):
+    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +30,8 @@ class Settings:
     max_sessions: int = _setting(100_000, "most live sessions; the state pool never grows past this", 1)
     max_sessions_per_owner: int = _setting(100_000, "most live sessions of one principal (owner)", 1)
     max_state_bytes: int = _setting(1 << 30, "most bytes of session state (h, c) the state pool may hold", 1)
-    full_policy: str = _setting("refuse", "at a session limit: refuse new sessions, or evict the least "
-                                "recently used idle one", choices=("refuse", "evict"))
+    full_policy: FullPolicy = _setting(FullPolicy.REFUSE, "at a session limit: refuse new sessions, or evict "
+                                       "the least recently used idle one")
     answers_kept: int = _setting(32, "answers of the latest requests kept per session, so retries and "
                                  "resumed streams are answered without applying a step twice", 1)
     initial_capacity: int = _setting(1024, "session slots preallocated at start", 1)
@@ -44,8 +45,7 @@ class Settings:
     allow_nonfinite: bool = _setting(False, "accept NaN and Inf in inputs and states")
     shutdown_grace: float = _setting(30.0, "seconds in-flight work may take to finish on SIGTERM", 0)
     state_store: str = _setting("", "redis://host:port/db or unix:///path.sock shared by replicas; empty: memory")
-    durability: str = _setting("every-step", "with a state store: what a step's answer waits for",
-                               choices=("none", "checkpoint", "every-step"))
+    durability: Durability = _setting(Durability.EVERY_STEP, "with a state store: what a step's answer waits for")
     checkpoint_every: int = _setting(100, "checkpoint durability: write a session once this many steps are new", 1)
     checkpoint_interval: float = _setting(5.0, "checkpoint durability: seconds between writes of unwritten state", 0.01)
     lease_ttl: float = _setting(5.0, "seconds a replica's claim on a session lasts unless renewed", 0.1)
@@ -61,6 +61,12 @@ class Settings:
     rate_limit: float = _setting(0.0, "requests per second of each principal (0: unlimited)", 0)
     rate_limit_burst: int = _setting(100, "requests a principal may make at once above --rate-limit", 1)
 
+    def __post_init__(self):
+        # a choice given by its spelling (a flag, a variable, a keyword) becomes its enum member
+        for field in dataclasses.fields(self):
+            if _choices(field):
+                object.__setattr__(self, field.name, field.type(getattr(self, field.name)))
+
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert_file)
@@ -70,10 +76,6 @@ class Settings:
         """Callers need a principal: a bearer token, or a client certificate under mutual TLS."""
         return bool(self.tokens_file or self.tls_client_ca_file)
 
-    def engine_limits(self) -> EngineLimits:
-        names = {f.name for f in dataclasses.fields(EngineLimits)}
-        return EngineLimits(**{name: getattr(self, name) for name in names})
-
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ) -> "Settings":
         """Flags win over environment variables, which win over defaults."""
@@ -82,18 +84,19 @@ class Settings:
             env = ENV_PREFIX + field.name.upper()
             default = _parse(field, environ[env], parser) if env in environ else field.default
             flag = "--" + field.name.replace("_", "-")
+            choices = _choices(field)
             if field.type is bool:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                     help=f"{field.metadata['help']} [{env}]")
             else:
-                parser.add_argument(flag, type=field.type, default=default, choices=field.metadata["choices"],
+                parser.add_argument(flag, type=str if choices else field.type, default=default, choices=choices,
                                     help=f"{field.metadata['help']} (default: {field.default}) [{env}]")
         values = vars(parser.parse_args(argv))
         for field in dataclasses.fields(cls):
             minimum = field.metadata["minimum"]
             if minimum is not None and values[field.name] < minimum:
                 parser.error(f"--{field.name.replace('_', '-')} must be at least {minimum}")
-            choices = field.metadata["choices"]
+            choices = _choices(field)
             if choices and values[field.name] not in choices:
                 parser.error(f"--{field.name.replace('_', '-')} must be one of {', '.join(choices)}")
         settings = cls(**values)
@@ -113,7 +116,16 @@ class Settings:
         return None
 
 
+def _choices(field: dataclasses.Field) -> tuple[str, ...] | None:
+    """The spellings of a setting that is one of an enum's values; None for any other setting."""
+    if isinstance(field.type, type) and issubclass(field.type, enum.Enum):
+        return tuple(member.value for member in field.type)
+    return None
+
+
 def _parse(field, text: str, parser: argparse.ArgumentParser):
+    if _choices(field):
+        return text  # checked against the choices with the flags' values
     if field.type is bool:
         if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
             parser.error(f"{ENV_PREFIX}{field.name.upper()}={text!r} is not a boolean")

@@ -1,6 +1,6 @@
 """The engine: sessions, their state pool and the batching scheduler. Knows nothing about gRPC."""
 
-from server.engine.engine import Engine, EngineLimits, ModelDescription, SessionView
+from server.engine.engine import Engine, ModelDescription, SessionView
 from server.engine.errors import (
     Draining,
     EngineError,
@@ -11,6 +11,7 @@ from server.engine.errors import (
     SessionNotFound,
     StateUnavailable,
 )
+from server.engine.limits import EngineLimits
 from server.engine.scheduler import StepAnswer
 from server.engine.sequences import SequenceId, Sequences
 

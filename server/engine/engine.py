@@ -11,6 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from server.engine.admission import Admission, Eviction
 from server.engine.errors import (
     Draining,
     InvalidInput,
@@ -19,7 +20,7 @@ from server.engine.errors import (
     SessionNotFound,
     StateUnavailable,
 )
-from server.engine.rate_limit import RateLimiter
+from server.engine.limits import EngineLimits
 from server.engine.scheduler import Scheduler, StepAnswer
 from server.engine.sessions import Session, SessionTable, Work, check_session_id, inputs_digest, record_of
 from server.engine.state_pool import StatePool
@@ -38,26 +39,6 @@ from server.store import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineLimits:
-    max_batch_size: int = 256
-    max_batch_delay: float = 0.0
-    idle_timeout: float = 600.0
-    max_sessions: int = 100_000
-    max_sessions_per_owner: int = 100_000
-    max_state_bytes: int = 1 << 30
-    full_policy: str = "refuse"  # or "evict": close the least recently used idle session to make room
-    answers_kept: int = 32
-    initial_capacity: int = 1024
-    max_steps_per_request: int = 1024
-    max_sequence_length: int = 100_000
-    max_queued_requests: int = 100_000
-    allow_nonfinite: bool = False
-    torch_threads: int = 1  # intra-op threads of the model thread
-    rate_limit: float = 0.0  # requests per second per owner; 0: unlimited
-    rate_limit_burst: int = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,16 +79,10 @@ class Engine:
         self._metrics = metrics
         self._clock = clock
         m = runtime.metadata
-        by_bytes = limits.max_state_bytes // m.state_bytes
-        self._capacity = min(limits.max_sessions, by_bytes)
-        self._capacity_limit = "max_sessions" if limits.max_sessions <= by_bytes else "max_state_bytes"
-        if self._capacity < 1:
-            raise LimitExceeded(f"max_state_bytes={limits.max_state_bytes} cannot hold one session's state "
-                                f"({m.state_bytes} bytes)", "max_state_bytes")
-        self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, self._capacity,
+        self._admission = Admission(limits, m.state_bytes, clock)
+        self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, self._admission.capacity,
                                device=str(runtime.device))
         self._sessions = SessionTable(clock)
-        self._rate = RateLimiter(limits.rate_limit, limits.rate_limit_burst, clock)
         self._store = store or MemoryStore()
         self._model = model_identity(m)
         self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay,
@@ -162,10 +137,12 @@ class Engine:
         self._admit(owner)
         h, c = self._initial_state(h0, c0)
         with self._counting_refusals():
-            evicted = self._make_room(owner)
+            evictions = self._admission.room_for_session(owner, self._sessions)
+            for eviction in evictions:
+                self._evict(eviction)
             slot = self._pool.allocate(h, c)
-        for victim in evicted:
-            await self._store.release(victim.id, delete=True)
+        for eviction in evictions:
+            await self._store.release(eviction.session.id, delete=True)
         session = self._sessions.add(slot, owner)
         try:
             with _store_errors():
@@ -334,35 +311,15 @@ class Engine:
                             f"{self.limits.answers_kept} requests are kept; "
                             f"expected {session.last_assigned_seq + 1}")
 
-    def _make_room(self, owner: str) -> list[Session]:
-        """Evicts (returning whom) or refuses when one more session would pass a quota or the pool's capacity."""
-        evicted = []
-        owned = self._sessions.count(owner)
-        if owned >= self.limits.max_sessions_per_owner:
-            evicted.append(self._evict_or_refuse(owner, LimitExceeded(
-                f"this client already has {owned} sessions (max_sessions_per_owner="
-                f"{self.limits.max_sessions_per_owner}); close one first", "max_sessions_per_owner")))
-        if len(self._sessions) >= self._capacity:
-            setting = getattr(self.limits, self._capacity_limit)
-            evicted.append(self._evict_or_refuse(None, LimitExceeded(
-                f"the server holds its most sessions, {self._capacity} ({self._capacity_limit}={setting}); "
-                "close unused sessions or retry later", self._capacity_limit)))
-        return evicted
-
-    def _evict_or_refuse(self, owner: str | None, refusal: LimitExceeded) -> Session:
-        evicting = self.limits.full_policy == "evict"
-        victim = self._sessions.least_recently_used_idle(owner) if evicting else None
-        if victim is None:
-            raise refusal
-        self._close(victim, SessionNotFound(f"session {victim.id} was evicted to make room "
-                                            f"({refusal.limit})"))
-        self._metrics.sessions_evicted.labels(refusal.limit).inc()
-        return victim
+    def _evict(self, eviction: Eviction) -> None:
+        victim, limit = eviction
+        self._close(victim, SessionNotFound(f"session {victim.id} was evicted to make room ({limit})"))
+        self._metrics.sessions_evicted.labels(limit).inc()
 
     def _admit(self, owner: str) -> None:
         """Every request of `owner` passes its rate limit first."""
         with self._counting_refusals():
-            self._rate.admit(owner)
+            self._admission.admit_request(owner)
 
     @contextlib.contextmanager
     def _counting_refusals(self):
@@ -413,9 +370,7 @@ class Engine:
 
     def _import(self, records: list[SessionRecord]) -> None:
         """Makes stored sessions live, all or none: every record is checked before the first one is added."""
-        if len(records) > self._capacity - len(self._sessions):
-            raise LimitExceeded(f"{len(records)} sessions do not fit: {self._capacity_limit} allows "
-                                f"{self._capacity}", self._capacity_limit)
+        self._admission.room_for(len(records), len(self._sessions))
         for r in records:
             check_session_id(r.session_id)
             check_tensor("h", r.h, self._pool.slot_shape, allow_nonfinite=True)

@@ -8,23 +8,17 @@ the session's lease, so a replica that lost a session can never overwrite newer 
 """
 
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import Iterable
 
 from server.logsafe import fingerprint
+from server.policies import Durability
 from server.store.record import SessionRecord
 from server.store.redis_store import Lease, RedisStateStore
 from server.store.seam import LiveSession, RecordOf, SessionGone, SessionMoved, StoreUnavailable
 
 log = logging.getLogger(__name__)
-
-
-class Durability(enum.StrEnum):
-    NONE = "none"
-    CHECKPOINT = "checkpoint"
-    EVERY_STEP = "every-step"
 
 
 class RedisSessionStore:

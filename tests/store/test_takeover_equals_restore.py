@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, EngineLimits
+from server.engine import Engine
 from server.metrics import Metrics
 from server.store import Durability, RedisSessionStore, RedisStateStore, SnapshotStore, model_identity, snapshot
+from tests.limits import limits_with
 from tests.redis_server import redis_server
 from tests.unit.fakes import FakeRuntime
 
@@ -19,7 +20,7 @@ async def redis_engine(url: str, replica: str) -> Engine:
     runtime, metrics = FakeRuntime(), Metrics(CollectorRegistry())
     redis = RedisStateStore(url, replica, lease_ttl=5.0, state_ttl=60, lease_wait=0.1)
     store = RedisSessionStore(redis, Durability.EVERY_STEP, model_identity(runtime.metadata), 100, 5.0, metrics)
-    engine = Engine(runtime, EngineLimits(answers_kept=3), metrics, store=store)
+    engine = Engine(runtime, limits_with(answers_kept=3), metrics, store=store)
     await engine.start()
     return engine
 
@@ -27,7 +28,7 @@ async def redis_engine(url: str, replica: str) -> Engine:
 async def snapshot_engine(directory) -> Engine:
     runtime = FakeRuntime()
     store = SnapshotStore(directory, model_identity(runtime.metadata))
-    engine = Engine(runtime, EngineLimits(answers_kept=3), Metrics(CollectorRegistry()), store=store)
+    engine = Engine(runtime, limits_with(answers_kept=3), Metrics(CollectorRegistry()), store=store)
     await engine.start()
     return engine
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, EngineLimits, SessionNotFound
+from server.engine import Engine, SessionNotFound
 from server.metrics import Metrics
 from server.store import Durability, RedisSessionStore, RedisStateStore, model_identity
+from tests.limits import limits_with
 from tests.redis_server import redis_server
 from tests.unit.fakes import FakeRuntime
 
@@ -27,7 +28,7 @@ async def replica(redis_url: str, name: str) -> Engine:
     redis = RedisStateStore(redis_url, name, lease_ttl=5.0, state_ttl=60, lease_wait=0.1)
     metrics, runtime = Metrics(CollectorRegistry()), FakeRuntime()
     store = RedisSessionStore(redis, Durability.EVERY_STEP, model_identity(runtime.metadata), 100, 5.0, metrics)
-    engine = Engine(runtime, EngineLimits(), metrics, store=store)
+    engine = Engine(runtime, limits_with(), metrics, store=store)
     await engine.start()
     return engine
 

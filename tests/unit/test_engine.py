@@ -8,7 +8,6 @@ from prometheus_client import CollectorRegistry
 
 from server.engine import (
     Engine,
-    EngineLimits,
     InvalidInput,
     LimitExceeded,
     ModelFailure,
@@ -16,6 +15,7 @@ from server.engine import (
     SessionNotFound,
 )
 from server.metrics import Metrics
+from tests.limits import limits_with
 from tests.unit.fakes import FAIL_MARKER, FakeRuntime
 
 pytestmark = pytest.mark.unit
@@ -24,8 +24,8 @@ pytestmark = pytest.mark.unit
 @pytest.fixture
 async def engine():
     runtime = FakeRuntime()
-    limits = EngineLimits(max_batch_size=4, initial_capacity=2, max_sessions=64, max_queued_requests=50,
-                          answers_kept=2)
+    limits = limits_with(max_batch_size=4, initial_capacity=2, max_sessions=64, max_queued_requests=50,
+                         answers_kept=2)
     engine = Engine(runtime, limits, Metrics(CollectorRegistry()))
     await engine.start()
     yield engine
@@ -202,7 +202,7 @@ async def test_state_pool_grows_to_max_sessions_then_refuses(engine):
 
 
 async def test_idle_sessions_expire():
-    engine = Engine(FakeRuntime(), EngineLimits(idle_timeout=0.05), Metrics(CollectorRegistry()))
+    engine = Engine(FakeRuntime(), limits_with(idle_timeout=0.05), Metrics(CollectorRegistry()))
     await engine.start()
     try:
         sid = (await engine.create_session()).session_id

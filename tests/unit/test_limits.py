@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, EngineLimits, LimitExceeded, SessionNotFound
+from server.engine import Engine, LimitExceeded, SessionNotFound
 from server.metrics import EVICTING_LIMITS, REFUSING_LIMITS, Metrics
 from server.settings import Settings
+from tests.limits import limits_with
 from tests.unit.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
@@ -19,7 +20,7 @@ SLOT_BYTES = 2 * 1 * 3 * 4  # (h, c) of the fake's one layer of 3 float32
 
 async def started(**limits) -> tuple[Engine, CollectorRegistry]:
     registry = CollectorRegistry()
-    engine = Engine(FakeRuntime(), EngineLimits(initial_capacity=2, **limits), Metrics(registry))
+    engine = Engine(FakeRuntime(), limits_with(initial_capacity=2, **limits), Metrics(registry))
     await engine.start()
     return engine, registry
 
@@ -129,4 +130,4 @@ async def test_queue_limit_refusal_is_counted():
 
 async def test_a_budget_smaller_than_one_session_stops_start_up():
     with pytest.raises(LimitExceeded, match="cannot hold one session"):
-        Engine(FakeRuntime(), EngineLimits(max_state_bytes=SLOT_BYTES - 1), Metrics(CollectorRegistry()))
+        Engine(FakeRuntime(), limits_with(max_state_bytes=SLOT_BYTES - 1), Metrics(CollectorRegistry()))

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, EngineLimits, LimitExceeded, SessionNotFound
+from server.engine import Engine, LimitExceeded, SessionNotFound
 from server.engine.rate_limit import RateLimiter
 from server.metrics import Metrics
 from server.settings import Settings
 from server.transport.auth import Authenticator, TokenTable
 from server.transport.errors import Unauthenticated, status_for
+from tests.limits import limits_with
 from tests.unit.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
@@ -133,7 +134,7 @@ def test_unexpected_errors_become_a_generic_internal_status():
 
 
 async def test_the_engine_hides_other_owners_sessions_and_limits_sessions_per_owner():
-    engine = Engine(FakeRuntime(), EngineLimits(max_sessions_per_owner=2), Metrics(CollectorRegistry()))
+    engine = Engine(FakeRuntime(), limits_with(max_sessions_per_owner=2), Metrics(CollectorRegistry()))
     await engine.start()
     try:
         mine = (await engine.create_session(owner="alice")).session_id

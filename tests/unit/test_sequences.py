@@ -7,10 +7,11 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, EngineLimits, InvalidInput, Sequences, SessionNotFound
+from server.engine import Engine, InvalidInput, Sequences, SessionNotFound
 from server.metrics import Metrics
 from server.model import ModelRuntime
 from tests.conftest import export_model
+from tests.limits import limits_with
 
 pytestmark = pytest.mark.unit
 
@@ -36,7 +37,7 @@ async def engine(model, metrics, request):
     """An engine whose sessions outlive any test, unless the test is marked with a shorter idle timeout."""
     marker = request.node.get_closest_marker("idle_timeout")
     idle_timeout = marker.args[0] if marker else 600.0
-    engine = Engine(ModelRuntime.load(model[0]), EngineLimits(idle_timeout=idle_timeout), metrics)
+    engine = Engine(ModelRuntime.load(model[0]), limits_with(idle_timeout=idle_timeout), metrics)
     await engine.start()
     yield engine
     await engine.stop()

@@ -1,7 +1,12 @@
 """Every setting is a flag and an LSTMSERVE_* variable; flags win; bounds are enforced."""
 
+import subprocess
+import sys
+
 import pytest
 
+from server.main import engine_limits
+from server.policies import Durability, FullPolicy
 from server.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -19,8 +24,34 @@ def test_environment_sets_values_and_flags_override_it():
 
 
 def test_engine_limits_come_from_the_settings():
-    limits = Settings.from_args(["--max-batch-size", "8", "--max-sessions", "10"], environ={}).engine_limits()
+    limits = engine_limits(Settings.from_args(["--max-batch-size", "8", "--max-sessions", "10"], environ={}))
     assert (limits.max_batch_size, limits.max_sessions) == (8, 10)
+    assert limits.full_policy is FullPolicy.REFUSE
+
+
+def test_choices_are_parsed_into_their_enums_from_flags_variables_and_keywords():
+    s = Settings.from_args(["--full-policy", "evict"], environ={"LSTMSERVE_DURABILITY": "checkpoint"})
+    assert (s.full_policy, s.durability) == (FullPolicy.EVICT, Durability.CHECKPOINT)
+    assert type(s.full_policy) is FullPolicy and type(s.durability) is Durability
+    assert Settings(durability="none").durability is Durability.NONE
+    assert Settings().durability is Durability.EVERY_STEP
+
+
+@pytest.mark.parametrize("argv, env, choices", [
+    (["--full-policy", "drop"], {}, FullPolicy),
+    ([], {"LSTMSERVE_DURABILITY": "always"}, Durability),
+])
+def test_an_unknown_choice_stops_start_up_naming_the_choices(argv, env, choices, capsys):
+    with pytest.raises(SystemExit):
+        Settings.from_args(argv, environ=env)
+    error = capsys.readouterr().err
+    assert all(choice in error for choice in choices), error
+
+
+def test_the_settings_do_not_import_the_engine():
+    imported = subprocess.run([sys.executable, "-c", "import sys, server.settings; print(sorted(sys.modules))"],
+                              capture_output=True, text=True, check=True).stdout
+    assert "server.engine" not in imported and "torch" not in imported
 
 
 def test_max_batch_entries_is_a_flag_and_a_variable_with_a_default():

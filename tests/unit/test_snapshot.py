@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, EngineLimits, SequenceError, SessionNotFound
+from server.engine import Engine, SequenceError, SessionNotFound
 from server.metrics import Metrics
 from server.store import SnapshotStore, model_identity, snapshot
+from tests.limits import limits_with
 from tests.unit.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
@@ -18,7 +19,7 @@ async def engine_with(directory, runtime=None, **limits) -> Engine:
     """An engine keeping its sessions in a snapshot in `directory`, started (so restored from it)."""
     runtime = runtime or FakeRuntime()
     store = SnapshotStore(directory, model_identity(runtime.metadata))
-    engine = Engine(runtime, EngineLimits(**limits), Metrics(CollectorRegistry()), store=store)
+    engine = Engine(runtime, limits_with(**limits), Metrics(CollectorRegistry()), store=store)
     await engine.start()
     return engine
 

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, EngineLimits, SessionNotFound, StateUnavailable
+from server.engine import Engine, SessionNotFound, StateUnavailable
 from server.engine.sessions import inputs_digest
 from server.metrics import Metrics
 from server.store import KeptAnswer, MemoryStore, SessionGone, SessionRecord, StoreUnavailable
+from tests.limits import limits_with
 from tests.unit.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
@@ -59,7 +60,7 @@ class FakeStore(MemoryStore):
 @pytest.fixture
 async def engine_and_store():
     store = FakeStore()
-    engine = Engine(FakeRuntime(), EngineLimits(answers_kept=2), Metrics(CollectorRegistry()), store=store)
+    engine = Engine(FakeRuntime(), limits_with(answers_kept=2), Metrics(CollectorRegistry()), store=store)
     await engine.start()
     yield engine, store
     await engine.stop()
