@@ -1,6 +1,6 @@
 """The engine: sessions, their state pool and the batching scheduler. Knows nothing about gRPC."""
 
-from server.engine.engine import Engine, ModelDescription, SessionView
+from server.engine.engine import Engine
 from server.engine.errors import (
     Draining,
     EngineError,
@@ -14,6 +14,7 @@ from server.engine.errors import (
 from server.engine.limits import EngineLimits
 from server.engine.scheduler import StepAnswer
 from server.engine.sequences import SequenceId, Sequences
+from server.engine.views import ModelDescription, SessionView
 
 __all__ = ["Draining", "Engine", "EngineError", "EngineLimits", "InvalidInput", "LimitExceeded", "ModelDescription",
            "ModelFailure", "SequenceError", "SequenceId", "Sequences", "SessionNotFound", "SessionView",

@@ -1,0 +1,58 @@
+"""The sequence-number rules that make every state-changing request apply exactly once, in order."""
+
+import asyncio
+
+from server.engine.errors import LimitExceeded, SequenceError
+from server.engine.scheduler import Scheduler, StepAnswer
+from server.engine.sessions import Session, SessionTable
+
+
+class ExactlyOnce:
+    """Number n+1 is applied after n only; a number already applied is answered again, never applied twice."""
+
+    def __init__(self, scheduler: Scheduler, table: SessionTable, answers_kept: int, max_queued_requests: int):
+        self._scheduler = scheduler
+        self._table = table
+        self._answers_kept = answers_kept
+        self._max_queued_requests = max_queued_requests
+
+    def submit(self, session: Session, seq: int, digest: bytes, make_work) -> tuple[int, asyncio.Future]:
+        """Queues `make_work(future, seq)` behind the session's others, or answers a retry; seq 0 takes the next
+        number. `digest` is the request's inputs', kept to tell a retry from a reused number."""
+        loop = asyncio.get_running_loop()
+        if seq == 0:
+            seq = session.last_assigned_seq + 1
+        elif seq <= session.last_assigned_seq:
+            return seq, self._answer_again(session, seq, digest, loop)
+        elif seq != session.last_assigned_seq + 1:
+            raise SequenceError(f"sequence number {seq} skips ahead; expected {session.last_assigned_seq + 1}")
+        if self._scheduler.queued >= self._max_queued_requests:
+            raise LimitExceeded(f"the server's queue is full (max_queued_requests={self._max_queued_requests})"
+                                "; retry with backoff", "max_queued_requests")
+        future = loop.create_future()
+        self._scheduler.enqueue(session, make_work(future, seq))
+        session.last_assigned_seq = seq
+        self._table.touch(session)
+        return seq, future
+
+    def _answer_again(self, session: Session, seq: int, digest: bytes, loop) -> asyncio.Future:
+        """A retried request: the queued original's future, or the kept answer. A number reused with other
+        inputs is refused: answering it would hand back another request's outputs."""
+        for work in session.pending or ():
+            if work.seq == seq:
+                _check_same_inputs(seq, work.digest, digest)
+                return asyncio.shield(work.future)
+        kept = session.kept_answer(seq)
+        if kept is not None:
+            _check_same_inputs(seq, kept.digest, digest)
+            future = loop.create_future()
+            future.set_result(StepAnswer(kept.answer, None))
+            return future
+        raise SequenceError(f"sequence number {seq} was applied earlier and only the answers of the last "
+                            f"{self._answers_kept} requests are kept; expected {session.last_assigned_seq + 1}")
+
+
+def _check_same_inputs(seq: int, applied: bytes | None, retried: bytes) -> None:
+    if applied is not None and applied != retried:
+        raise SequenceError(f"sequence number {seq} was already applied with other inputs; a retry must resend "
+                            "the same inputs, and a new request takes the next sequence number")

@@ -1,0 +1,150 @@
+"""The sessions live in this process: their table, their states in the pool, and the store that keeps them
+beyond it (taking a session over on its first request here, refreshing it, handing it over at the end)."""
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+
+from server.engine.admission import Admission
+from server.engine.errors import InvalidInput, SessionNotFound, StateUnavailable
+from server.engine.scheduler import Scheduler
+from server.engine.sessions import Session, SessionTable, check_session_id, record_of
+from server.engine.state_pool import StatePool
+from server.engine.validation import check_tensor
+from server.store import LiveSession, SessionGone, SessionRecord, SessionStore, StoreUnavailable
+
+
+class LiveSessions:
+    def __init__(self, pool: StatePool, store: SessionStore, scheduler: Scheduler, admission: Admission,
+                 model: str, answers_kept: int, clock=time.monotonic):
+        self.table = SessionTable(clock)
+        self.pool = pool
+        self._store = store
+        self._scheduler = scheduler
+        self._admission = admission
+        self._model = model
+        self._answers_kept = answers_kept
+        self._clock = clock
+        self._close_listeners: list[Callable[[str], None]] = []
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    async def find(self, session_id: str, owner: str, accepting: Callable[[], None]) -> Session:
+        """`owner`'s session, from the store if it is kept there but not live here yet (`accepting()` raises
+        when no session may be taken over now). Another owner's session is reported exactly like one that does
+        not exist."""
+        session = self.table.find(session_id)
+        with store_errors():
+            if session is None:
+                record = await self._store.load(session_id, owner)
+                # concurrent requests of the owner share one takeover: the first to get here adopts the record
+                session = self.table.find(session_id) or (record and self._adopt(record, accepting))
+            elif session.owner == owner and not session.busy:
+                try:
+                    record = await self._store.refresh(session_id)
+                except SessionGone:
+                    self.close(session, SessionNotFound(f"session {session_id} was closed elsewhere"))
+                    session = None
+                else:
+                    if record is not None:
+                        self._load(session, record)
+        if session is None or session.owner != owner:
+            raise SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)")
+        return session
+
+    async def open(self, owner: str, h: torch.Tensor, c: torch.Tensor) -> Session:
+        """A new session, handed to the store before it is acknowledged."""
+        slot = self.pool.allocate(h, c)
+        session = self.table.add(slot, owner)
+        try:
+            with store_errors():
+                await self._store.created(self.record(session))
+        except Exception:
+            self.table.remove(session)
+            self.pool.release(slot)
+            raise
+        return session
+
+    def close(self, session: Session, error: Exception) -> None:
+        """Ends a session here; its queued requests fail with `error`."""
+        self._scheduler.fail_pending(session, error)
+        self.table.remove(session)
+        if session.in_flight:
+            session.closed = True
+        else:
+            self.pool.release(session.slot)
+        for listener in self._close_listeners:
+            listener(session.id)
+
+    async def end(self, session: Session, error: Exception) -> None:
+        """Ends a session everywhere (closed, expired, evicted)."""
+        self.close(session, error)
+        await self._store.release(session.id, delete=True)
+
+    def on_closed(self, listener: Callable[[str], None]) -> None:
+        self._close_listeners.append(listener)
+
+    def record(self, session: Session) -> SessionRecord:
+        h, c = self.pool.read(session.slot)
+        return record_of(session, self._model, h.cpu().numpy(), c.cpu().numpy())
+
+    def restore(self) -> None:
+        self._store.restore(self._import)
+
+    async def hand_over(self) -> None:
+        await self._store.hand_over([self.record(s) for s in self.table])
+
+    async def maintain_forever(self) -> None:
+        """Lets the store renew its claims and write checkpoints; drops sessions another replica took."""
+        if not self._store.maintenance_period:
+            return
+        while True:
+            await asyncio.sleep(self._store.maintenance_period)
+            now = self._clock()
+            live = [LiveSession(s.id, 0.0 if s.busy else now - s.last_used, s.steps_applied) for s in self.table]
+            try:
+                lost = await self._store.maintain(live, lambda sid: self.record(self.table.find(sid)))
+            except StoreUnavailable:
+                continue  # counted by the store, which reconnects by itself
+            for session_id in lost:
+                if session := self.table.find(session_id):
+                    self.close(session, SessionNotFound(f"session {session_id} moved to another replica"))
+
+    def _adopt(self, record: SessionRecord, accepting: Callable[[], None]) -> Session:
+        accepting()
+        self._import([record])
+        return self.table.find(record.session_id)
+
+    def _import(self, records: list[SessionRecord]) -> None:
+        """Makes stored sessions live, all or none: every record is checked before the first one is added."""
+        self._admission.room_for(len(records), len(self.table))
+        for r in records:
+            check_session_id(r.session_id)
+            check_tensor("h", r.h, self.pool.slot_shape, allow_nonfinite=True)
+            check_tensor("c", r.c, self.pool.slot_shape, allow_nonfinite=True)
+            if self.table.find(r.session_id):
+                raise InvalidInput(f"session {r.session_id} is already live")
+        for r in records:
+            slot = self.pool.allocate(torch.from_numpy(r.h), torch.from_numpy(r.c))
+            self._load(self.table.add(slot, r.owner, r.session_id, r.created_at), r)
+
+    def _load(self, session: Session, record: SessionRecord) -> None:
+        """Replaces a live session's state and numbering with those of a stored record."""
+        self.pool.write(session.slot, torch.from_numpy(record.h), torch.from_numpy(record.c))
+        session.last_applied_seq = session.last_assigned_seq = record.last_applied_seq
+        session.steps_applied = record.steps_applied
+        session.answers = collections.deque(record.answers, maxlen=self._answers_kept)
+
+
+@contextlib.contextmanager
+def store_errors():
+    """The store's own errors, as the engine's."""
+    try:
+        yield
+    except StoreUnavailable as error:
+        raise StateUnavailable(str(error), error.retry_after) from error
