@@ -8,7 +8,7 @@ from server.engine import Engine, EngineLimits, SessionNotFound, StateUnavailabl
 from server.engine.sessions import inputs_digest
 from server.metrics import Metrics
 from server.store import KeptAnswer, MemoryStore, SessionGone, SessionRecord, StoreUnavailable
-from tests.unit.fakes import FakeRuntime
+from tests.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
 

@@ -16,7 +16,7 @@ from server.engine import (
     SessionNotFound,
 )
 from server.metrics import Metrics
-from tests.unit.fakes import FAIL_MARKER, FakeRuntime
+from tests.fakes import FAIL_MARKER, FakeRuntime
 
 pytestmark = pytest.mark.unit
 

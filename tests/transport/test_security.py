@@ -13,7 +13,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server.transport.auth import Authenticator, TokenTable
 from server.transport.errors import Unauthenticated, status_for
-from tests.unit.fakes import FakeRuntime
+from tests.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from server.engine import Engine, EngineLimits, SequenceError, SessionNotFound
 from server.metrics import Metrics
 from server.store import SnapshotStore, model_identity, snapshot
-from tests.unit.fakes import FakeRuntime
+from tests.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
 

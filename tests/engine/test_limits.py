@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from server.engine import Engine, EngineLimits, LimitExceeded, SessionNotFound
 from server.metrics import EVICTING_LIMITS, REFUSING_LIMITS, Metrics
 from server.settings import Settings
-from tests.unit.fakes import FakeRuntime
+from tests.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
 
