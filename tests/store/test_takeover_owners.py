@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry
 from server.engine import Engine, EngineLimits, SessionNotFound
 from server.metrics import Metrics
 from server.store import Durability, RedisSessionStore, RedisStateStore, model_identity
+from server.testing.redis_server import redis_server
 from tests.fakes import FakeRuntime
-from tests.redis_server import redis_server
 
 pytestmark = pytest.mark.integration
 
