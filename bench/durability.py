@@ -6,7 +6,7 @@ import contextlib
 from bench.plan import MODELS
 from bench.report import _ms, _n, _ratio, _table
 from bench.scenarios import Bench, median_of
-from tests.redis_server import redis_server
+from server.testing.redis_server import redis_server
 
 MODES = ("none", "checkpoint", "every-step")
 

@@ -3,7 +3,6 @@
 import contextlib
 import dataclasses
 import json
-import re
 import shutil
 import subprocess
 import time
@@ -12,6 +11,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from server.testing.processes import wait_for_log
 
 
 class PrometheusError(Exception):
@@ -62,7 +63,9 @@ def prometheus_server(config: Path, directory: Path, timeout: float = 30) -> Ite
             [executable, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
              "--web.listen-address=127.0.0.1:0"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        server = PrometheusServer(_wait_for_address(process, log_path, timeout), log_path)
+        # Prometheus logs the port it was given (0) and then the one it listens on.
+        listening = wait_for_log(process, log_path, r'msg="Listening on" address=(127\.0\.0\.1:\d+)', timeout)
+        server = PrometheusServer(f"http://{listening.group(1)}", log_path)
         server.wait_for(lambda: _ready(server.url), "ready", timeout)
         yield server
     finally:
@@ -72,19 +75,6 @@ def prometheus_server(config: Path, directory: Path, timeout: float = 30) -> Ite
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
-
-
-def _wait_for_address(process: subprocess.Popen, log_path: Path, timeout: float) -> str:
-    """Prometheus logs the port it was given (0) and then the one it listens on."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(r'msg="Listening on" address=(127\.0\.0\.1:\d+)', log_path.read_text())
-        if match:
-            return f"http://{match.group(1)}"
-        if process.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {process.returncode}:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    raise TimeoutError(f"prometheus did not listen within {timeout}s:\n{log_path.read_text()}")
 
 
 def _ready(url: str) -> bool:

@@ -16,9 +16,9 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from client import Credentials, LstmClient
 from client.resume import RetryPolicy
 from server.logsafe import fingerprint
+from server.testing.processes import lstmserve_process
 from tests.certs import CertificateAuthority, make_pki
 from tests.integration.reference import TOLERANCE, Reference
-from tests.servers import server_process
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +41,7 @@ def test_sighup_reloads_certificates_and_tokens_while_sessions_live_on(tmp_path,
     reference = Reference(torch.jit.load(str(demo_model)), 1, 3)
     x1, x2 = np.full((2, 4), 0.5, np.float32), np.full((1, 4), -0.25, np.float32)
     flags = ("--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tokens-file", str(pki.tokens_file))
-    with server_process(demo_model, tmp_path / "server.log", *flags) as server:
+    with lstmserve_process(demo_model, tmp_path / "server.log", *flags) as server:
         def connect(roots, token=pki.tokens["alice"]):
             return LstmClient(server.address, timeout=10, retry=NO_RETRY,
                               credentials=Credentials(root_certificates=str(roots), token=token))
@@ -83,7 +83,7 @@ def test_the_log_holds_no_tokens_tensor_values_or_session_ids(tmp_path, demo_mod
              "--tokens-file", str(pki.tokens_file), "--log-level", "DEBUG")
     forged = secrets.token_urlsafe(32)
     inputs = np.array([[0.7312911, -1.3987712, 2.2718374, 0.1122334]], np.float32)
-    with server_process(demo_model, tmp_path / "server.log", *flags) as server:
+    with lstmserve_process(demo_model, tmp_path / "server.log", *flags) as server:
         def connect(token):
             return LstmClient(server.address, timeout=10, retry=NO_RETRY,
                               credentials=Credentials(root_certificates=str(pki.ca.cert), token=token))

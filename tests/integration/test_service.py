@@ -13,8 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client import LstmClient
+from server.testing.processes import lstmserve_process
 from tests.conftest import export_model
-from tests.servers import server_in_thread, server_process
+from tests.servers import server_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +83,7 @@ def test_idle_sessions_expire_and_are_counted(demo_model):
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_in_flight_then_exits_zero(tmp_path):
     path, _ = export_model(tmp_path, "big", 64, 512, 2)
-    with server_process(path, tmp_path / "server.log") as server:
+    with lstmserve_process(path, tmp_path / "server.log") as server:
         with LstmClient(server.address) as client:
             result = {}
             long_request = threading.Thread(

@@ -16,12 +16,13 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import AsyncLstmClient, LstmClient, StepError
+from server.testing.processes import lstmserve_process
 from tests.faulty_model import FAULT_SENTINEL, export_faulty_model
 from tests.integration.reference import TOLERANCE, Reference
 from tests.proxy import tcp_proxy
 from tests.reliability.figures import FIGURES, scale
 from tests.reliability.stream_child import inputs
-from tests.servers import server_in_thread, server_process
+from tests.servers import server_in_thread
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -126,7 +127,7 @@ def test_sigterm_with_steps_in_flight_then_restore_from_snapshot(demo_model, scr
     snapshot_dir = str(tmp_path / "snapshots")
     flags = ("--snapshot-dir", snapshot_dir, "--shutdown-grace", "10")
     with (
-        server_process(demo_model, tmp_path / "first.log", *flags) as first,
+        lstmserve_process(demo_model, tmp_path / "first.log", *flags) as first,
         tcp_proxy(first.address) as proxy,
     ):
         with LstmClient(proxy.address) as client:
@@ -144,7 +145,7 @@ def test_sigterm_with_steps_in_flight_then_restore_from_snapshot(demo_model, scr
             consumer.start()
             assert first.process.wait(60) == 0
             assert "wrote 1 sessions to snapshot" in first.log()
-            with server_process(demo_model, tmp_path / "second.log", *flags) as second:
+            with lstmserve_process(demo_model, tmp_path / "second.log", *flags) as second:
                 assert "restored 1 sessions from snapshot" in second.log()
                 proxy.accept(second.address)
                 consumer.join(120)

@@ -5,9 +5,9 @@ import multiprocessing
 
 import pytest
 
+from server.testing.processes import lstmserve_process
 from tests.reliability import load_worker
 from tests.reliability.figures import FIGURES, scale
-from tests.servers import server_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,7 +20,7 @@ SIZES = (2, 8, 5)  # the two_layer_model: layers, hidden, input
 def test_concurrent_sessions_hold_with_zero_errors_and_exact_state(two_layer_model, tmp_path):
     path, _ = two_layer_model
     per_worker = SESSIONS // WORKERS
-    with server_process(path, tmp_path / "server.log", "--max-batch-size", "256") as server:
+    with lstmserve_process(path, tmp_path / "server.log", "--max-batch-size", "256") as server:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=context) as pool:
             runs = [

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from client import LstmClient
+from server.testing.processes import lstmserve_process
+from server.testing.redis_server import redis_server
 from tests.integration.reference import TOLERANCE, Reference
-from tests.redis_server import redis_server
-from tests.servers import server_process
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_every_step_streams_fail_over_to_the_next_replica_without_losing_or_repe
             errors.append(error)
 
     with redis_server(tmp_path) as redis:
-        replicas = [server_process(demo_model, tmp_path / f"{name}.log", "--state-store", redis.url, *flags)
+        replicas = [lstmserve_process(demo_model, tmp_path / f"{name}.log", "--state-store", redis.url, *flags)
                     for name in "abc"]
         with replicas[0] as a, replicas[1] as b, replicas[2] as c:
             with LstmClient(f"{a.address},{b.address},{c.address}", timeout=120) as client:

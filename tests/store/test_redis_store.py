@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from server.store import KeptAnswer, Lease, RedisStateStore, SessionRecord, StoreUnavailable
-from tests.redis_server import redis_server
+from server.testing.redis_server import redis_server
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,10 @@ import pytest
 
 from client import LstmClient
 from client.messages import step_request
+from server.testing.processes import lstmserve_process
+from server.testing.redis_server import redis_server
 from tests.integration.reference import TOLERANCE, Reference
-from tests.redis_server import redis_server
-from tests.servers import server_in_thread, server_process
+from tests.servers import server_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -70,8 +71,8 @@ def test_every_step_mode_loses_no_acknowledged_step_when_a_replica_is_killed(dem
                                                                              reference_module):
     xs = inputs(20, seed=1)
     reference = Reference(reference_module, 1, 3)
-    with server_process(demo_model, tmp_path / "a.log", *store_flags(redis)) as a, \
-            server_process(demo_model, tmp_path / "b.log", *store_flags(redis)) as b:
+    with lstmserve_process(demo_model, tmp_path / "a.log", *store_flags(redis)) as a, \
+            lstmserve_process(demo_model, tmp_path / "b.log", *store_flags(redis)) as b:
         with LstmClient(a.address) as on_a:
             session = on_a.session()
             acknowledged = list(session.stream(xs[:10]))
@@ -91,8 +92,8 @@ def test_every_step_mode_loses_no_acknowledged_step_when_a_replica_is_killed(dem
 def test_checkpoint_mode_loses_at_most_the_checkpoint_interval(demo_model, redis, tmp_path):
     every = 5
     a_flags = store_flags(redis, "checkpoint", "--checkpoint-every", str(every), "--checkpoint-interval", "60")
-    with server_process(demo_model, tmp_path / "a.log", *a_flags) as a, \
-            server_process(demo_model, tmp_path / "b.log", *store_flags(redis, "checkpoint")) as b:
+    with lstmserve_process(demo_model, tmp_path / "a.log", *a_flags) as a, \
+            lstmserve_process(demo_model, tmp_path / "b.log", *store_flags(redis, "checkpoint")) as b:
         with LstmClient(a.address) as on_a:
             session = on_a.session()
             list(session.stream(inputs(13)))

@@ -9,9 +9,9 @@ from prometheus_client import CollectorRegistry
 from server.engine import Engine, SessionNotFound
 from server.metrics import Metrics
 from server.store import Durability, RedisSessionStore, RedisStateStore, model_identity
+from server.testing.redis_server import redis_server
+from tests.fakes import FakeRuntime
 from tests.limits import limits_with
-from tests.redis_server import redis_server
-from tests.unit.fakes import FakeRuntime
 
 pytestmark = pytest.mark.integration
 

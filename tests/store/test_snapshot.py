@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry
 from server.engine import Engine, SequenceError, SessionNotFound
 from server.metrics import Metrics
 from server.store import SnapshotStore, model_identity, snapshot
+from tests.fakes import FakeRuntime
 from tests.limits import limits_with
-from tests.unit.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
 

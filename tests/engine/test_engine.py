@@ -15,8 +15,8 @@ from server.engine import (
     SessionNotFound,
 )
 from server.metrics import Metrics
+from tests.fakes import FAIL_MARKER, FakeRuntime
 from tests.limits import limits_with
-from tests.unit.fakes import FAIL_MARKER, FakeRuntime
 
 pytestmark = pytest.mark.unit
 

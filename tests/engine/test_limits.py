@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry
 from server.engine import Engine, LimitExceeded, SessionNotFound
 from server.metrics import EVICTING_LIMITS, REFUSING_LIMITS, Metrics
 from server.settings import Settings
+from tests.fakes import FakeRuntime
 from tests.limits import limits_with
-from tests.unit.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
 

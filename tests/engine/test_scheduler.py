@@ -14,7 +14,7 @@ from server.engine.sessions import SessionTable, Work
 from server.engine.state_pool import StatePool
 from server.metrics import Metrics
 from server.store import MemoryStore
-from tests.unit.fakes import FAIL_MARKER, FakeRuntime
+from tests.fakes import FAIL_MARKER, FakeRuntime
 
 pytestmark = pytest.mark.unit
 

@@ -13,8 +13,8 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server.transport.auth import Authenticator, TokenTable
 from server.transport.errors import Unauthenticated, status_for
+from tests.fakes import FakeRuntime
 from tests.limits import limits_with
-from tests.unit.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
 

@@ -8,8 +8,8 @@ from server.engine import Engine, SessionNotFound, StateUnavailable
 from server.engine.sessions import inputs_digest
 from server.metrics import Metrics
 from server.store import KeptAnswer, MemoryStore, SessionGone, SessionRecord, StoreUnavailable
+from tests.fakes import FakeRuntime
 from tests.limits import limits_with
-from tests.unit.fakes import FakeRuntime
 
 pytestmark = pytest.mark.unit
 

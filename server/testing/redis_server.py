@@ -1,4 +1,4 @@
-"""A real redis-server for tests, on a unix socket in a temporary directory (no port to pick)."""
+"""A real redis-server for tests and benchmarks, on a unix socket in a temporary directory (no port to pick)."""
 
 import contextlib
 import dataclasses
