@@ -9,7 +9,8 @@ from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 
 from client import LstmClient
-from tests.servers import server_in_thread, server_process
+from server.testing.processes import lstmserve_process
+from tests.servers import server_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -196,7 +197,7 @@ def test_refused_60_megabyte_session_ids_leave_no_memory_behind(demo_model, tmp_
     such requests, so the buffers gRPC and the allocator keep are counted in the start; it now wanders up to
     about 140 MB above it."""
     session_id = "x" * 60_000_000
-    with server_process(demo_model, tmp_path / "server.log") as server, LstmClient(server.address) as client:
+    with lstmserve_process(demo_model, tmp_path / "server.log") as server, LstmClient(server.address) as client:
         for _ in range(2):
             refuse_huge_session_id(client, rpc, session_id)
         start = resident_megabytes(server.process.pid)

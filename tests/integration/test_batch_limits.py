@@ -14,8 +14,9 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import LstmClient
+from server.testing.processes import lstmserve_process
 from tests.conftest import export_model
-from tests.servers import server_in_thread, server_process
+from tests.servers import server_in_thread
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +108,7 @@ def resident_megabytes(pid: int) -> float:
 def test_long_and_refused_messages_leave_memory_near_where_it_started(demo_model, tmp_path):
     flood = pb.StepBatch(steps=[pb.StepRequest()] * FLOOD_ENTRIES)
     long_message = pb.StepBatch(steps=[pb.StepRequest()] * LONG_MESSAGE_ENTRIES)
-    with server_process(demo_model, tmp_path / "server.log", "--max-batch-entries", str(LONG_MESSAGE_ENTRIES)
+    with lstmserve_process(demo_model, tmp_path / "server.log", "--max-batch-entries", str(LONG_MESSAGE_ENTRIES)
                         ) as server, grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.LstmServiceStub(channel)
         list(stub.StreamBatch(iter([pb.StepBatch(steps=[pb.StepRequest()] * 10)])))  # the code path is warm
