@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import durability, report
+from bench import durability, report, tracing
 from bench.plan import MODELS, SCENARIOS, Plan
 from bench.scenarios import Bench
 
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             ("predict", bench.predict),
             ("memory", bench.memory),
             ("durability", lambda: durability.run(bench)),
+            ("tracing", lambda: tracing.run(bench)),
         ) if scenario in plan.scenarios]
         failed = {}
         try:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             "failed": failed,
             **bench.results,
         }
-    table = report.markdown(results) + durability.markdown(results)
+    table = report.markdown(results) + durability.markdown(results) + tracing.markdown(results)
     print(table)
     report.write_json(results, args.out / "results.json")
     (args.out / "table.md").write_text(table)

@@ -10,7 +10,7 @@ MODELS = {
     "large": (128, 1024, 2),
 }
 
-SCENARIOS = ("closed", "open", "multiplexed", "predict", "memory", "durability")
+SCENARIOS = ("closed", "open", "multiplexed", "predict", "memory", "durability", "tracing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,8 @@ class Plan:
     memory_sessions: tuple[int, ...] = (10_000, 100_000)
     durability_model: str = "small"
     durability_sessions: tuple[int, ...] = (16, 256)
+    tracing_model: str = "small"
+    tracing_sessions: tuple[int, ...] = (16, 256)
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -60,13 +62,15 @@ class Plan:
             predict_calls=1,
             memory_sessions=(10_000,),
             durability_sessions=(64,),
+            tracing_sessions=(64,),
         )
 
     def restricted(self, models: tuple[str, ...] | None, scenarios: tuple[str, ...] | None) -> "Plan":
         changes = {}
         if models:
             changes["models"] = models
-            for field in ("open_model", "multiplexed_model", "predict_model", "memory_model", "durability_model"):
+            for field in ("open_model", "multiplexed_model", "predict_model", "memory_model", "durability_model",
+                          "tracing_model"):
                 if getattr(self, field) not in models:
                     changes[field] = models[-1]
         if scenarios:

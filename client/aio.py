@@ -11,6 +11,7 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 from client import messages
 from client.channel import Credentials, open_channel
 from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger
+from client.tracing import trace_metadata
 
 
 class AsyncLstmClient:
@@ -41,7 +42,7 @@ class AsyncLstmClient:
         attempts = self.retry.start(self.timeout)
         while True:
             try:
-                return await method(request, timeout=attempts.remaining())
+                return await method(request, timeout=attempts.remaining(), metadata=trace_metadata())
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.delay_after(error))
 
@@ -106,12 +107,13 @@ class AsyncSession:
                 try:
                     if broken:
                         info = await self._client.stub.GetSession(pb.SessionRef(session_id=self.id),
-                                                                  timeout=attempts.remaining())
+                                                                  timeout=attempts.remaining(),
+                                                                  metadata=trace_metadata())
                         async with turn:
                             ledger.rewind(info.last_sequence_number)
                             turn.notify_all()
                     broken = True  # until the call ends with every request answered
-                    call = self._client.stub.Stream(timeout=attempts.remaining())
+                    call = self._client.stub.Stream(timeout=attempts.remaining(), metadata=trace_metadata())
                     writer = asyncio.create_task(_write(call, ledger, turn))
                     while (response := await call.read()) is not grpc.aio.EOF:
                         async with turn:

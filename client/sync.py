@@ -13,6 +13,7 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 from client import messages
 from client.channel import Credentials, open_channel
 from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger
+from client.tracing import trace_metadata
 
 
 class LstmClient:
@@ -43,7 +44,7 @@ class LstmClient:
         attempts = self.retry.start(self.timeout)
         while True:
             try:
-                return method(request, timeout=attempts.remaining())
+                return method(request, timeout=attempts.remaining(), metadata=trace_metadata())
             except grpc.RpcError as error:
                 time.sleep(attempts.delay_after(error))
 
@@ -59,7 +60,7 @@ class LstmClient:
     def health(self, service: str = "") -> str:
         """The standard gRPC health status by name: SERVING, NOT_SERVING, ..."""
         response = health_pb2_grpc.HealthStub(self._channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout, metadata=trace_metadata())
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def predict(self, inputs, h0=None, c0=None) -> messages.Prediction:
@@ -115,13 +116,13 @@ class Session:
                 try:
                     if broken:
                         info = self._client.stub.GetSession(pb.SessionRef(session_id=self.id),
-                                                            timeout=attempts.remaining())
+                                                            timeout=attempts.remaining(), metadata=trace_metadata())
                         with turn:
                             ledger.rewind(info.last_sequence_number)
                             turn.notify_all()
                     broken = True  # until the call ends with every request answered
                     call = self._client.stub.Stream(_requests(ledger, turn, fetching),
-                                                    timeout=attempts.remaining())
+                                                    timeout=attempts.remaining(), metadata=trace_metadata())
                     for response in call:
                         with turn:
                             output = ledger.answer(response)

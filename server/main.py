@@ -1,4 +1,4 @@
-"""Composition root: wires model, engine, servicers, health, reflection and metrics; owns start and stop."""
+"""Composition root: wires model, engine, servicers, health, reflection, metrics and tracing; owns start and stop."""
 
 import asyncio
 import dataclasses
@@ -31,6 +31,7 @@ from server.store import (
     SnapshotStore,
     model_identity,
 )
+from server.tracing import Tracing
 from server.transport.auth import Authenticator, AuthInterceptor
 from server.transport.interceptors import MalformedRequestInterceptor, MetricsInterceptor
 from server.transport.oip import OipServicer
@@ -66,16 +67,22 @@ class App:
         self._store: RedisStateStore | None = None
         self._certificates: ServerCertificates | None = None
         self._authenticator: Authenticator | None = None
+        self.tracer_provider = None  # an SDK TracerProvider of this App's own while tracing is on
 
     async def start(self) -> None:
         """Loads and warms up the model, then opens the port; health turns SERVING last."""
         s = self.settings
         self._start_metrics_http()
         runtime = await asyncio.to_thread(self._load_model)
-        self.engine = Engine(runtime, engine_limits(s), self.metrics, store=await self._session_store(runtime))
+        tracing_interceptors = self._start_tracing()
+        tracing = Tracing(self.tracer_provider.get_tracer("lstmserve")) if self.tracer_provider else None
+        self.engine = Engine(runtime, engine_limits(s), self.metrics, store=await self._session_store(runtime),
+                             tracing=tracing)
         await self.engine.start()
         self._server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics), MalformedRequestInterceptor(), *self._auth_interceptors()],
+            # the server span comes first, so it covers the RPC whole: refusals by the later interceptors too
+            interceptors=[*tracing_interceptors, MetricsInterceptor(self.metrics), MalformedRequestInterceptor(),
+                          *self._auth_interceptors()],
             options=[("grpc.max_receive_message_length", s.max_message_bytes),
                      ("grpc.max_send_message_length", s.max_message_bytes)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -109,6 +116,26 @@ class App:
         self._authenticator = Authenticator(s.tokens_file, client_certificates=bool(s.tls_client_ca_file))
         open_services = OPEN_SERVICE_NAMES if s.open_health_and_reflection else ()
         return [AuthInterceptor(self._authenticator, open_services)]
+
+    def _start_tracing(self) -> list[grpc.aio.ServerInterceptor]:
+        """With an OTLP endpoint: a tracer provider of the App's own (the process-wide one stays untouched) that
+        batches spans to the endpoint, and the gRPC instrumentation's server interceptor, which continues the
+        caller's W3C trace context. The SDK is imported here, so a server that does not trace never loads it."""
+        if not self.settings.otlp_endpoint:
+            return []
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+        from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the default name
+        resource = Resource.create({SERVICE_NAME: "lstmserve"}).merge(OTELResourceDetector().detect())
+        self.tracer_provider = TracerProvider(resource=resource)
+        exporter = OTLPSpanExporter(endpoint=self.settings.otlp_endpoint)
+        self.tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        log.info("tracing to %s", self.settings.otlp_endpoint.split("@")[-1])  # never a password in the URL
+        return [aio_server_interceptor(tracer_provider=self.tracer_provider)]
 
     def _security_summary(self) -> str:
         s = self.settings
@@ -171,6 +198,8 @@ class App:
         if self._metrics_http:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        if self.tracer_provider:
+            await asyncio.to_thread(self.tracer_provider.shutdown)  # exports the spans still batched
         log.info("stopped")
 
 

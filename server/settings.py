@@ -60,6 +60,9 @@ class Settings:
     open_health_and_reflection: bool = _setting(True, "health checks and reflection need no credentials")
     rate_limit: float = _setting(0.0, "requests per second of each principal (0: unlimited)", 0)
     rate_limit_burst: int = _setting(100, "requests a principal may make at once above --rate-limit", 1)
+    otlp_endpoint: str = _setting("", "OTLP/gRPC collector that receives traces: http://host:4317 (plaintext) or "
+                                  "https://host:4317 (TLS); the standard OTEL_* variables tune the rest. "
+                                  "Empty: tracing off")
 
     def __post_init__(self):
         # a choice given by its spelling (a flag, a variable, a keyword) becomes its enum member
@@ -113,6 +116,9 @@ class Settings:
                     "outlive the process")
         if self.tls_client_ca_file and not self.tls:
             return "--tls-client-ca-file needs --tls-cert-file and --tls-key-file (mutual TLS is TLS)"
+        if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):
+            return (f"--otlp-endpoint {self.otlp_endpoint!r} needs its scheme: http://host:port for plaintext, "
+                    "https://host:port for TLS")
         return None
 
 

@@ -70,3 +70,18 @@ def test_max_batch_entries_is_a_flag_and_a_variable_with_a_default():
 def test_invalid_values_stop_start_up(argv, env):
     with pytest.raises(SystemExit):
         Settings.from_args(argv, environ=env)
+
+
+def test_tracing_is_off_by_default_and_its_endpoint_is_a_flag_and_a_variable():
+    assert Settings.from_args([], environ={}).otlp_endpoint == ""
+    env = {"LSTMSERVE_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+    assert Settings.from_args([], environ=env).otlp_endpoint == "http://127.0.0.1:4317"
+    assert Settings.from_args(["--otlp-endpoint", "https://collector:4317"], environ=env).otlp_endpoint == \
+        "https://collector:4317"
+
+
+def test_an_otlp_endpoint_without_its_scheme_stops_start_up_saying_which_to_write(capsys):
+    with pytest.raises(SystemExit):
+        Settings.from_args(["--otlp-endpoint", "127.0.0.1:4317"], environ={})
+    error = capsys.readouterr().err
+    assert "http://host:port for plaintext" in error and "https://host:port for TLS" in error, error

@@ -23,6 +23,7 @@ from server.logsafe import fingerprint
 from server.metrics import Metrics
 from server.model import ModelRuntime
 from server.store import MemoryStore, SessionStore, model_identity
+from server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class Engine:
     Sessions are kept beyond this process by one SessionStore, whichever it is."""
 
     def __init__(self, runtime: ModelRuntime, limits: EngineLimits, metrics: Metrics, clock=time.monotonic,
-                 store: SessionStore | None = None):
+                 store: SessionStore | None = None, tracing: Tracing | None = None):
         self.runtime = runtime
         self.limits = limits
         self._metrics = metrics
@@ -43,7 +44,7 @@ class Engine:
                                device=str(runtime.device))
         store, model = store or MemoryStore(), model_identity(m)
         self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay,
-                                    limits.answers_kept, limits.torch_threads, store, model)
+                                    limits.answers_kept, limits.torch_threads, store, model, tracing)
         self._live = LiveSessions(self._pool, store, self._scheduler, self._admission, model, limits.answers_kept,
                                   clock)
         self._sessions = self._live.table
@@ -180,7 +181,7 @@ class Engine:
             check_at_most("inputs' batch", inputs.shape[1], self.limits.max_batch_size, "max_batch_size")
         h, c = self._initial_state(h0, c0, (m.num_layers, inputs.shape[1], m.hidden_size), names=("h0", "c0"))
         x = torch.from_numpy(np.array(inputs, dtype=np.float32))
-        return await self._scheduler.run_in_model_thread(self._predict_on_host, x, h, c)
+        return await self._scheduler.run_sequences(self._predict_on_host, x, h, c)
 
     def _predict_on_host(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """On the model thread: the call and the copies of its results to host memory."""

@@ -3,6 +3,7 @@
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import time
 from typing import NamedTuple
@@ -17,6 +18,7 @@ from server.engine.state_pool import StatePool
 from server.metrics import Metrics
 from server.model import ModelRuntime
 from server.store import KeptAnswer, SessionStore, StoreUnavailable
+from server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class Scheduler:
 
     def __init__(self, runtime: ModelRuntime, pool: StatePool, metrics: Metrics,
                  max_batch_size: int, max_batch_delay: float, answers_kept: int, torch_threads: int,
-                 store: SessionStore, model: str):
+                 store: SessionStore, model: str, tracing: Tracing | None = None):
         self._runtime = runtime
         self._pool = pool
         self._metrics = metrics
@@ -51,6 +53,7 @@ class Scheduler:
         self._queued = 0
         self._store = store  # new states are committed to it before they are acknowledged
         self._model = model
+        self._tracing = tracing
 
     @property
     def queued(self) -> int:
@@ -71,6 +74,15 @@ class Scheduler:
         """Runs `fn` on the model thread, so whole-sequence calls queue behind (not beside) batches."""
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
+    async def run_sequences(self, fn, *args):
+        """`run_in_model_thread` for a request's whole-sequence call, traced like a batch's requests."""
+        if self._tracing is None:
+            return await self.run_in_model_thread(fn, *args)
+        queued = time.perf_counter()
+        started, result = await self.run_in_model_thread(_timed, fn, *args)
+        self._tracing.sequences_ran(queued, started, time.perf_counter())
+        return result
+
     def _step_model(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """On the model thread: one call, and its outputs as host memory `[B, T, output]` (so a GPU's
         synchronising copy never blocks the event loop); the new state stays on the device."""
@@ -81,6 +93,8 @@ class Scheduler:
         if session.pending is None:
             session.pending = collections.deque()
         work.enqueued_at = time.perf_counter()
+        if self._tracing is not None:
+            work.trace = self._tracing.request_context()
         session.pending.append(work)
         self._queued += 1
         if len(session.pending) == 1 and not session.in_flight:
@@ -123,7 +137,8 @@ class Scheduler:
         x = torch.from_numpy(np.stack([w.inputs for w in works], axis=1))
         h, c = self._pool.gather(slots)
         try:
-            answers, h_n, c_n = await self.run_in_model_thread(self._step_model, x, h, c)
+            with self._batch_trace(works):
+                answers, h_n, c_n = await self.run_in_model_thread(self._step_model, x, h, c)
         except asyncio.CancelledError:
             self._fail_batch(batch, lambda seq: Draining(f"the server stopped before request {seq} ran"))
             raise
@@ -138,6 +153,11 @@ class Scheduler:
             self._metrics.batch_size.observe(len(batch))
         await self._commit(batch, works, h_n, c_n, answers=answers)
         self._metrics.steps_applied.inc(len(batch) * works[0].steps)
+
+    def _batch_trace(self, works: list[Work]):
+        if self._tracing is None:
+            return _UNTRACED
+        return self._tracing.batch(((work.trace, work.enqueued_at) for work in works), works[0].steps)
 
     async def _commit(self, batch: list[Session], works: list[Work], h_n, c_n, answers) -> None:
         """Commits the new states to the store, then writes them to the pool and answers the requests."""
@@ -227,6 +247,14 @@ class Scheduler:
             log.error("batch loop died", exc_info=task.exception())
         for session in list(self._ready):
             self.fail_pending(session, error)
+
+
+_UNTRACED = contextlib.nullcontext()
+
+
+def _timed(fn, *args):
+    """On the model thread: `(perf_counter when fn started, fn(*args))`."""
+    return time.perf_counter(), fn(*args)
 
 
 def _engine_error(error: StoreUnavailable) -> StateUnavailable:

@@ -53,6 +53,7 @@ class Work:
     with_state: bool = False  # answer (outputs, h, c) instead of outputs, for callers that return the state
     enqueued_at: float = 0.0
     digest: bytes | None = None  # of the inputs, see inputs_digest
+    trace: object = None  # with tracing on, the span context of the RPC that queued it (see server.tracing)
 
     @property
     def steps(self) -> int:

@@ -6,6 +6,10 @@ import threading
 import numpy as np
 import pytest
 import torch
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, TraceFlags, use_span
 from prometheus_client import CollectorRegistry
 
 from server.engine import Draining, ModelFailure, SequenceError, StepAnswer
@@ -14,20 +18,38 @@ from server.engine.sessions import SessionTable, Work
 from server.engine.state_pool import StatePool
 from server.metrics import Metrics
 from server.store import MemoryStore
+from server.tracing import Tracing
 from tests.fakes import FAIL_MARKER, FakeRuntime
 
 pytestmark = pytest.mark.unit
 
 
+def started_scheduler(runtime: FakeRuntime, pool: StatePool, tracing: Tracing | None = None) -> Scheduler:
+    scheduler = Scheduler(runtime, pool, Metrics(CollectorRegistry()), max_batch_size=8, max_batch_delay=0.0,
+                          answers_kept=4, torch_threads=1, store=MemoryStore(), model="fake", tracing=tracing)
+    scheduler.start()
+    return scheduler
+
+
 @pytest.fixture
 async def parts():
     """A started scheduler over a fake model, with a session table and pool to make sessions from."""
-    runtime = FakeRuntime()
-    pool = StatePool(1, 3, 4, 16)
-    scheduler = Scheduler(runtime, pool, Metrics(CollectorRegistry()), max_batch_size=8, max_batch_delay=0.0,
-                          answers_kept=4, torch_threads=1, store=MemoryStore(), model="fake")
-    scheduler.start()
+    runtime, pool = FakeRuntime(), StatePool(1, 3, 4, 16)
+    scheduler = started_scheduler(runtime, pool)
     yield runtime, pool, SessionTable(), scheduler
+    await scheduler.stop()
+
+
+@pytest.fixture
+async def traced():
+    """`parts` with tracing on, plus a tracer standing in for the gRPC instrumentation's server spans, and the
+    spans finished so far."""
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    runtime, pool = FakeRuntime(), StatePool(1, 3, 4, 16)
+    scheduler = started_scheduler(runtime, pool, Tracing(provider.get_tracer("lstmserve")))
+    yield pool, SessionTable(), scheduler, provider.get_tracer("rpc"), spans
     await scheduler.stop()
 
 
@@ -91,3 +113,42 @@ async def test_stopping_fails_the_request_in_flight_and_those_queued_as_draining
     with pytest.raises(SequenceError, match="resend from sequence number 1"):
         await queued
     assert scheduler.queued == 0
+
+
+async def test_a_batch_span_links_the_rpcs_it_served_and_each_request_has_its_wait_and_model_call(traced):
+    pool, table, scheduler, rpc_tracer, spans = traced
+    rpcs, answers = [], []
+    for value in (1, 2, 3):  # queued back to back: one batch
+        with rpc_tracer.start_as_current_span("rpc") as rpc:
+            answers.append(queue(scheduler, new_session(pool, table), value, 1))
+        rpcs.append(rpc.get_span_context())
+    await asyncio.gather(*answers)
+    (batch,) = [s for s in spans.get_finished_spans() if s.name == "batch"]
+    assert batch.parent is None
+    assert [link.context for link in batch.links] == rpcs
+    assert (batch.attributes["lstmserve.batch.size"], batch.attributes["lstmserve.batch.time_steps"]) == (3, 1)
+    for rpc in rpcs:
+        children = {s.name: s for s in spans.get_finished_spans() if s.parent and s.parent.span_id == rpc.span_id}
+        assert children.keys() == {"queue wait", "model call"}
+        assert children["queue wait"].end_time == children["model call"].start_time == batch.start_time
+        assert [link.context for link in children["model call"].links] == [batch.context]
+
+
+async def test_a_failed_batch_is_an_error_span_naming_the_errors_type_but_not_its_message(traced):
+    pool, table, scheduler, rpc_tracer, spans = traced
+    with rpc_tracer.start_as_current_span("rpc"):
+        doomed = queue(scheduler, new_session(pool, table), FAIL_MARKER, 1)
+    with pytest.raises(ModelFailure):
+        await doomed
+    failed = [s for s in spans.get_finished_spans() if s.name in ("batch", "model call")]
+    assert len(failed) == 2
+    assert all((s.status.status_code, s.status.description) == (StatusCode.ERROR, "RuntimeError") for s in failed)
+
+
+async def test_requests_of_no_rpc_or_of_an_unsampled_one_get_no_spans_of_their_own(traced):
+    pool, table, scheduler, _, spans = traced
+    await queue(scheduler, new_session(pool, table), 1, 1)
+    unsampled = SpanContext(trace_id=1, span_id=1, is_remote=True, trace_flags=TraceFlags(TraceFlags.DEFAULT))
+    with use_span(NonRecordingSpan(unsampled)):
+        await queue(scheduler, new_session(pool, table), 1, 1)
+    assert [(s.name, len(s.links)) for s in spans.get_finished_spans()] == [("batch", 0), ("batch", 0)]
