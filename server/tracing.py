@@ -19,6 +19,8 @@ TIME_STEPS = "lstmserve.batch.time_steps"
 
 
 class Tracing:
+    """The engine's tracer, and what it records of requests and batches."""
+
     def __init__(self, tracer: Tracer):
         self._tracer = tracer
 
