@@ -2,8 +2,9 @@
 
 from client.aio import AsyncLstmClient, AsyncSession
 from client.channel import Credentials
+from client.errors import LstmError
 from client.messages import Prediction, StepError
 from client.sync import LstmClient, Session
 
-__all__ = ["AsyncLstmClient", "AsyncSession", "Credentials", "LstmClient", "Prediction", "Session",
+__all__ = ["AsyncLstmClient", "AsyncSession", "Credentials", "LstmClient", "LstmError", "Prediction", "Session",
            "StepError"]

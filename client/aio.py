@@ -10,14 +10,16 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
 from client.channel import Credentials, open_channel
-from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger
+from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before
 from client.tracing import trace_metadata
 
 
 class AsyncLstmClient:
     """`address`: host:port, several ip:port separated by commas (failover in that order), or a gRPC
     target such as dns:///name:port. `timeout`: seconds per operation, retries included; `retry`:
-    backoff on UNAVAILABLE; with `credentials` (TLS roots, client certificate, token) the channel is TLS.
+    backoff on UNAVAILABLE, and on RESOURCE_EXHAUSTED when the server says when to retry (never sooner than it
+    says); with `credentials` (TLS roots, client certificate, token) the channel is TLS. A call that fails for
+    good raises LstmError, with the server's error details.
     """
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
@@ -38,7 +40,8 @@ class AsyncLstmClient:
         await self._channel.close()
 
     async def call(self, method, request):
-        """A unary call, retried with backoff on UNAVAILABLE (every lstmserve call is safe to repeat)."""
+        """A unary call, retried with backoff on UNAVAILABLE or a RetryInfo (every lstmserve call is safe to
+        repeat); LstmError when it fails for good."""
         attempts = self.retry.start(self.timeout)
         while True:
             try:
@@ -101,18 +104,19 @@ class AsyncSession:
         ledger = StreamLedger(self.id, self._next_seq, xs, await self._client.answers_kept())
         attempts = self._client.retry.start(timeout)
         turn = asyncio.Condition()
-        call, writer, broken = None, None, False
+        call, writer, broken, last_applied = None, None, False, None
         try:
             while not ledger.finished:
                 try:
                     if broken:
-                        info = await self._client.stub.GetSession(pb.SessionRef(session_id=self.id),
-                                                                  timeout=attempts.remaining(),
-                                                                  metadata=trace_metadata())
+                        if last_applied is None:
+                            last_applied = (await self._client.stub.GetSession(
+                                pb.SessionRef(session_id=self.id), timeout=attempts.remaining(),
+                                metadata=trace_metadata())).last_sequence_number
                         async with turn:
-                            ledger.rewind(info.last_sequence_number)
+                            ledger.rewind(last_applied)
                             turn.notify_all()
-                    broken = True  # until the call ends with every request answered
+                    broken, last_applied = True, None  # until the call ends with every request answered
                     call = self._client.stub.Stream(timeout=attempts.remaining(), metadata=trace_metadata())
                     writer = asyncio.create_task(_write(call, ledger, turn))
                     while (response := await call.read()) is not grpc.aio.EOF:
@@ -123,6 +127,7 @@ class AsyncSession:
                         yield output
                 except grpc.RpcError as error:
                     call.cancel()
+                    last_applied = applied_before(error)
                     await asyncio.sleep(attempts.delay_after(error))
         except messages.StepError as error:
             ledger.abandon()

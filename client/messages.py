@@ -7,6 +7,8 @@ import numpy as np
 from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 
+from client.errors import LstmError
+
 
 class Prediction(NamedTuple):
     outputs: np.ndarray  # [seq_len, batch, output_size]
@@ -14,19 +16,13 @@ class Prediction(NamedTuple):
     c_n: np.ndarray
 
 
-class StepError(grpc.RpcError):
-    """A streamed request the server answered with an error; `code()` and `details()` as for a failed call."""
+class StepError(LstmError):
+    """A streamed request the server answered with an error (in-band), read like a failed call's;
+    `sequence_number`: the refused request's."""
 
-    def __init__(self, code: grpc.StatusCode, details: str, sequence_number: int):
-        super().__init__(f"{code.name}: {details}")
-        self._code, self._details = code, details
+    def __init__(self, error: pb.Error, sequence_number: int):
+        super().__init__(_CODES.get(error.code, grpc.StatusCode.UNKNOWN), error.message, error.details)
         self.sequence_number = sequence_number
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -52,8 +48,7 @@ def step_request(session_id: str, seq: int, x) -> tuple[pb.StepRequest, bool]:
 def step_outputs(response: pb.StepResponse, single: bool) -> np.ndarray:
     """The outputs of a step answer, or StepError if the server answered it with an error."""
     if response.HasField("error"):
-        raise StepError(_CODES.get(response.error.code, grpc.StatusCode.UNKNOWN), response.error.message,
-                        response.sequence_number)
+        raise StepError(response.error, response.sequence_number)
     outputs = tensors.from_proto(response.outputs, name="outputs")
     return outputs[0] if single else outputs
 

@@ -12,7 +12,8 @@ import grpc
 import numpy as np
 from lstmserve.v1 import lstm_service_pb2 as pb
 
-from client.messages import step_outputs, step_request
+from client.errors import LstmError
+from client.messages import StepError, step_outputs, step_request
 
 # Not applied, or answered again on retry. CANCELLED: a stopping server cancels the calls it still has
 # (this client cancels only calls it has given up on, and never retries those).
@@ -21,32 +22,30 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 _AIO_BROKEN_WRITE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 
 
-def retryable(error: grpc.RpcError) -> bool:
-    return error.code() in RETRYABLE or (error.code(), error.details()) == _AIO_BROKEN_WRITE
+def retryable(error: LstmError) -> bool:
+    """Also a limit the server says waiting helps with (RetryInfo: a rate limit, a full queue): nothing of a
+    refused request was applied."""
+    return error.code() in RETRYABLE or (error.code(), error.details()) == _AIO_BROKEN_WRITE or (
+        error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_after is not None)
 
 
-class ClientError(grpc.RpcError):
-    """A failure the client library detected itself, reported like a failed call."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"{code.name}: {details}")
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
+def applied_before(error: grpc.RpcError) -> int | None:
+    """The session's last applied number when the error that broke a stream tells it: an in-band refusal of
+    request n (answers come in order) means every request before n was answered, and none from n on was applied
+    (each later one is a gap). None: ask the server. Not asking matters under a rate limit, where GetSession would
+    take the token the retry waited for, and the re-sent request would be refused again."""
+    return error.sequence_number - 1 if isinstance(error, StepError) else None
 
 
-def lost_steps(details: str) -> ClientError:
+def lost_steps(details: str) -> LstmError:
     """The server's session is behind what this client saw acknowledged (e.g. an old snapshot restored)."""
-    return ClientError(grpc.StatusCode.DATA_LOSS, details)
+    return LstmError(grpc.StatusCode.DATA_LOSS, details)
 
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter for UNAVAILABLE; `give_up_after` seconds without progress."""
+    """Exponential backoff with full jitter for UNAVAILABLE (and RESOURCE_EXHAUSTED with a RetryInfo), never
+    sooner than the server's RetryInfo asks; `give_up_after` seconds without progress."""
 
     initial_backoff: float = 0.05
     max_backoff: float = 2.0
@@ -78,19 +77,28 @@ class Attempts:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def delay_after(self, error: grpc.RpcError) -> float:
-        """Seconds to wait before retrying after `error`; re-raises it when it is final or time is up."""
-        if not retryable(error):
+        """Seconds to wait before retrying after `error`, at least the server's RetryInfo; raises it, as an
+        LstmError with its details, when it is final or time is up (also when the server's wait alone would
+        outlast the deadline: its answer, with that wait, says more than DEADLINE_EXCEEDED)."""
+        error = LstmError.of(error)
+        server_wait = error.retry_after or 0.0
+        if not retryable(error) or self._outlasts(server_wait):
             raise error
-        delay = random.uniform(0, self._backoff)
+        delay = max(random.uniform(0, self._backoff), server_wait)
         self._backoff = min(self._backoff * self._policy.multiplier, self._policy.max_backoff)
         if self._deadline is not None and time.monotonic() + delay >= self._deadline:
-            raise ClientError(
+            raise LstmError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"deadline reached while retrying after {error.code().name}: {error.details()}",
             )
         if time.monotonic() + delay >= self._give_up_at:
             raise error
         return delay
+
+    def _outlasts(self, wait: float) -> bool:
+        """Whether waiting `wait` seconds would pass the deadline or the time to give up."""
+        ends = self._give_up_at if self._deadline is None else min(self._deadline, self._give_up_at)
+        return wait > 0 and time.monotonic() + wait >= ends
 
 
 FETCH = object()  # StreamLedger.next_request: read the caller's next input first

@@ -12,14 +12,16 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
 from client.channel import Credentials, open_channel
-from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger
+from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before
 from client.tracing import trace_metadata
 
 
 class LstmClient:
     """`address`: host:port, several ip:port separated by commas (failover in that order), or a gRPC
     target such as dns:///name:port. `timeout`: seconds per operation, retries included; `retry`:
-    backoff on UNAVAILABLE; with `credentials` (TLS roots, client certificate, token) the channel is TLS.
+    backoff on UNAVAILABLE, and on RESOURCE_EXHAUSTED when the server says when to retry (never sooner than it
+    says); with `credentials` (TLS roots, client certificate, token) the channel is TLS. A call that fails for
+    good raises LstmError, with the server's error details.
     """
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
@@ -40,7 +42,8 @@ class LstmClient:
         self._channel.close()
 
     def call(self, method, request):
-        """A unary call, retried with backoff on UNAVAILABLE (every lstmserve call is safe to repeat)."""
+        """A unary call, retried with backoff on UNAVAILABLE or a RetryInfo (every lstmserve call is safe to
+        repeat); LstmError when it fails for good."""
         attempts = self.retry.start(self.timeout)
         while True:
             try:
@@ -110,17 +113,19 @@ class Session:
         ledger = StreamLedger(self.id, self._next_seq, xs, self._client.answers_kept())
         attempts = self._client.retry.start(timeout)
         turn, fetching = threading.Condition(), threading.Lock()
-        call, broken = None, False
+        call, broken, last_applied = None, False, None
         try:
             while not ledger.finished:
                 try:
                     if broken:
-                        info = self._client.stub.GetSession(pb.SessionRef(session_id=self.id),
-                                                            timeout=attempts.remaining(), metadata=trace_metadata())
+                        if last_applied is None:
+                            last_applied = self._client.stub.GetSession(
+                                pb.SessionRef(session_id=self.id), timeout=attempts.remaining(),
+                                metadata=trace_metadata()).last_sequence_number
                         with turn:
-                            ledger.rewind(info.last_sequence_number)
+                            ledger.rewind(last_applied)
                             turn.notify_all()
-                    broken = True  # until the call ends with every request answered
+                    broken, last_applied = True, None  # until the call ends with every request answered
                     call = self._client.stub.Stream(_requests(ledger, turn, fetching),
                                                     timeout=attempts.remaining(), metadata=trace_metadata())
                     for response in call:
@@ -131,6 +136,7 @@ class Session:
                         yield output
                 except grpc.RpcError as error:
                     call and call.cancel()
+                    last_applied = applied_before(error)
                     time.sleep(attempts.delay_after(error))
         except messages.StepError as error:
             ledger.abandon()

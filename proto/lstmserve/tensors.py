@@ -12,7 +12,12 @@ MAX_DIMENSION = 2**31 - 1
 
 
 class TensorFormatError(ValueError):
-    """A Tensor message whose shape and payload do not agree."""
+    """A Tensor message whose shape and payload do not agree. `field`: the part at fault (`inputs.shape`,
+    `h0.data`), or the tensor's name when it is the whole of it."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
 
 
 def to_proto(array) -> pb.Tensor:
@@ -38,21 +43,22 @@ def from_proto(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
     """Unpacks a Tensor without copying the bytes.
 
     The declared shape is checked against the payload before anything is allocated, so a huge shape
-    with a small payload costs nothing.
+    with a small payload costs nothing. `name`: the request field the tensor came from, named by refusals.
     """
     shape = tuple(tensor.shape)
     count = element_count(shape, name)
     data, values = tensor.data, tensor.values  # read each field once: every read builds a new object
     if len(values):
         if data:
-            raise TensorFormatError(f"{name}: set either data or values, not both")
+            raise TensorFormatError(f"{name}: set either data or values, not both", name)
         if len(values) != count:
-            raise TensorFormatError(f"{name}: shape {list(shape)} needs {count} values, got {len(values)}")
+            raise TensorFormatError(f"{name}: shape {list(shape)} needs {count} values, got {len(values)}",
+                                    f"{name}.values")
         return np.asarray(values, dtype=np.float32).reshape(shape)
     if len(data) != count * WIRE_DTYPE.itemsize:
         raise TensorFormatError(
             f"{name}: shape {list(shape)} needs {count * WIRE_DTYPE.itemsize} bytes of float32, "
-            f"got {len(data)}")
+            f"got {len(data)}", f"{name}.data")
     return np.frombuffer(data, dtype=WIRE_DTYPE).reshape(shape)
 
 
@@ -65,11 +71,12 @@ def element_count(shape: tuple[int, ...], name: str) -> int:
     non-zero count needs a payload of its size, which the caller checks.
     """
     if len(shape) > MAX_RANK:  # the shape itself is not echoed: it may have thousands of dimensions
-        raise TensorFormatError(f"{name}: shape has {len(shape)} dimensions; tensors here have at most {MAX_RANK}")
+        raise TensorFormatError(f"{name}: shape has {len(shape)} dimensions; tensors here have at most {MAX_RANK}",
+                                f"{name}.shape")
     if min(shape, default=0) < 0:
-        raise TensorFormatError(f"{name}: shape {list(shape)} has a negative dimension")
+        raise TensorFormatError(f"{name}: shape {list(shape)} has a negative dimension", f"{name}.shape")
     count = math.prod(shape)
     if count == 0 and math.prod(dim for dim in shape if dim) > MAX_DIMENSION:
         raise TensorFormatError(f"{name}: shape {list(shape)} has no elements and its other dimensions "
-                                f"multiply to over {MAX_DIMENSION}")
+                                f"multiply to over {MAX_DIMENSION}", f"{name}.shape")
     return count

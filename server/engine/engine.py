@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from server.engine.admission import Admission, Eviction
-from server.engine.errors import Draining, LimitExceeded, SessionNotFound
+from server.engine.errors import DRAINING_RETRY_SECONDS, Draining, LimitExceeded, SessionNotFound
 from server.engine.exactly_once import ExactlyOnce
 from server.engine.limits import EngineLimits
 from server.engine.live import LiveSessions
@@ -51,6 +51,7 @@ class Engine:
         self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests)
         self._tasks: list[asyncio.Task] = []
         self._draining = asyncio.Event()
+        self._drain_deadline = 0.0  # on the engine's clock, once drain() starts
         metrics.live_sessions.set_function(lambda: len(self._sessions))
 
     def describe(self) -> ModelDescription:
@@ -60,6 +61,11 @@ class Engine:
     def draining(self) -> asyncio.Event:
         """Set once drain() starts: open streams stop taking requests."""
         return self._draining
+
+    def draining_refusal(self, message: str) -> Draining:
+        """The error that refuses work while draining, with how long a client should wait before retrying."""
+        grace_left = max(0.0, self._drain_deadline - self._clock())
+        return Draining(message, min(grace_left, DRAINING_RETRY_SECONDS))
 
     @property
     def queued_requests(self) -> int:
@@ -77,9 +83,9 @@ class Engine:
 
     async def drain(self, timeout: float) -> None:
         """Takes no new work and waits (up to `timeout`) for queued requests to be answered."""
+        self._drain_deadline = self._clock() + timeout
         self._draining.set()
-        deadline = self._clock() + timeout
-        while self.queued_requests and self._clock() < deadline:
+        while self.queued_requests and self._clock() < self._drain_deadline:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
@@ -95,7 +101,7 @@ class Engine:
                        owner: str = "") -> SessionView:
         self._check_accepting()
         self._admit(owner)
-        h, c = self._initial_state(h0, c0)
+        h, c = self._initial_state(h0, c0, names=("h0", "c0"))
         with self._counting_refusals():
             for eviction in self._admission.room_for_session(owner, self._sessions):
                 await self._evict(eviction)
@@ -115,7 +121,8 @@ class Engine:
 
     async def close_session(self, session_id: str, owner: str = "") -> None:
         session = await self._session(session_id, owner)
-        await self._live.end(session, SessionNotFound(f"session {session_id} was closed before this request ran"))
+        await self._live.end(session, SessionNotFound(f"session {session_id} was closed before this request ran",
+                                                      session_id))
         self._metrics.sessions_closed.inc()
         log.debug("session %s closed by its principal", fingerprint(session_id))
 
@@ -196,7 +203,8 @@ class Engine:
 
     async def _evict(self, eviction: Eviction) -> None:
         victim, limit = eviction
-        await self._live.end(victim, SessionNotFound(f"session {victim.id} was evicted to make room ({limit})"))
+        await self._live.end(victim, SessionNotFound(f"session {victim.id} was evicted to make room ({limit})",
+                                                     victim.id))
         self._metrics.sessions_evicted.labels(limit).inc()
 
     def _admit(self, owner: str) -> None:
@@ -227,7 +235,7 @@ class Engine:
 
     def _check_accepting(self) -> None:
         if self.draining.is_set():
-            raise Draining("the server is shutting down; retry on another replica")
+            raise self.draining_refusal("the server is shutting down; retry on another replica")
 
     def _view(self, session: Session) -> SessionView:
         now_wall, now = time.time(), self._clock()
@@ -240,6 +248,6 @@ class Engine:
         while True:
             await asyncio.sleep(period)
             for session in self._sessions.idle_since(self._clock() - self.limits.idle_timeout):
-                await self._live.end(session, SessionNotFound(f"session {session.id} expired"))
+                await self._live.end(session, SessionNotFound(f"session {session.id} expired", session.id))
                 self._metrics.sessions_expired.inc()
                 log.debug("session %s expired", fingerprint(session.id))

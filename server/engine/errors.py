@@ -1,4 +1,10 @@
-"""Domain errors of the engine; the transport maps each class to one gRPC status code."""
+"""Domain errors of the engine; the transport maps each class to one gRPC status code, and their attributes to the
+standard error details (plain values here: the engine knows nothing of gRPC or protobuf)."""
+
+# Seconds a client refused by a draining server is asked to wait, unless less of the grace is left. Not the whole
+# grace: a drain ends (and the server stops, so a retry reaches another replica) as soon as its queued work is
+# done, usually well before the grace runs out, and a retry that finds it still draining is refused again at once.
+DRAINING_RETRY_SECONDS = 1.0
 
 
 class EngineError(Exception):
@@ -6,27 +12,48 @@ class EngineError(Exception):
 
 
 class InvalidInput(EngineError):
-    """A request whose tensors or fields are malformed."""
+    """A request whose tensors or fields are malformed. `field`: the request field at fault (`inputs.shape`,
+    `h0`, `session_id`), when one is; the transport puts it under its place in the message (`steps[3].`)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class SessionNotFound(EngineError):
-    """No live session has this id (never created, closed, expired, or owned by someone else)."""
+    """No live session has this id (never created, closed, expired, or owned by someone else). `session_id`: the
+    id as the caller sent it; None for an Open Inference Protocol sequence (its clients read the message)."""
+
+    def __init__(self, message: str, session_id: str | None = None):
+        super().__init__(message)
+        self.session_id = session_id
 
 
 class SequenceError(EngineError):
-    """A request number that is not the next one for its session."""
+    """A request number that is not the next one for its session; `expected`: the number to go on from."""
+
+    def __init__(self, message: str, expected: int):
+        super().__init__(message)
+        self.expected = expected
 
 
 class LimitExceeded(EngineError):
-    """A configured resource limit would be exceeded; `limit` names the setting (a metrics label)."""
+    """A configured resource limit would be exceeded; `limit` names the setting (a metrics label). `retry_after`:
+    seconds until the same request would fit, where waiting helps (a rate limit, a full queue); else None."""
 
-    def __init__(self, message: str, limit: str):
+    def __init__(self, message: str, limit: str, retry_after: float | None = None):
         super().__init__(message)
         self.limit = limit
+        self.retry_after = retry_after
 
 
 class Draining(EngineError):
-    """The server is shutting down and takes no new work."""
+    """The server is shutting down and takes no new work. `retry_after`: seconds worth waiting before a retry
+    (DRAINING_RETRY_SECONDS, or the grace left when that is less)."""
+
+    def __init__(self, message: str, retry_after: float = DRAINING_RETRY_SECONDS):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ModelFailure(EngineError):

@@ -25,10 +25,11 @@ class ExactlyOnce:
         elif seq <= session.last_assigned_seq:
             return seq, self._answer_again(session, seq, digest, loop)
         elif seq != session.last_assigned_seq + 1:
-            raise SequenceError(f"sequence number {seq} skips ahead; expected {session.last_assigned_seq + 1}")
+            raise SequenceError(f"sequence number {seq} skips ahead; expected {session.last_assigned_seq + 1}",
+                                session.last_assigned_seq + 1)
         if self._scheduler.queued >= self._max_queued_requests:
             raise LimitExceeded(f"the server's queue is full (max_queued_requests={self._max_queued_requests})"
-                                "; retry with backoff", "max_queued_requests")
+                                "; retry with backoff", "max_queued_requests", self._scheduler.room_expected_in)
         future = loop.create_future()
         self._scheduler.enqueue(session, make_work(future, seq))
         session.last_assigned_seq = seq
@@ -38,21 +39,22 @@ class ExactlyOnce:
     def _answer_again(self, session: Session, seq: int, digest: bytes, loop) -> asyncio.Future:
         """A retried request: the queued original's future, or the kept answer. A number reused with other
         inputs is refused: answering it would hand back another request's outputs."""
+        expected = session.last_assigned_seq + 1
         for work in session.pending or ():
             if work.seq == seq:
-                _check_same_inputs(seq, work.digest, digest)
+                _check_same_inputs(seq, work.digest, digest, expected)
                 return asyncio.shield(work.future)
         kept = session.kept_answer(seq)
         if kept is not None:
-            _check_same_inputs(seq, kept.digest, digest)
+            _check_same_inputs(seq, kept.digest, digest, expected)
             future = loop.create_future()
             future.set_result(StepAnswer(kept.answer, None))
             return future
         raise SequenceError(f"sequence number {seq} was applied earlier and only the answers of the last "
-                            f"{self._answers_kept} requests are kept; expected {session.last_assigned_seq + 1}")
+                            f"{self._answers_kept} requests are kept; expected {expected}", expected)
 
 
-def _check_same_inputs(seq: int, applied: bytes | None, retried: bytes) -> None:
+def _check_same_inputs(seq: int, applied: bytes | None, retried: bytes, expected: int) -> None:
     if applied is not None and applied != retried:
         raise SequenceError(f"sequence number {seq} was already applied with other inputs; a retry must resend "
-                            "the same inputs, and a new request takes the next sequence number")
+                            "the same inputs, and a new request takes the next sequence number", expected)

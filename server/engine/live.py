@@ -48,13 +48,14 @@ class LiveSessions:
                 try:
                     record = await self._store.refresh(session_id)
                 except SessionGone:
-                    self.close(session, SessionNotFound(f"session {session_id} was closed elsewhere"))
+                    self.close(session, SessionNotFound(f"session {session_id} was closed elsewhere", session_id))
                     session = None
                 else:
                     if record is not None:
                         self._load(session, record)
         if session is None or session.owner != owner:
-            raise SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)")
+            raise SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)",
+                                  session_id)
         return session
 
     async def open(self, owner: str, h: torch.Tensor, c: torch.Tensor) -> Session:
@@ -113,7 +114,8 @@ class LiveSessions:
                 continue  # counted by the store, which reconnects by itself
             for session_id in lost:
                 if session := self.table.find(session_id):
-                    self.close(session, SessionNotFound(f"session {session_id} moved to another replica"))
+                    self.close(session, SessionNotFound(f"session {session_id} moved to another replica",
+                                                        session_id))
 
     def _adopt(self, record: SessionRecord, accepting: Callable[[], None]) -> Session:
         accepting()

@@ -27,5 +27,5 @@ class RateLimiter:
             self._buckets[owner] = (tokens, now)
             wait = (1 - tokens) / self._rate
             raise LimitExceeded(f"too many requests from this principal (rate_limit={self._rate:g}/s, "
-                                f"rate_limit_burst={self._burst:g}); retry in {wait:.2g}s", "rate_limit")
+                                f"rate_limit_burst={self._burst:g}); retry in {wait:.2g}s", "rate_limit", wait)
         self._buckets[owner] = (tokens - 1, now)

@@ -51,6 +51,7 @@ class Scheduler:
             1, thread_name_prefix="model", initializer=torch.set_num_threads, initargs=(torch_threads,))
         self._task: asyncio.Task | None = None
         self._queued = 0
+        self._latest_batch_seconds = 0.0  # the latest model call's, for room_expected_in
         self._store = store  # new states are committed to it before they are acknowledged
         self._model = model
         self._tracing = tracing
@@ -59,6 +60,12 @@ class Scheduler:
     def queued(self) -> int:
         """Requests accepted and not yet answered."""
         return self._queued
+
+    @property
+    def room_expected_in(self) -> float:
+        """Seconds until a full queue is expected to have room: the batch being gathered or run ends by then
+        (its wait for company, and a model call as long as the latest one), answering up to max_batch_size."""
+        return self._max_batch_delay + self._latest_batch_seconds
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batch-loop")
@@ -149,7 +156,8 @@ class Scheduler:
                 f"the model failed on request {seq}; the session's state is unchanged, retry it"))
             return
         finally:
-            self._metrics.compute_time.observe(time.perf_counter() - started)
+            self._latest_batch_seconds = time.perf_counter() - started
+            self._metrics.compute_time.observe(self._latest_batch_seconds)
             self._metrics.batch_size.observe(len(batch))
         await self._commit(batch, works, h_n, c_n, answers=answers)
         self._metrics.steps_applied.inc(len(batch) * works[0].steps)
@@ -223,7 +231,7 @@ class Scheduler:
         self._queued -= 1
         _fail(failed.future, error)
         self.fail_pending(session, error if isinstance(error, StateUnavailable) else SequenceError(
-            f"request {failed.seq} failed before this one; resend from sequence number {failed.seq}"))
+            f"request {failed.seq} failed before this one; resend from sequence number {failed.seq}", failed.seq))
         session.last_assigned_seq = session.last_applied_seq
         if session.closed:
             self._pool.release(session.slot)

@@ -26,7 +26,8 @@ def new_session_id() -> str:
 def check_session_id(session_id: str) -> None:
     """Refuses an id CreateSession cannot have made; by its length first, so a huge one costs nothing more."""
     if len(session_id) != SESSION_ID_CHARACTERS or not _SESSION_ID_ALPHABET.fullmatch(session_id):
-        raise InvalidInput("session_id is malformed: expected the 22-character id CreateSession returned")
+        raise InvalidInput("session_id is malformed: expected the 22-character id CreateSession returned",
+                           "session_id")
 
 
 def inputs_digest(kind: bytes, *arrays: np.ndarray | None) -> bytes:

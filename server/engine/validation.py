@@ -8,7 +8,8 @@ from server.engine.errors import InvalidInput, LimitExceeded
 
 
 def check_tensor(name: str, array: np.ndarray, expected: tuple, allow_nonfinite: bool) -> None:
-    """`expected` holds an int per fixed dimension and None per free one (which must be >= 1).
+    """`expected` holds an int per fixed dimension and None per free one (which must be >= 1). `name` is the
+    request field the array came from: the refusal names it, and its `.shape` when that is at fault.
 
     Runs once per streamed step, so it is written for speed: a plain loop over the dimensions, and a
     float64 sum for finiteness (NaN or infinite exactly when an element is, since float32 values
@@ -16,11 +17,13 @@ def check_tensor(name: str, array: np.ndarray, expected: tuple, allow_nonfinite:
     """
     if not _shape_matches(array.shape, expected):
         wanted = ", ".join("N" if e is None else str(e) for e in expected)
-        raise InvalidInput(f"{name} has shape {list(array.shape)}, expected [{wanted}]")
+        raise InvalidInput(f"{name} has shape {list(array.shape)}, expected [{wanted}]", f"{name}.shape")
     if array.size == 0:
-        raise InvalidInput(f"{name} is empty (shape {list(array.shape)}); send at least one time step")
+        raise InvalidInput(f"{name} is empty (shape {list(array.shape)}); send at least one time step",
+                           f"{name}.shape")
     if not allow_nonfinite and not math.isfinite(array.sum(dtype=np.float64)):
-        raise InvalidInput(f"{name} contains NaN or Inf; the server rejects non-finite values (allow_nonfinite)")
+        raise InvalidInput(f"{name} contains NaN or Inf; the server rejects non-finite values (allow_nonfinite)",
+                           name)
 
 
 def check_at_most(name: str, value: int, limit: int, setting: str) -> None:

@@ -77,7 +77,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @streaming
     async def ModelStreamInfer(self, request_iterator, context):
-        submitted = read_ahead(request_iterator, self._submit_in_band, self._stream_window, self._engine.draining)
+        submitted = read_ahead(request_iterator, self._submit_in_band, self._stream_window, self._engine.draining,
+                               self._engine.draining_refusal)
         async for request, call, pending in submitted:
             try:
                 response = await self._answer(request, call, pending)

@@ -1,18 +1,19 @@
 """`lstmserve.v1.LstmService`: decode, call the engine, encode. No model or session logic here."""
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 
-import grpc
 from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
-from server.engine import Engine, LimitExceeded, StepAnswer
+from server.engine import Engine, InvalidInput, LimitExceeded, StepAnswer
 from server.logsafe import CLIP_CHARACTERS
 from server.metrics import Metrics
 from server.transport.auth import current_principal
-from server.transport.errors import status_for, streaming, unary
+from server.transport.details import error_details
+from server.transport.errors import status_for, streaming_with_details, unary_with_details
 from server.transport.messages import optional_tensor, session_info
 from server.transport.streams import read_ahead
 
@@ -22,8 +23,10 @@ BATCH_SLICE = 256
 # An answer entry's bytes besides its outputs' payload and its request's session id: tags and lengths, the
 # sequence number, the outputs' shape, and room for the id of a session the entry creates.
 ANSWER_FRAMING = 72
-# An error answer's code and message: the server's messages are shorter (client text in them is clipped).
-ERROR_ANSWER_BYTES = 256
+# An error answer's code, message and details (each detail repeats the message as its description, beside its
+# type's name and a field path, a setting's name or a delay): the server's messages are under 256 bytes (client
+# text in them is clipped), and no error has more than two details.
+ERROR_ANSWER_BYTES = 768
 ENTRY_TAG_AND_LENGTH = 6  # around each answer entry in the StepBatchResponse
 
 
@@ -36,7 +39,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         self._max_batch_entries = max_batch_entries
         self._max_message_bytes = max_message_bytes  # no answer larger than this is built
 
-    @unary
+    @unary_with_details
     async def GetModelInfo(self, request, context):
         description = self._engine.describe()
         m, limits = description.metadata, description.limits
@@ -49,38 +52,41 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
                 max_steps_per_request=limits.max_steps_per_request,
                 max_sequence_length=limits.max_sequence_length))
 
-    @unary
+    @unary_with_details
     async def CreateSession(self, request, context):
         return session_info(await self._engine.create_session(
             optional_tensor(request, "h0"), optional_tensor(request, "c0"), owner=current_principal()))
 
-    @unary
+    @unary_with_details
     async def Step(self, request, context):
         session_id, seq, answer = await self._submit_step(request)
         return _fill_answer(pb.StepResponse(), session_id, seq, await answer)
 
-    @streaming
+    @streaming_with_details
     async def Stream(self, request_iterator, context):
         async def submit_one(request):
             return [await self._submit_step_in_band(request)]
 
-        async for submitted in read_ahead(request_iterator, submit_one, self._stream_window, self._engine.draining):
+        async for submitted in read_ahead(request_iterator, submit_one, self._stream_window,
+                                          self._engine.draining, self._engine.draining_refusal):
             yield await _answer_in_band(pb.StepResponse(), *submitted[0])
 
-    @streaming
+    @streaming_with_details
     async def StreamBatch(self, request_iterator, context):
         """A message too long, or whose answer would be too large, ends the stream before any of it is queued."""
         async def submit_all(batch):
             await self._check_batch(batch)
-            return [await self._submit_step_in_band(step) async for step in _in_slices(batch.steps)]
+            return [await self._submit_step_in_band(step, f"steps[{i}].")
+                    async for i, step in _in_slices(enumerate(batch.steps))]
 
-        async for submitted in read_ahead(request_iterator, submit_all, self._stream_window, self._engine.draining):
+        async for submitted in read_ahead(request_iterator, submit_all, self._stream_window,
+                                          self._engine.draining, self._engine.draining_refusal):
             response = pb.StepBatchResponse()
             async for step in _in_slices(submitted):  # each answer is built in its place: no per-step copies
                 await _answer_in_band(response.steps.add(), *step)
             yield response
 
-    @unary
+    @unary_with_details
     async def Predict(self, request, context):
         outputs, h_n, c_n = await self._engine.predict(
             tensors.from_proto(request.inputs, name="inputs"),
@@ -90,17 +96,17 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             tensors.fill(field, array)
         return response
 
-    @unary
+    @unary_with_details
     async def GetSession(self, request, context):
         return session_info(await self._engine.get_session(request.session_id, owner=current_principal()))
 
-    @unary
+    @unary_with_details
     async def GetState(self, request, context):
         seq, h, c = await self._engine.get_state(request.session_id, owner=current_principal())
         return pb.SessionState(session_id=request.session_id, last_sequence_number=seq,
                                h=tensors.to_proto(h), c=tensors.to_proto(c))
 
-    @unary
+    @unary_with_details
     async def ResetSession(self, request, context):
         owner = current_principal()
         _, done = await self._engine.reset(request.session_id, optional_tensor(request, "h"),
@@ -108,7 +114,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         await done
         return session_info(await self._engine.get_session(request.session_id, owner=owner))
 
-    @unary
+    @unary_with_details
     async def CloseSession(self, request, context):
         await self._engine.close_session(request.session_id, owner=current_principal())
         return pb.CloseSessionResponse()
@@ -123,17 +129,19 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             return request.session_id, *await self._engine.step(request.session_id, inputs, request.sequence_number,
                                                                  owner=owner)
         new = request.new_session
-        return await self._engine.open_and_step(inputs, optional_tensor(new, "h0"), optional_tensor(new, "c0"),
-                                                request.sequence_number, owner=owner)
+        with _fields_of("new_session", "h0", "c0"):
+            return await self._engine.open_and_step(inputs, optional_tensor(new, "h0"), optional_tensor(new, "c0"),
+                                                    request.sequence_number, owner=owner)
 
-    async def _submit_step_in_band(self, request: pb.StepRequest):
-        """Like _submit_step, but a rejected request becomes its error answer, a (code, message) pair, instead of
-        raising: a message of thousands of bad entries keeps no exception, traceback or future per entry."""
+    async def _submit_step_in_band(self, request: pb.StepRequest, path: str = ""):
+        """Like _submit_step, but a rejected request becomes its error answer instead of raising: a message of
+        thousands of bad entries keeps no exception, traceback or future per entry. `path`: where the request
+        sits in its message, for the fields its error names."""
         try:
             session_id, seq, answer = await self._submit_step(request)
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
             # the id is echoed so the answer can be matched, but never a huge malformed one in full
-            return request.session_id[:CLIP_CHARACTERS], request.sequence_number, status_for(error)
+            return request.session_id[:CLIP_CHARACTERS], request.sequence_number, _error_answer(error, path)
         answer.add_done_callback(_observe)
         return session_id, seq, answer
 
@@ -174,17 +182,34 @@ def _fill_answer(response: pb.StepResponse, session_id: str, seq: int, answer: S
 
 
 async def _answer_in_band(response: pb.StepResponse, session_id: str, seq: int,
-                          answer: asyncio.Future | tuple[grpc.StatusCode, str]) -> pb.StepResponse:
+                          answer: asyncio.Future | pb.Error) -> pb.StepResponse:
     """Fills `response` with the answer, or with the error that stands in for it."""
     if isinstance(answer, asyncio.Future):
         try:
             return _fill_answer(response, session_id, seq, await answer)
         except Exception as error:  # noqa: BLE001 - one failed request must not end the stream
-            answer = status_for(error)
-    code, message = answer
+            answer = _error_answer(error)
     response.session_id, response.sequence_number = session_id, seq
-    response.error.code, response.error.message = code.value[0], message
+    response.error.CopyFrom(answer)
     return response
+
+
+def _error_answer(error: Exception, path: str = "") -> pb.Error:
+    """An in-band error: what the call's status and its details would be (the fields of a google.rpc.Status)."""
+    code, message = status_for(error)
+    return pb.Error(code=code.value[0], message=message, details=error_details(error, path))
+
+
+@contextlib.contextmanager
+def _fields_of(message: str, *fields: str):
+    """Refusals naming one of `fields` name it as a field of `message` (`new_session.h0`): the engine names
+    its parameters, which are top-level fields of every request but this one."""
+    try:
+        yield
+    except (InvalidInput, tensors.TensorFormatError) as error:
+        if error.field and error.field.split(".")[0] in fields:
+            error.field = f"{message}.{error.field}"
+        raise
 
 
 def _observe(answer: asyncio.Future) -> None:

@@ -16,14 +16,15 @@ def refused(error: Exception) -> asyncio.Future:
 
 
 async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awaitable], window: int,
-                     draining: asyncio.Event) -> AsyncIterator:
+                     draining: asyncio.Event, refusal: Callable[[str], Draining] = Draining) -> AsyncIterator:
     """Yields `await submit(request)` for each request in order while reading up to `window` requests ahead.
 
     `submit` queues the request's work and returns without waiting for its answer, and requests are
     submitted one at a time in stream order, so a client that sends requests back to back has them
     batched instead of answered one round trip at a time. Once `draining` is set it stops reading,
-    yields what it took, and ends the stream with Draining (UNAVAILABLE), so the client resumes
-    elsewhere instead of waiting for the shutdown grace to run out.
+    yields what it took, and ends the stream with Draining (UNAVAILABLE, made by `refusal`, e.g. the
+    engine's, which says how long to wait), so the client resumes elsewhere instead of waiting for the
+    shutdown grace to run out.
     """
     submitted: asyncio.Queue = asyncio.Queue()
     slots = asyncio.Semaphore(window)
@@ -48,7 +49,7 @@ async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awai
             yield item
             slots.release()
         if reader.cancelled():
-            raise Draining("the server is shutting down; reconnect and resume on another replica")
+            raise refusal("the server is shutting down; reconnect and resume on another replica")
         await reader  # re-raises a failure to read the stream
     finally:
         reader.cancel()

@@ -288,7 +288,7 @@ def test_a_batched_step_reusing_a_number_with_other_inputs_is_refused_in_band(cl
 def test_bad_initial_state_is_refused(client):
     with pytest.raises(grpc.RpcError) as error:
         client.session(h0=np.zeros((2, 3)))
-    assert error.value.code() == INVALID and "h has shape [2, 3], expected [1, 3]" in error.value.details()
+    assert error.value.code() == INVALID and "h0 has shape [2, 3], expected [1, 3]" in error.value.details()
 
 
 def test_bad_reset_state_changes_nothing(client, session):

@@ -5,6 +5,10 @@ import signal
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from lstmserve.v1 import lstm_service_pb2 as pb
+from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import LstmClient
 from client.messages import step_request
@@ -65,6 +69,21 @@ def test_a_session_moves_between_replicas_with_its_state(demo_model, redis, refe
             np.testing.assert_allclose(back.step(x), reference.step(x[None])[0], atol=TOLERANCE)
         assert_state(back, reference)
         assert back.info().steps_applied == 12
+
+
+def test_a_session_held_by_another_replica_is_unavailable_with_the_lease_left_as_retry_info(demo_model, redis):
+    settings = dict(state_store=redis.url, lease_ttl=5.0, lease_wait=0.05)  # a renews its lease; b barely waits
+    with server_in_thread(demo_model, **settings) as a, server_in_thread(demo_model, **settings) as b, \
+            LstmClient(a.address) as on_a, grpc.insecure_channel(b.address) as channel:
+        session = on_a.session()
+        session.step(np.ones(4))
+        with pytest.raises(grpc.RpcError) as error:
+            pb_grpc.LstmServiceStub(channel).GetSession(pb.SessionRef(session_id=session.id))
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "another replica" in error.value.details()
+        (detail,) = rpc_status.from_call(error.value).details
+        retry = error_details_pb2.RetryInfo()
+        assert detail.Unpack(retry) and 0 < retry.retry_delay.ToNanoseconds() <= 5e9
+        assert session.info().last_sequence_number == 1  # still a's, untouched
 
 
 def test_every_step_mode_loses_no_acknowledged_step_when_a_replica_is_killed(demo_model, redis, tmp_path,
