@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import durability, report, tracing
+from bench import callers, durability, report, tracing
 from bench.plan import MODELS, SCENARIOS, Plan
 from bench.scenarios import Bench
 
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             ("open", bench.open_loop),
             ("multiplexed", bench.multiplexed),
             ("predict", bench.predict),
+            ("merged", lambda: callers.merged(bench)),
+            ("oip", lambda: callers.oip(bench)),
             ("memory", bench.memory),
             ("durability", lambda: durability.run(bench)),
             ("tracing", lambda: tracing.run(bench)),
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             "failed": failed,
             **bench.results,
         }
-    table = report.markdown(results) + durability.markdown(results) + tracing.markdown(results)
+    table = (report.markdown(results) + callers.markdown(results) + durability.markdown(results)
+             + tracing.markdown(results))
     print(table)
     report.write_json(results, args.out / "results.json")
     (args.out / "table.md").write_text(table)

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from server.engine.errors import DRAINING_RETRY_SECONDS, Draining, LimitExceeded
 from server.engine.exactly_once import ExactlyOnce
 from server.engine.limits import EngineLimits
 from server.engine.live import LiveSessions
+from server.engine.predict_merge import PredictMerger
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import Session, Work, inputs_digest
 from server.engine.state_pool import StatePool
@@ -49,6 +51,8 @@ class Engine:
                                   clock)
         self._sessions = self._live.table
         self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests)
+        self._predicts = PredictMerger(functools.partial(self._scheduler.run_sequences, self._predict_on_host),
+                                       metrics, limits.max_predict_batch)
         self._tasks: list[asyncio.Task] = []
         self._draining = asyncio.Event()
         self._drain_deadline = 0.0  # on the engine's clock, once drain() starts
@@ -177,7 +181,8 @@ class Engine:
 
     async def predict(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                       owner: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)`."""
+        """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)`. Concurrent calls
+        of equal seq_len share model calls (see predict_merge); the arrays may be views of a shared call's."""
         self._check_accepting()
         self._admit(owner)
         m = self.runtime.metadata
@@ -188,7 +193,9 @@ class Engine:
             check_at_most("inputs' batch", inputs.shape[1], self.limits.max_batch_size, "max_batch_size")
         h, c = self._initial_state(h0, c0, (m.num_layers, inputs.shape[1], m.hidden_size), names=("h0", "c0"))
         x = torch.from_numpy(np.array(inputs, dtype=np.float32))
-        return await self._scheduler.run_sequences(self._predict_on_host, x, h, c)
+        seq_len, batch = inputs.shape[:2]
+        nbytes = 4 * (x.numel() + seq_len * batch * m.output_size + 4 * h.numel())  # inputs, outputs, states
+        return await self._predicts.predict(x, h, c, nbytes)
 
     def _predict_on_host(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """On the model thread: the call and the copies of its results to host memory."""

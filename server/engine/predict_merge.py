@@ -1,0 +1,133 @@
+"""Merged stateless sequences: Predicts of equal seq_len that wait while the model thread is busy run as one
+model call, concatenated on the batch axis, and are split back. A model call costs nearly the same for a
+batch of 1 as for a few, so concurrent small Predicts go several times faster merged than one after another."""
+
+import asyncio
+import collections
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import torch
+
+from server.engine.errors import Draining, ModelFailure
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# The most bytes (inputs, outputs and states) of requests merged into one call beyond its first: a merged
+# call holds all of them at once, and a Predict may be as large as the server's largest message (64 MiB).
+MAX_MERGED_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class PendingPredict:
+    """One Predict waiting for the model: `x[seq_len, rows, input]` from state `(h, c)[layers, rows, hidden]`."""
+
+    x: torch.Tensor
+    h: torch.Tensor
+    c: torch.Tensor
+    nbytes: int  # of its inputs, outputs and states: what it adds to a merged call
+    future: asyncio.Future
+
+    @property
+    def seq_len(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[1]
+
+
+def take_merge(waiting: collections.deque, max_rows: int, max_bytes: int) -> list[PendingPredict]:
+    """Removes from `waiting` and returns the requests of the next model call: the oldest request still
+    awaited, whatever its size, then each later one of the same seq_len while the call stays within
+    `max_rows` rows and `max_bytes` bytes beyond the first. Requests no longer awaited (their caller gave up)
+    are dropped; the others keep their order."""
+    while waiting and waiting[0].future.done():
+        waiting.popleft()
+    if not waiting:
+        return []
+    first = waiting.popleft()
+    taken, rows, nbytes, kept = [first], first.rows, 0, []
+    while waiting:
+        candidate = waiting.popleft()
+        if candidate.future.done():
+            continue
+        if candidate.seq_len == first.seq_len and rows + candidate.rows <= max_rows \
+                and nbytes + candidate.nbytes <= max_bytes:
+            taken.append(candidate)
+            rows, nbytes = rows + candidate.rows, nbytes + candidate.nbytes
+        else:
+            kept.append(candidate)
+    waiting.extend(kept)
+    return taken
+
+
+class PredictMerger:
+    """Queues Predicts and runs them, merged where it can, one model call at a time. `run(x, h, c)` runs one
+    call on the model thread and returns `(y, h_n, c_n)` as host arrays."""
+
+    def __init__(self, run: Callable[..., Awaitable[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+                 metrics: Metrics, max_rows: int, max_bytes: int = MAX_MERGED_BYTES):
+        self._run = run
+        self._metrics = metrics
+        self._max_rows = max_rows
+        self._max_bytes = max_bytes
+        self._waiting: collections.deque[PendingPredict] = collections.deque()
+        self._runner: asyncio.Task | None = None
+
+    async def predict(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, nbytes: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`(outputs, h_n, c_n)` of `x` from `(h, c)`, computed alone or beside other waiting Predicts."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(PendingPredict(x, h, c, nbytes, future))
+        if self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self._run_waiting(), name="predict-merge")
+            self._runner.add_done_callback(self._on_runner_exit)
+        return await future
+
+    async def _run_waiting(self) -> None:
+        """Runs calls until nothing waits; what arrives during a call waits for the next one, and merges."""
+        while group := take_merge(self._waiting, self._max_rows, self._max_bytes):
+            await self._run_group(group)
+        self._runner = None  # in the same step as the emptiness check: no request can slip in between
+
+    async def _run_group(self, group: list[PendingPredict]) -> None:
+        try:
+            y, h_n, c_n = await self._run(*(_concatenated([getattr(p, name) for p in group]) for name in "xhc"))
+        except asyncio.CancelledError:
+            _fail(group, Draining("the server stopped before this Predict ran"))
+            raise
+        except Exception:
+            log.exception("model call failed for %d merged Predict requests", len(group))
+            self._metrics.model_failures.inc()
+            _fail(group, ModelFailure("the model failed on this Predict; retry it"))
+            return
+        if len(group) > 1:
+            self._metrics.predict_merged.inc(len(group))
+        start = 0
+        for pending in group:
+            end = start + pending.rows
+            if not pending.future.done():
+                pending.future.set_result((y[:, start:end], h_n[:, start:end], c_n[:, start:end]))
+            start = end
+
+    def _on_runner_exit(self, task: asyncio.Task) -> None:
+        """If the runner ever dies, no caller may wait forever on a call it would have made."""
+        if task.cancelled() or task.exception() is not None:
+            self._runner = None
+            error = Draining("the server is stopping") if task.cancelled() else ModelFailure("Predict runner failed")
+            _fail(self._waiting, error)
+            self._waiting.clear()
+
+
+def _concatenated(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
+
+
+def _fail(pending, error: Exception) -> None:
+    for one in pending:
+        if not one.future.done():
+            one.future.set_exception(error)
