@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -51,8 +50,8 @@ class Engine:
                                   clock)
         self._sessions = self._live.table
         self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests)
-        self._predicts = PredictMerger(functools.partial(self._scheduler.run_sequences, self._predict_on_host),
-                                       metrics, limits.max_predict_batch)
+        self._predicts = PredictMerger(self._scheduler.run_sequences, self._predict_on_host, metrics,
+                                       limits.max_predict_batch)
         self._tasks: list[asyncio.Task] = []
         self._draining = asyncio.Event()
         self._drain_deadline = 0.0  # on the engine's clock, once drain() starts
@@ -182,7 +181,7 @@ class Engine:
     async def predict(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                       owner: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)`. Concurrent calls
-        of equal seq_len share model calls (see predict_merge); the arrays may be views of a shared call's."""
+        of equal seq_len share model calls (see predict_merge)."""
         self._check_accepting()
         self._admit(owner)
         m = self.runtime.metadata

@@ -65,21 +65,24 @@ def take_merge(waiting: collections.deque, max_rows: int, max_bytes: int) -> lis
     return taken
 
 
-class PredictMerger:
-    """Queues Predicts and runs them, merged where it can, one model call at a time. `run(x, h, c)` runs one
-    call on the model thread and returns `(y, h_n, c_n)` as host arrays."""
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
-    def __init__(self, run: Callable[..., Awaitable[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+
+class PredictMerger:
+    """Queues Predicts and runs them, merged where it can, one model call at a time: `compute(x, h, c)` is the
+    call, `(y, h_n, c_n)` as host arrays, and `run_in_model_thread(fn, *args)` runs `fn` on the model thread."""
+
+    def __init__(self, run_in_model_thread: Callable[..., Awaitable], compute: Callable[..., Arrays],
                  metrics: Metrics, max_rows: int, max_bytes: int = MAX_MERGED_BYTES):
-        self._run = run
+        self._run_in_model_thread = run_in_model_thread
+        self._compute = compute
         self._metrics = metrics
         self._max_rows = max_rows
         self._max_bytes = max_bytes
         self._waiting: collections.deque[PendingPredict] = collections.deque()
         self._runner: asyncio.Task | None = None
 
-    async def predict(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, nbytes: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    async def predict(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, nbytes: int) -> Arrays:
         """`(outputs, h_n, c_n)` of `x` from `(h, c)`, computed alone or beside other waiting Predicts."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append(PendingPredict(x, h, c, nbytes, future))
@@ -96,7 +99,7 @@ class PredictMerger:
 
     async def _run_group(self, group: list[PendingPredict]) -> None:
         try:
-            y, h_n, c_n = await self._run(*(_concatenated([getattr(p, name) for p in group]) for name in "xhc"))
+            answers = await self._run_in_model_thread(self._compute_split, group)
         except asyncio.CancelledError:
             _fail(group, Draining("the server stopped before this Predict ran"))
             raise
@@ -107,12 +110,22 @@ class PredictMerger:
             return
         if len(group) > 1:
             self._metrics.predict_merged.inc(len(group))
-        start = 0
+        for pending, answer in zip(group, answers, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(answer)
+
+    def _compute_split(self, group: list[PendingPredict]) -> list[Arrays]:
+        """On the model thread: one call over the group's rows, and each request's share as arrays of its own,
+        contiguous (so encoding them copies nothing more, and no copy of megabytes holds up the event loop)."""
+        if len(group) == 1:
+            return [self._compute(group[0].x, group[0].h, group[0].c)]
+        merged = self._compute(*(torch.cat([getattr(p, name) for p in group], dim=1) for name in "xhc"))
+        answers, start = [], 0
         for pending in group:
             end = start + pending.rows
-            if not pending.future.done():
-                pending.future.set_result((y[:, start:end], h_n[:, start:end], c_n[:, start:end]))
+            answers.append(tuple(np.ascontiguousarray(array[:, start:end]) for array in merged))
             start = end
+        return answers
 
     def _on_runner_exit(self, task: asyncio.Task) -> None:
         """If the runner ever dies, no caller may wait forever on a call it would have made."""
@@ -121,10 +134,6 @@ class PredictMerger:
             error = Draining("the server is stopping") if task.cancelled() else ModelFailure("Predict runner failed")
             _fail(self._waiting, error)
             self._waiting.clear()
-
-
-def _concatenated(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
 
 def _fail(pending, error: Exception) -> None:

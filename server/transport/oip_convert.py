@@ -24,6 +24,8 @@ OUTPUTS = ("OUTPUT", "HN", "CN")
 STATE_OUTPUTS = ("HN", "CN")
 PLATFORM = "pytorch_libtorch"  # Triton's name for TorchScript models
 UNSUPPORTED_TENSOR_PARAMETERS = ("shared_memory_region", "classification")
+_RAW_OUTPUT_CONTENTS = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+_STREAM_INFER_RESPONSE = pb.ModelStreamInferResponse.DESCRIPTOR.fields_by_name["infer_response"].number
 
 
 class RequestFormatError(ValueError):
@@ -66,15 +68,27 @@ def decode_request(request: pb.ModelInferRequest) -> InferCall:
     return InferCall(inputs, _requested_outputs(request.outputs), sequence_id, start, end)
 
 
-def encode_response(request: pb.ModelInferRequest, version: str, outputs: dict[str, np.ndarray]
-                    ) -> pb.ModelInferResponse:
-    """The named arrays as FP32 outputs in `raw_output_contents`, which is where tritonclient reads them."""
+def encode_response(request: pb.ModelInferRequest, version: str, outputs: dict[str, np.ndarray]) -> list:
+    """The parts of a serialized ModelInferResponse, for `infer_response` or `stream_response`: the named arrays
+    as FP32 outputs in `raw_output_contents`, which is where tritonclient reads them. Each payload is copied
+    once, when the parts are joined (see lstmserve.tensors.encoded)."""
     response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
+    payloads = []
     for name, array in outputs.items():
         packed = np.ascontiguousarray(array, dtype=WIRE_DTYPE)
         response.outputs.add(name=name, datatype=DATATYPE, shape=packed.shape)
-        response.raw_output_contents.append(packed.tobytes())
-    return response
+        payloads += tensors.length_delimited(_RAW_OUTPUT_CONTENTS, packed.data)
+    return [response.SerializeToString(), *payloads]
+
+
+def infer_response(parts: list) -> bytes:
+    """A serialized ModelInferResponse (ModelInfer's answer) from encode_response's parts."""
+    return b"".join(parts)
+
+
+def stream_response(parts: list) -> bytes:
+    """A serialized ModelStreamInferResponse carrying the ModelInferResponse of encode_response's parts."""
+    return b"".join(tensors.length_delimited(_STREAM_INFER_RESPONSE, *parts))
 
 
 def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray:
