@@ -1,5 +1,6 @@
 """Wire codec for `lstmserve.v1.Tensor`: a shape plus packed little-endian float32 bytes."""
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -51,7 +52,7 @@ def encoded(header: bytes, fields: Iterable[tuple[int, np.ndarray]]) -> bytes:
         packed = np.ascontiguousarray(array, dtype=WIRE_DTYPE)
         shape = b"".join(_varint(dim) for dim in packed.shape)
         tensor_head = b"\x0a" + _varint(len(shape)) + shape + b"\x12" + _varint(packed.nbytes)
-        parts += [_length_delimited(number, len(tensor_head) + packed.nbytes), tensor_head, packed.data]
+        parts += [field_head(number, len(tensor_head) + packed.nbytes), tensor_head, packed.data]
     return b"".join(parts)
 
 
@@ -59,10 +60,13 @@ def length_delimited(number: int, *payload) -> list:
     """The parts of a length-delimited field `number` (bytes, or an embedded message) holding the concatenation
     of `payload` (bytes or contiguous buffers), for b"".join: the payload is not copied until it is joined."""
     length = sum(memoryview(part).nbytes for part in payload)
-    return [_length_delimited(number, length), *payload]
+    return [field_head(number, length), *payload]
 
 
-def _length_delimited(number: int, length: int) -> bytes:
+@functools.lru_cache(maxsize=4096)
+def field_head(number: int, length: int) -> bytes:
+    """The tag and length that start a length-delimited field `number` of `length` bytes (cached: a stream's
+    answers repeat a few sizes)."""
     return _varint(number << 3 | 2) + _varint(length)
 
 
