@@ -50,8 +50,8 @@ class Engine:
                                   clock)
         self._sessions = self._live.table
         self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests)
-        self._predicts = PredictMerger(self._scheduler.run_sequences, self._predict_on_host, metrics,
-                                       limits.max_predict_batch)
+        self._predicts = PredictMerger(self._scheduler.run_in_model_thread, self._predict_on_host, metrics,
+                                       limits.max_predict_batch, tracing=tracing)
         self._tasks: list[asyncio.Task] = []
         self._draining = asyncio.Event()
         self._drain_deadline = 0.0  # on the engine's clock, once drain() starts

@@ -4,8 +4,11 @@ batch of 1 as for a few, so concurrent small Predicts go several times faster me
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -13,6 +16,7 @@ import torch
 
 from server.engine.errors import Draining, ModelFailure
 from server.metrics import Metrics
+from server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ class PendingPredict:
     c: torch.Tensor
     nbytes: int  # of its inputs, outputs and states: what it adds to a merged call
     future: asyncio.Future
+    queued: float = 0.0  # perf_counter when it was queued
+    trace: object = None  # with tracing on, the span context of the RPC that queued it (see server.tracing)
 
     @property
     def seq_len(self) -> int:
@@ -70,12 +76,14 @@ Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 class PredictMerger:
     """Queues Predicts and runs them, merged where it can, one model call at a time: `compute(x, h, c)` is the
-    call, `(y, h_n, c_n)` as host arrays, and `run_in_model_thread(fn, *args)` runs `fn` on the model thread."""
+    call, `(y, h_n, c_n)` as host arrays, and `run_in_model_thread(fn, *args)` runs `fn` on the model thread.
+    With tracing, each call is traced as a batch of the requests it serves, like a batch of steps."""
 
     def __init__(self, run_in_model_thread: Callable[..., Awaitable], compute: Callable[..., Arrays],
-                 metrics: Metrics, max_rows: int, max_bytes: int = MAX_MERGED_BYTES):
+                 metrics: Metrics, max_rows: int, max_bytes: int = MAX_MERGED_BYTES, tracing: Tracing | None = None):
         self._run_in_model_thread = run_in_model_thread
         self._compute = compute
+        self._tracing = tracing
         self._metrics = metrics
         self._max_rows = max_rows
         self._max_bytes = max_bytes
@@ -84,10 +92,13 @@ class PredictMerger:
 
     async def predict(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, nbytes: int) -> Arrays:
         """`(outputs, h_n, c_n)` of `x` from `(h, c)`, computed alone or beside other waiting Predicts."""
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append(PendingPredict(x, h, c, nbytes, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        trace = self._tracing.request_context() if self._tracing else None
+        self._waiting.append(PendingPredict(x, h, c, nbytes, future, time.perf_counter(), trace))
         if self._runner is None:
-            self._runner = asyncio.get_running_loop().create_task(self._run_waiting(), name="predict-merge")
+            # a context of its own: the runner serves many RPCs and must not carry the first one's (span, principal)
+            self._runner = loop.create_task(self._run_waiting(), name="predict-merge", context=contextvars.Context())
             self._runner.add_done_callback(self._on_runner_exit)
         return await future
 
@@ -99,7 +110,8 @@ class PredictMerger:
 
     async def _run_group(self, group: list[PendingPredict]) -> None:
         try:
-            answers = await self._run_in_model_thread(self._compute_split, group)
+            with self._trace(group):
+                answers = await self._run_in_model_thread(self._compute_split, group)
         except asyncio.CancelledError:
             _fail(group, Draining("the server stopped before this Predict ran"))
             raise
@@ -113,6 +125,11 @@ class PredictMerger:
         for pending, answer in zip(group, answers, strict=True):
             if not pending.future.done():
                 pending.future.set_result(answer)
+
+    def _trace(self, group: list[PendingPredict]):
+        if self._tracing is None:
+            return contextlib.nullcontext()
+        return self._tracing.batch(((p.trace, p.queued) for p in group), group[0].seq_len)
 
     def _compute_split(self, group: list[PendingPredict]) -> list[Arrays]:
         """On the model thread: one call over the group's rows, and each request's share as arrays of its own,
