@@ -31,3 +31,20 @@ def test_quick_bench_writes_results_table_and_plot(tmp_path):
     assert row["configs"]["in-process"]["throughput"] > 0
     assert "| tiny | 16 |" in finished.stdout  # the table
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quick_bench_runs_the_merged_predict_and_oip_scenarios(tmp_path):
+    command = [sys.executable, "-m", "bench", "--quick", "--models", "tiny", "--scenarios", "merged,oip",
+               "--out", str(tmp_path)]
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    [merged] = results["merged"]
+    assert merged["configs"]["merged"]["throughput"] > 0 and merged["configs"]["in-process"]["throughput"] > 0
+    [oip] = results["oip"]
+    assert set(oip["configs"]) == {"OIP ModelStreamInfer", "native Stream", "OIP ModelInfer", "native Step"}
+    assert all(figures["throughput"] > 0 for figures in oip["configs"].values())
+    assert "merged / unmerged steps/s" in finished.stdout and "OIP ModelInfer tiny @64 / native Step" in finished.stdout
