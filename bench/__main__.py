@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "table.md").write_text(table)
     if report.plot(results, args.out / "plot.png"):
         print(f"plot: {args.out / 'plot.png'}", file=sys.stderr)
+    if callers.plot(results, args.out / "plot-callers.png"):
+        print(f"plot: {args.out / 'plot-callers.png'}", file=sys.stderr)
     print(f"results: {args.out / 'results.json'} ({results['seconds']:.0f} s)", file=sys.stderr)
     return 1 if failed else 0
 

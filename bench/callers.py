@@ -94,3 +94,28 @@ def markdown(results: dict) -> str:
             ["target", "ratio", "bound", ""],
             [[name, _n(ratio, 2), bound, "met" if met else "NOT met"] for name, ratio, bound, met in found]))
     return "".join(part + "\n\n" for part in parts)
+
+
+def plot(results: dict, path) -> bool:
+    """Steps/s of each configuration, one panel per scenario: merged Predicts, and OIP beside native."""
+    panels = [(f"Predict [{r['seq_len']}, {r['batch']}], {r['callers']} callers ({r['model']})", r["configs"])
+              for r in results.get("merged", [])]
+    panels += [(f"sequences, {r['sequences']} at once ({r['model']})", r["configs"]) for r in results.get("oip", [])]
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for axis, (title, configs) in zip(axes[0], panels, strict=True):
+        names = list(configs)
+        axis.barh(names, [configs[name]["throughput"] for name in names])
+        axis.set_title(title)
+        axis.set_xlabel("steps/s")
+        axis.grid(True, axis="x", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return True

@@ -48,3 +48,4 @@ def test_quick_bench_runs_the_merged_predict_and_oip_scenarios(tmp_path):
     assert set(oip["configs"]) == {"OIP ModelStreamInfer", "native Stream", "OIP ModelInfer", "native Step"}
     assert all(figures["throughput"] > 0 for figures in oip["configs"].values())
     assert "merged / unmerged steps/s" in finished.stdout and "OIP ModelInfer tiny @64 / native Step" in finished.stdout
+    assert (tmp_path / "plot-callers.png").read_bytes().startswith(b"\x89PNG")
