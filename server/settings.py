@@ -37,8 +37,8 @@ class Settings:
     initial_capacity: int = _setting(1024, "session slots preallocated at start", 1)
     max_steps_per_request: int = _setting(1024, "most time steps in one Step or Stream request", 1)
     max_sequence_length: int = _setting(100_000, "most time steps in one Predict request", 1)
-    max_batch_entries: int = _setting(4096, "most entries (steps) in one StreamBatch message; a longer message "
-                                      "is refused whole with RESOURCE_EXHAUSTED", 1)
+    max_batch_entries: int = _setting(4096, "most entries (steps) in one StreamBatch or StreamColumns "
+                                      "message; a longer message is refused whole with RESOURCE_EXHAUSTED", 1)
     max_queued_requests: int = _setting(100_000, "most requests queued server-wide before RESOURCE_EXHAUSTED", 1)
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent", 1024)
     stream_window: int = _setting(128, "requests one stream may have in flight before the server stops reading", 1)

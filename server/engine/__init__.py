@@ -1,5 +1,6 @@
 """The engine: sessions, their state pool and the batching scheduler. Knows nothing about gRPC."""
 
+from server.engine.columnar import ColumnsAnswer
 from server.engine.engine import Engine
 from server.engine.errors import (
     Draining,
@@ -16,6 +17,6 @@ from server.engine.scheduler import StepAnswer
 from server.engine.sequences import SequenceId, Sequences
 from server.engine.views import ModelDescription, SessionView
 
-__all__ = ["Draining", "Engine", "EngineError", "EngineLimits", "InvalidInput", "LimitExceeded", "ModelDescription",
-           "ModelFailure", "SequenceError", "SequenceId", "Sequences", "SessionNotFound", "SessionView",
-           "StateUnavailable", "StepAnswer"]
+__all__ = ["ColumnsAnswer", "Draining", "Engine", "EngineError", "EngineLimits", "InvalidInput", "LimitExceeded",
+           "ModelDescription", "ModelFailure", "SequenceError", "SequenceId", "Sequences", "SessionNotFound",
+           "SessionView", "StateUnavailable", "StepAnswer"]

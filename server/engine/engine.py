@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from server.engine.admission import Admission, Eviction
+from server.engine.columnar import Columnar
 from server.engine.errors import DRAINING_RETRY_SECONDS, Draining, LimitExceeded, SessionNotFound
 from server.engine.exactly_once import ExactlyOnce
 from server.engine.limits import EngineLimits
@@ -49,6 +50,7 @@ class Engine:
                                   clock)
         self._sessions = self._live.table
         self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests)
+        self._columnar = Columnar(runtime, limits, metrics, self._scheduler, self._live, self._order, self._admission)
         self._tasks: list[asyncio.Task] = []
         self._draining = asyncio.Event()
         self._drain_deadline = 0.0  # on the engine's clock, once drain() starts
@@ -161,6 +163,12 @@ class Engine:
         with self._counting_refusals():
             check_at_most("inputs' time steps", inputs.shape[0], self.limits.max_steps_per_request,
                           "max_steps_per_request")
+
+    async def step_columns(self, session_ids: list[str], seqs: list[int], inputs: np.ndarray, owner: str = ""
+                           ) -> asyncio.Future:
+        """Queues one request per entry, `inputs[i]` `[T, input]` for `session_ids[i]` numbered `seqs[i]`; returns
+        one future of their ColumnsAnswer, in which each refused entry has its error (see columnar.py)."""
+        return await self._columnar.submit(session_ids, seqs, inputs, owner, self._check_accepting)
 
     async def reset(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
               seq: int = 0, owner: str = "") -> tuple[int, asyncio.Future]:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from server.engine.admission import Admission
-from server.engine.errors import InvalidInput, SessionNotFound, StateUnavailable
+from server.engine.errors import EngineError, InvalidInput, SessionNotFound, StateUnavailable
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import Session, SessionTable, check_session_id, record_of
 from server.engine.state_pool import StatePool
@@ -54,9 +54,28 @@ class LiveSessions:
                     if record is not None:
                         self._load(session, record)
         if session is None or session.owner != owner:
-            raise SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)",
-                                  session_id)
+            raise _not_found(session_id)
         return session
+
+    async def find_many(self, session_ids: list[str], owner: str, accepting: Callable[[], None],
+                        skip: dict) -> list:
+        """`find` for each id whose index is not in `skip`, its refusal (an EngineError) in place of a session
+        that cannot be had. One pass over the table without awaiting anything when the store is local."""
+        if not self._store.local:
+            return [None if i in skip else await _found_or_error(self.find(session_id, owner, accepting))
+                    for i, session_id in enumerate(session_ids)]
+        found, table_find = [], self.table.find
+        for i, session_id in enumerate(session_ids):
+            if i in skip:
+                found.append(None)
+                continue
+            try:
+                session = table_find(session_id)
+            except InvalidInput as malformed:
+                found.append(malformed)
+                continue
+            found.append(session if session is not None and session.owner == owner else _not_found(session_id))
+        return found
 
     async def open(self, owner: str, h: torch.Tensor, c: torch.Tensor) -> Session:
         """A new session, handed to the store before it is acknowledged."""
@@ -141,6 +160,18 @@ class LiveSessions:
         session.last_applied_seq = session.last_assigned_seq = record.last_applied_seq
         session.steps_applied = record.steps_applied
         session.answers = collections.deque(record.answers, maxlen=self._answers_kept)
+
+
+def _not_found(session_id: str) -> SessionNotFound:
+    """Another owner's session is reported exactly like one that does not exist."""
+    return SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)", session_id)
+
+
+async def _found_or_error(finding):
+    try:
+        return await finding
+    except EngineError as refusal:
+        return refusal
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from server.engine.batching import take_batch
-from server.engine.errors import Draining, ModelFailure, SequenceError, StateUnavailable
+from server.engine.errors import Draining, ModelFailure, SequenceError, SessionNotFound, StateUnavailable
 from server.engine.sessions import Session, Work, record_of
 from server.engine.state_pool import StatePool
 from server.metrics import Metrics
@@ -205,6 +205,19 @@ class Scheduler:
         self._queued -= 1
         if not work.future.done():
             work.future.set_result(StepAnswer(answer, state))
+
+    def count_queued(self, change: int) -> None:
+        """Requests the columnar path (columnar.py) runs outside the batch loop count as queued too."""
+        self._queued += change
+
+    def landed(self, session: Session) -> None:
+        """A session the columnar path advanced outside the batch loop is free again: what queued behind it goes
+        on, or fails if the session was closed meanwhile (close kept it, taking it for the in-flight head)."""
+        session.in_flight = False
+        if session.closed:
+            self.fail_pending(session, SessionNotFound(f"session {session.id} was closed before this request ran",
+                                                       session.id))
+        self._after_flight(session)
 
     def _after_flight(self, session: Session) -> None:
         if session.closed:

@@ -1,0 +1,316 @@
+"""The columnar multiplexed form: N sessions' steps of one length T in one `[N, T, input]` array, answered by one
+`[N, T, output]` array and an error for each entry that failed.
+
+Each entry is checked and applied exactly as a Stream request of its own (rate limit, owner, inputs, sequence
+number, queue limit; a refused entry changes nothing). What differs is the cost per entry: the checks run over the
+whole array at once, the sessions are looked up in one pass, and the entries whose sessions are idle (a
+multiplexer steps each session once per message) skip the batch loop: their states are gathered by one slot index
+array, run on the model thread in chunks of max_batch_size, scattered back at once, and their outputs land in one
+array. One future per message, none per entry. Entries whose sessions have work queued or in flight, and retries,
+take the ordinary queue (ExactlyOnce), which orders them behind that work.
+"""
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from server.engine.admission import Admission
+from server.engine.errors import Draining, EngineError, InvalidInput, LimitExceeded, ModelFailure, SequenceError
+from server.engine.exactly_once import ExactlyOnce, check_same_inputs
+from server.engine.limits import EngineLimits
+from server.engine.live import LiveSessions
+from server.engine.scheduler import Scheduler, StepAnswer
+from server.engine.sessions import Session, Work
+from server.engine.validation import check_at_most, check_tensor
+from server.metrics import Metrics
+from server.model import ModelRuntime
+from server.store import KeptAnswer
+
+log = logging.getLogger(__name__)
+
+
+class ColumnsAnswer(NamedTuple):
+    """The answer to a message: every entry's outputs (zeros where it failed), the number each entry was applied
+    or answered under (the number sent, where it failed), and the error of each failed entry by its index."""
+
+    outputs: np.ndarray  # [N, T, output]
+    sequence_numbers: list[int]
+    errors: dict[int, Exception]
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Flight:
+    """The entries of one message that it runs itself: their indices, sessions, numbers and inputs' digests."""
+
+    index: list[int] = dataclasses.field(default_factory=list)
+    sessions: list[Session] = dataclasses.field(default_factory=list)
+    seqs: list[int] = dataclasses.field(default_factory=list)
+    digests: list[bytes] = dataclasses.field(default_factory=list)
+    waiters: list[tuple[int, asyncio.Future]] = dataclasses.field(default_factory=list)  # retries meanwhile
+
+
+class Columnar:
+    """Runs StepColumns messages; the engine's parts it works with are passed in."""
+
+    def __init__(self, runtime: ModelRuntime, limits: EngineLimits, metrics: Metrics, scheduler: Scheduler,
+                 live: LiveSessions, order: ExactlyOnce, admission: Admission):
+        self._runtime = runtime
+        self._limits = limits
+        self._metrics = metrics
+        self._scheduler = scheduler
+        self._live = live
+        self._order = order
+        self._admission = admission
+        self._flights: set[_Flight] = set()
+        self._tasks: set[asyncio.Task] = set()  # held so that a message's task is not collected half-way
+
+    async def submit(self, session_ids: list[str], seqs: list[int], inputs: np.ndarray, owner: str,
+                     accepting: Callable[[], None]) -> asyncio.Future:
+        """Queues entry i, `inputs[i]` `[T, input]` for session `session_ids[i]` numbered `seqs[i]` (0, or no
+        numbers at all: the next one); returns one future of the ColumnsAnswer. InvalidInput refuses the whole
+        message when its parts do not line up; every other refusal is its entry's alone."""
+        n = len(session_ids)
+        check_tensor("inputs", inputs, (n, None, self._runtime.metadata.input_size), allow_nonfinite=True)
+        if len(seqs) not in (0, n):
+            raise InvalidInput(f"{len(seqs)} sequence numbers for {n} session ids: send one per id, or none",
+                               "sequence_numbers")
+        seqs = list(seqs) if seqs else [0] * n
+        errors: dict[int, Exception] = {}
+        if self._limits.rate_limit:
+            self._admit(owner, n, errors)
+        sessions = await self._live.find_many(session_ids, owner, accepting, errors)
+        for i, found in enumerate(sessions):
+            if isinstance(found, EngineError):
+                errors[i] = _entry_named(found, i)
+        self._check_inputs(inputs, errors)
+        try:
+            accepting()
+        except Draining as refusal:
+            _fail_others(errors, n, refusal)
+        flight, waits = self._take(sessions, seqs, inputs, errors)
+        task = asyncio.get_running_loop().create_task(self._answer(flight, waits, seqs, inputs, errors))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _admit(self, owner: str, n: int, errors: dict) -> None:
+        """Each entry is a request of `owner` for its rate limit, as on the other paths."""
+        for i in range(n):
+            try:
+                self._admission.admit_request(owner)
+            except LimitExceeded as refusal:
+                errors[i] = self._counted(refusal)
+
+    def _check_inputs(self, inputs: np.ndarray, errors: dict) -> None:
+        """Per entry, in the order a Stream request is checked: finite values, then the steps' limit."""
+        if not self._limits.allow_nonfinite:
+            finite = np.isfinite(inputs.sum(axis=(1, 2), dtype=np.float64))
+            for i in np.flatnonzero(~finite).tolist():
+                try:
+                    check_tensor(f"inputs[{i}]", inputs[i], (None, None), allow_nonfinite=False)
+                except InvalidInput as refusal:
+                    errors.setdefault(i, refusal)
+        try:
+            check_at_most("inputs' time steps", inputs.shape[1], self._limits.max_steps_per_request,
+                          "max_steps_per_request")
+        except LimitExceeded as refusal:
+            refused = _fail_others(errors, inputs.shape[0], refusal)
+            self._metrics.limit_refusals.labels(refusal.limit).inc(refused)
+
+    def _take(self, sessions: list, seqs: list[int], inputs: np.ndarray, errors: dict
+              ) -> tuple[_Flight, list[tuple[int, asyncio.Future]]]:
+        """Entries of idle sessions, numbered next, join the message's flight; the other entries go through
+        ExactlyOnce (busy sessions queue behind their work, retries are answered again, gaps are refused)."""
+        flight, waits = _Flight(), []
+        digest = _digests(inputs)
+        scheduler, touch = self._scheduler, self._live.table.touch
+        room, counted = self._limits.max_queued_requests - scheduler.queued, 0
+        for i, session in enumerate(sessions):
+            if i in errors:
+                continue
+            seq = seqs[i]
+            if session.in_flight or session.pending or room <= 0 or (seq and seq != session.last_assigned_seq + 1):
+                scheduler.count_queued(len(flight.sessions) - counted)
+                counted = len(flight.sessions)
+                waits.extend(self._queue(i, session, seqs, digest(i), inputs[i], errors))
+                room = self._limits.max_queued_requests - scheduler.queued
+                continue
+            seqs[i] = seq = seq or session.last_assigned_seq + 1
+            session.in_flight = True
+            session.last_assigned_seq = seq
+            touch(session)
+            flight.index.append(i)
+            flight.sessions.append(session)
+            flight.seqs.append(seq)
+            flight.digests.append(digest(i))
+            room -= 1
+        scheduler.count_queued(len(flight.sessions) - counted)
+        if flight.sessions:
+            self._flights.add(flight)
+        return flight, waits
+
+    def _queue(self, i: int, session: Session, seqs: list[int], digest: bytes, row: np.ndarray, errors: dict
+               ) -> list[tuple[int, asyncio.Future]]:
+        """Entry i on the ordinary path: `[(i, future of its StepAnswer)]`, or `[]` with its error kept."""
+        try:
+            future = self._in_flight(session, seqs[i], digest)
+            if future is None:
+                seqs[i], future = self._order.submit(session, seqs[i], digest, lambda answer, n: Work(
+                    n, answer, inputs=row, digest=digest))
+        except EngineError as refusal:
+            errors[i] = self._counted(refusal) if isinstance(refusal, LimitExceeded) else refusal
+            return []
+        return [(i, future)]
+
+    def _in_flight(self, session: Session, seq: int, digest: bytes) -> asyncio.Future | None:
+        """A retry of an entry another message is running right now: a future of that entry's answer."""
+        if not seq or not session.in_flight:
+            return None
+        for flight in self._flights:
+            for k, flying in enumerate(flight.sessions):
+                if flying is session and flight.seqs[k] == seq:
+                    check_same_inputs(seq, flight.digests[k], digest, session.last_assigned_seq + 1)
+                    waiter = asyncio.get_running_loop().create_future()
+                    flight.waiters.append((k, waiter))
+                    return waiter
+        return None
+
+    async def _answer(self, flight: _Flight, waits: list, seqs: list[int], inputs: np.ndarray, errors: dict
+                      ) -> ColumnsAnswer:
+        n, steps = inputs.shape[0], inputs.shape[1]
+        flown = await self._fly(flight, inputs, errors) if flight.sessions else None
+        if flown is not None and len(flight.index) == n:
+            outputs = flown  # every entry flew, in order: their outputs are the answer as they are
+        else:
+            outputs = np.zeros((n, steps, self._runtime.metadata.output_size), np.float32)
+            if flown is not None:
+                outputs[flight.index] = flown
+        for i, future in waits:
+            try:
+                outputs[i] = (await future).outputs
+            except Exception as error:  # noqa: BLE001 - the entry's error, answered in-band
+                errors[i] = error
+        return ColumnsAnswer(outputs, seqs, errors)
+
+    async def _fly(self, flight: _Flight, inputs: np.ndarray, errors: dict) -> np.ndarray | None:
+        """Runs the flight's entries: their outputs `[F, T, output]`, or None when the model failed them."""
+        # [T, F, input] in memory of its own (the message's bytes are read-only, which torch warns about)
+        rows = inputs if len(flight.index) == len(inputs) else inputs[flight.index]
+        x = torch.from_numpy(rows.transpose(1, 0, 2).copy())
+        steps = inputs.shape[1]
+        slots = torch.from_numpy(np.fromiter((s.slot for s in flight.sessions), np.int64, len(flight.sessions)))
+        pool = self._live.pool
+        h, c = pool.gather(slots)
+        try:
+            outputs, h_n, c_n, seconds = await self._scheduler.run_in_model_thread(self._run, x, h, c)
+        except asyncio.CancelledError:
+            self._fail(flight, errors, lambda seq: Draining(f"the server stopped before request {seq} ran"))
+            raise
+        except Exception:
+            log.exception("model call failed for a columnar message of %d sessions", len(flight.sessions))
+            self._metrics.model_failures.inc()
+            self._fail(flight, errors, lambda seq: ModelFailure(
+                f"the model failed on request {seq}; the session's state is unchanged, retry it"))
+            return None
+        pool.scatter(slots, h_n, c_n)
+        self._land(flight, outputs, steps)
+        for part, took in zip(_chunks(len(flight.sessions), self._limits.max_batch_size), seconds, strict=True):
+            self._metrics.batch_size.observe(part.stop - part.start)
+            self._metrics.compute_time.observe(took)
+        self._metrics.steps_applied.inc(len(flight.sessions) * steps)
+        return outputs
+
+    def _run(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        """On the model thread: chunks of at most max_batch_size sessions; the outputs as host memory
+        `[F, T, output]` in one array, the new states `[layers, F, hidden]` where the pool lives."""
+        outputs = np.empty((x.shape[1], x.shape[0], self._runtime.metadata.output_size), np.float32)
+        h_n, c_n, seconds = torch.empty_like(h), torch.empty_like(c), []
+        for part in _chunks(x.shape[1], self._limits.max_batch_size):
+            started = time.perf_counter()
+            y, h_n[:, part], c_n[:, part] = self._runtime.run(x[:, part], h[:, part], c[:, part])
+            outputs[part] = y.transpose(0, 1).cpu().numpy()
+            seconds.append(time.perf_counter() - started)
+        return outputs, h_n, c_n, seconds
+
+    def _land(self, flight: _Flight, outputs: np.ndarray, steps: int) -> None:
+        """The flight's requests are applied: numbered, counted, their answers kept for retries."""
+        keep, scheduler = self._limits.answers_kept, self._scheduler
+        for session, seq, digest, answer in zip(flight.sessions, flight.seqs, flight.digests, outputs):
+            session.last_applied_seq = seq
+            session.steps_applied += steps
+            session.remember(KeptAnswer(seq, answer.copy(), digest), keep)
+            if session.pending or session.closed:
+                scheduler.landed(session)
+            else:
+                session.in_flight = False
+        self._ended(flight, lambda k: StepAnswer(outputs[k].copy()))
+
+    def _fail(self, flight: _Flight, errors: dict, error_for) -> None:
+        """Nothing of the flight was applied; what queued behind its entries assumed they would be."""
+        for i, session, seq in zip(flight.index, flight.sessions, flight.seqs):
+            errors[i] = error_for(seq)
+            session.in_flight = False
+            session.last_assigned_seq = session.last_applied_seq
+            self._scheduler.fail_pending(session, SequenceError(
+                f"request {seq} failed before this one; resend from sequence number {seq}", seq))
+            self._scheduler.landed(session)
+        self._ended(flight, lambda k: errors[flight.index[k]])
+
+    def _ended(self, flight: _Flight, answer_of) -> None:
+        self._scheduler.count_queued(-len(flight.sessions))
+        self._flights.discard(flight)
+        for k, waiter in flight.waiters:
+            if not waiter.done():
+                answer = answer_of(k)
+                if isinstance(answer, Exception):
+                    waiter.set_exception(answer)
+                else:
+                    waiter.set_result(answer)
+
+    def _counted(self, refusal: LimitExceeded) -> LimitExceeded:
+        self._metrics.limit_refusals.labels(refusal.limit).inc()
+        return refusal
+
+
+def _digests(inputs: np.ndarray) -> Callable[[int], bytes]:
+    """Entry i's inputs' digest, the same as `inputs_digest(b"step", inputs[i])` (so a retry on another path is
+    recognised), from one hash state of the common prefix and a view of the message's bytes."""
+    base = hashlib.blake2b(b"step", digest_size=8)
+    base.update(repr(inputs.shape[1:]).encode())
+    data = memoryview(np.ascontiguousarray(inputs, np.float32)).cast("B")
+    size = inputs[0].nbytes if len(inputs) else 0
+
+    def digest(i: int) -> bytes:
+        one = base.copy()
+        one.update(data[i * size:(i + 1) * size])
+        return one.digest()
+
+    return digest
+
+
+def _entry_named(error: EngineError, i: int) -> EngineError:
+    """An entry's refusal names its place in the message: `session_ids[3]`, not the `session_id` of one request."""
+    if isinstance(error, InvalidInput) and error.field == "session_id":
+        error.field = f"session_ids[{i}]"
+    return error
+
+
+def _fail_others(errors: dict, n: int, error: Exception) -> int:
+    """`error` for every entry not failed yet; how many that was."""
+    refused = 0
+    for i in range(n):
+        if i not in errors:
+            errors[i] = error
+            refused += 1
+    return refused
+
+
+def _chunks(count: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
