@@ -6,6 +6,13 @@ from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 
 from server.engine import SessionView
+from server.transport.details import error_details
+from server.transport.errors import status_for
+
+# An error answer's code, message and details (each detail repeats the message as its description, beside its
+# type's name and a field path, a setting's name or a delay): the server's messages are under 256 bytes (client
+# text in them is clipped), and no error has more than two details.
+ERROR_ANSWER_BYTES = 768
 
 
 def optional_tensor(message, field: str) -> np.ndarray | None:
@@ -25,6 +32,16 @@ def session_info(view: SessionView) -> pb.SessionInfo:
         expires_at=_timestamp(view.expires_at),
         idle_timeout_seconds=view.idle_timeout,
     )
+
+
+def error_answer(error: Exception, path: str = "", answer: pb.Error | None = None) -> pb.Error:
+    """An in-band error: what the call's status and its details would be (the fields of a google.rpc.Status),
+    filled into `answer` when given. `path`: where the refused request sits in its message (`steps[3].`)."""
+    code, message = status_for(error)
+    answer = pb.Error() if answer is None else answer
+    answer.code, answer.message = code.value[0], message
+    answer.details.extend(error_details(error, path))
+    return answer
 
 
 def _timestamp(seconds: float) -> Timestamp:

@@ -12,9 +12,9 @@ from server.engine import Engine, InvalidInput, LimitExceeded, StepAnswer
 from server.logsafe import CLIP_CHARACTERS
 from server.metrics import Metrics
 from server.transport.auth import current_principal
-from server.transport.details import error_details
-from server.transport.errors import status_for, streaming_with_details, unary_with_details
-from server.transport.messages import optional_tensor, session_info
+from server.transport.columns import ColumnsStream
+from server.transport.errors import streaming_with_details, unary_with_details
+from server.transport.messages import ERROR_ANSWER_BYTES, error_answer, optional_tensor, session_info
 from server.transport.streams import read_ahead
 
 # StreamBatch entries submitted or answered between two yields to the event loop: a message of
@@ -23,10 +23,6 @@ BATCH_SLICE = 256
 # An answer entry's bytes besides its outputs' payload and its request's session id: tags and lengths, the
 # sequence number, the outputs' shape, and room for the id of a session the entry creates.
 ANSWER_FRAMING = 72
-# An error answer's code, message and details (each detail repeats the message as its description, beside its
-# type's name and a field path, a setting's name or a delay): the server's messages are under 256 bytes (client
-# text in them is clipped), and no error has more than two details.
-ERROR_ANSWER_BYTES = 768
 ENTRY_TAG_AND_LENGTH = 6  # around each answer entry in the StepBatchResponse
 
 
@@ -38,6 +34,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         self._stream_window = stream_window  # requests read ahead of the answers sent, per stream
         self._max_batch_entries = max_batch_entries
         self._max_message_bytes = max_message_bytes  # no answer larger than this is built
+        self._columns = ColumnsStream(engine, metrics, stream_window, max_batch_entries, max_message_bytes)
 
     @unary_with_details
     async def GetModelInfo(self, request, context):
@@ -50,7 +47,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             batching=pb.BatchingLimits(
                 max_batch_size=limits.max_batch_size, max_batch_delay_seconds=limits.max_batch_delay,
                 max_steps_per_request=limits.max_steps_per_request,
-                max_sequence_length=limits.max_sequence_length))
+                max_sequence_length=limits.max_sequence_length, max_batch_entries=self._max_batch_entries))
 
     @unary_with_details
     async def CreateSession(self, request, context):
@@ -84,6 +81,12 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             response = pb.StepBatchResponse()
             async for step in _in_slices(submitted):  # each answer is built in its place: no per-step copies
                 await _answer_in_band(response.steps.add(), *step)
+            yield response
+
+    @streaming_with_details
+    async def StreamColumns(self, request_iterator, context):
+        """The packed form of StreamBatch (server/transport/columns.py)."""
+        async for response in self._columns.answer(request_iterator):
             yield response
 
     @unary_with_details
@@ -141,7 +144,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             session_id, seq, answer = await self._submit_step(request)
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
             # the id is echoed so the answer can be matched, but never a huge malformed one in full
-            return request.session_id[:CLIP_CHARACTERS], request.sequence_number, _error_answer(error, path)
+            return request.session_id[:CLIP_CHARACTERS], request.sequence_number, error_answer(error, path)
         answer.add_done_callback(_observe)
         return session_id, seq, answer
 
@@ -188,16 +191,10 @@ async def _answer_in_band(response: pb.StepResponse, session_id: str, seq: int,
         try:
             return _fill_answer(response, session_id, seq, await answer)
         except Exception as error:  # noqa: BLE001 - one failed request must not end the stream
-            answer = _error_answer(error)
+            answer = error_answer(error)
     response.session_id, response.sequence_number = session_id, seq
     response.error.CopyFrom(answer)
     return response
-
-
-def _error_answer(error: Exception, path: str = "") -> pb.Error:
-    """An in-band error: what the call's status and its details would be (the fields of a google.rpc.Status)."""
-    code, message = status_for(error)
-    return pb.Error(code=code.value[0], message=message, details=error_details(error, path))
 
 
 @contextlib.contextmanager
