@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import durability, report, tracing
+from bench import columnar, durability, report, tracing
 from bench.plan import MODELS, SCENARIOS, Plan
 from bench.scenarios import Bench
 
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         runs += [(scenario, run) for scenario, run in (
             ("open", bench.open_loop),
             ("multiplexed", bench.multiplexed),
+            ("columnar", lambda: columnar.run(bench)),
             ("predict", bench.predict),
             ("memory", bench.memory),
             ("durability", lambda: durability.run(bench)),
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             "failed": failed,
             **bench.results,
         }
-    table = report.markdown(results) + durability.markdown(results) + tracing.markdown(results)
+    table = (report.markdown(results) + columnar.markdown(results) + durability.markdown(results)
+             + tracing.markdown(results))
     print(table)
     report.write_json(results, args.out / "results.json")
     (args.out / "table.md").write_text(table)

@@ -52,7 +52,8 @@ class _Flight:
     index: list[int] = dataclasses.field(default_factory=list)
     sessions: list[Session] = dataclasses.field(default_factory=list)
     seqs: list[int] = dataclasses.field(default_factory=list)
-    digests: list[bytes] = dataclasses.field(default_factory=list)
+    digest_of: Callable[[int], bytes] | None = None  # an entry's inputs' digest, by its index in the message
+    digests: list[bytes] = dataclasses.field(default_factory=list)  # the flight's, once it runs
     waiters: list[tuple[int, asyncio.Future]] = dataclasses.field(default_factory=list)  # retries meanwhile
 
 
@@ -88,7 +89,7 @@ class Columnar:
         sessions = await self._live.find_many(session_ids, owner, accepting, errors)
         for i, found in enumerate(sessions):
             if isinstance(found, EngineError):
-                errors[i] = _entry_named(found, i)
+                errors.setdefault(i, _entry_named(found, i))
         self._check_inputs(inputs, errors)
         try:
             accepting()
@@ -130,29 +131,28 @@ class Columnar:
         ExactlyOnce (busy sessions queue behind their work, retries are answered again, gaps are refused)."""
         flight, waits = _Flight(), []
         digest = _digests(inputs)
-        scheduler, touch = self._scheduler, self._live.table.touch
+        scheduler, index, flying = self._scheduler, flight.index, flight.sessions
         room, counted = self._limits.max_queued_requests - scheduler.queued, 0
         for i, session in enumerate(sessions):
             if i in errors:
                 continue
             seq = seqs[i]
             if session.in_flight or session.pending or room <= 0 or (seq and seq != session.last_assigned_seq + 1):
-                scheduler.count_queued(len(flight.sessions) - counted)
-                counted = len(flight.sessions)
+                scheduler.count_queued(len(flying) - counted)
+                counted = len(flying)
                 waits.extend(self._queue(i, session, seqs, digest(i), inputs[i], errors))
                 room = self._limits.max_queued_requests - scheduler.queued
                 continue
-            seqs[i] = seq = seq or session.last_assigned_seq + 1
+            seqs[i] = session.last_assigned_seq = seq or session.last_assigned_seq + 1
             session.in_flight = True
-            session.last_assigned_seq = seq
-            touch(session)
-            flight.index.append(i)
-            flight.sessions.append(session)
-            flight.seqs.append(seq)
-            flight.digests.append(digest(i))
+            index.append(i)
+            flying.append(session)
             room -= 1
-        scheduler.count_queued(len(flight.sessions) - counted)
-        if flight.sessions:
+        scheduler.count_queued(len(flying) - counted)
+        if flying:
+            self._live.table.touch_many(flying)
+            flight.seqs = [seqs[i] for i in index]
+            flight.digest_of = digest
             self._flights.add(flight)
         return flight, waits
 
@@ -176,7 +176,7 @@ class Columnar:
         for flight in self._flights:
             for k, flying in enumerate(flight.sessions):
                 if flying is session and flight.seqs[k] == seq:
-                    check_same_inputs(seq, flight.digests[k], digest, session.last_assigned_seq + 1)
+                    check_same_inputs(seq, flight.digest_of(flight.index[k]), digest, session.last_assigned_seq + 1)
                     waiter = asyncio.get_running_loop().create_future()
                     flight.waiters.append((k, waiter))
                     return waiter
@@ -208,8 +208,10 @@ class Columnar:
         slots = torch.from_numpy(np.fromiter((s.slot for s in flight.sessions), np.int64, len(flight.sessions)))
         pool = self._live.pool
         h, c = pool.gather(slots)
+        running = self._scheduler.start_in_model_thread(self._run, x, h, c)
+        flight.digests = [flight.digest_of(i) for i in flight.index]  # while the model runs: torch lets go of the GIL
         try:
-            outputs, h_n, c_n, seconds = await self._scheduler.run_in_model_thread(self._run, x, h, c)
+            outputs, h_n, c_n, seconds = await running
         except asyncio.CancelledError:
             self._fail(flight, errors, lambda seq: Draining(f"the server stopped before request {seq} ran"))
             raise

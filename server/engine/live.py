@@ -59,22 +59,15 @@ class LiveSessions:
 
     async def find_many(self, session_ids: list[str], owner: str, accepting: Callable[[], None],
                         skip: dict) -> list:
-        """`find` for each id whose index is not in `skip`, its refusal (an EngineError) in place of a session
-        that cannot be had. One pass over the table without awaiting anything when the store is local."""
+        """`find` of each id, its refusal (an EngineError) in place of a session that cannot be had. With a local
+        store: one pass over the table, awaiting nothing. Else one `find` each, but for the indices in `skip`."""
         if not self._store.local:
             return [None if i in skip else await _found_or_error(self.find(session_id, owner, accepting))
                     for i, session_id in enumerate(session_ids)]
-        found, table_find = [], self.table.find
-        for i, session_id in enumerate(session_ids):
-            if i in skip:
-                found.append(None)
-                continue
-            try:
-                session = table_find(session_id)
-            except InvalidInput as malformed:
-                found.append(malformed)
-                continue
-            found.append(session if session is not None and session.owner == owner else _not_found(session_id))
+        found = self.table.find_many(session_ids)
+        for i, session in enumerate(found):
+            if session is None or (type(session) is Session and session.owner != owner):
+                found[i] = _not_found(session_ids[i])
         return found
 
     async def open(self, owner: str, h: torch.Tensor, c: torch.Tensor) -> Session:
