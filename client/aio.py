@@ -10,6 +10,7 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
 from client.channel import Credentials, open_channel
+from client.multiplexer import AsyncMultiplexer
 from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before
 from client.tracing import trace_metadata
 
@@ -61,6 +62,10 @@ class AsyncLstmClient:
     async def predict(self, inputs, h0=None, c0=None) -> messages.Prediction:
         request = messages.predict_request(inputs, h0, c0)
         return messages.prediction(await self.call(self.stub.Predict, request))
+
+    def multiplexer(self, max_in_flight: int = 2) -> AsyncMultiplexer:
+        """Many application sessions stepping over one StreamColumns stream, started by `async with`."""
+        return AsyncMultiplexer(self, max_in_flight)
 
     def session(self, h0=None, c0=None, session_id: str | None = None) -> "AsyncSession":
         """A session opened on `async with` (or `await session.open()`), closed on leaving it."""
@@ -139,6 +144,11 @@ class AsyncSession:
                 writer.cancel()
             self._unsettled = ledger.abandon()
             self._next_seq = ledger.next_seq
+
+    @property
+    def next_sequence_number(self) -> int:
+        """The number this session's next state-changing request takes."""
+        return self._next_seq
 
     async def state(self) -> tuple[np.ndarray, np.ndarray]:
         ref = pb.SessionRef(session_id=self.id)

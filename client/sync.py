@@ -12,6 +12,7 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
 from client.channel import Credentials, open_channel
+from client.multiplexer import Multiplexer
 from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before
 from client.tracing import trace_metadata
 
@@ -69,6 +70,10 @@ class LstmClient:
     def predict(self, inputs, h0=None, c0=None) -> messages.Prediction:
         """Whole sequences `inputs[seq_len, batch, input]`, statelessly, from `(h0, c0)` or zeros."""
         return messages.prediction(self.call(self.stub.Predict, messages.predict_request(inputs, h0, c0)))
+
+    def multiplexer(self, max_in_flight: int = 2) -> Multiplexer:
+        """Many application sessions stepping over one StreamColumns stream (see client/multiplexer.py)."""
+        return Multiplexer(self, max_in_flight)
 
     def session(self, h0=None, c0=None, session_id: str | None = None) -> "Session":
         """Opens a session (from `(h0, c0)` `[layers, hidden]` or zeros), or re-attaches to `session_id`."""
@@ -149,6 +154,11 @@ class Session:
                 self._unsettled = ledger.abandon()  # also stops a request generator waiting for room
                 turn.notify_all()
             self._next_seq = ledger.next_seq
+
+    @property
+    def next_sequence_number(self) -> int:
+        """The number this session's next state-changing request takes."""
+        return self._next_seq
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         """`(h, c)`, each `[num_layers, hidden]`, after every step answered so far."""

@@ -99,7 +99,8 @@ class Columnar:
         task = asyncio.get_running_loop().create_task(self._answer(flight, waits, seqs, inputs, errors))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return task
+        # A caller that goes away (a cancelled stream) must not cancel the message: its sessions are in flight
+        return asyncio.shield(task)
 
     def _admit(self, owner: str, n: int, errors: dict) -> None:
         """Each entry is a request of `owner` for its rate limit, as on the other paths."""

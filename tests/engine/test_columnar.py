@@ -143,3 +143,11 @@ def test_entry_digests_are_those_of_single_requests():
     inputs = np.random.default_rng(0).standard_normal((3, 4, 2)).astype(np.float32)
     digest = _digests(inputs)
     assert [digest(i) for i in range(3)] == [inputs_digest(b"step", row) for row in inputs]
+
+
+async def test_a_caller_that_goes_away_does_not_stop_its_message(engine):
+    ids = await sessions(engine, 2)
+    (await engine.step_columns(ids, [], columns(1, 2))).cancel()  # a stream cancelled before the answer
+    retried = await answered(engine, ids, columns(1, 2), [1, 1])  # the client's retry finds it applied
+    assert retried.errors == {} and retried.outputs[:, 0, 0].tolist() == [1.0, 2.0]
+    assert [(await engine.get_state(sid))[0] for sid in ids] == [1, 1] and engine.queued_requests == 0
