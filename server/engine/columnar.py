@@ -6,34 +6,27 @@ number, queue limit; a refused entry changes nothing). What differs is the cost 
 whole array at once, the sessions are looked up in one pass, and the entries whose sessions are idle (a
 multiplexer steps each session once per message) skip the batch loop: their states are gathered by one slot index
 array, run on the model thread in chunks of max_batch_size, scattered back at once, and their outputs land in one
-array. One future per message, none per entry. Entries whose sessions have work queued or in flight, and retries,
-take the ordinary queue (ExactlyOnce), which orders them behind that work.
+array (flights.py). One future per message, none per entry. Entries whose sessions have work queued or in flight,
+and retries, take the ordinary queue (ExactlyOnce), which orders them behind that work.
 """
 
 import asyncio
-import dataclasses
-import hashlib
-import logging
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from server.engine.admission import Admission
-from server.engine.errors import Draining, EngineError, InvalidInput, LimitExceeded, ModelFailure, SequenceError
-from server.engine.exactly_once import ExactlyOnce, check_same_inputs
+from server.engine.errors import Draining, EngineError, InvalidInput, LimitExceeded
+from server.engine.exactly_once import ExactlyOnce
+from server.engine.flights import Flight, Flights, digests
 from server.engine.limits import EngineLimits
 from server.engine.live import LiveSessions
-from server.engine.scheduler import Scheduler, StepAnswer
+from server.engine.scheduler import Scheduler
 from server.engine.sessions import Session, Work
 from server.engine.validation import check_at_most, check_tensor
 from server.metrics import Metrics
 from server.model import ModelRuntime
-from server.store import KeptAnswer
-
-log = logging.getLogger(__name__)
 
 
 class ColumnsAnswer(NamedTuple):
@@ -43,18 +36,6 @@ class ColumnsAnswer(NamedTuple):
     outputs: np.ndarray  # [N, T, output]
     sequence_numbers: list[int]
     errors: dict[int, Exception]
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Flight:
-    """The entries of one message that it runs itself: their indices, sessions, numbers and inputs' digests."""
-
-    index: list[int] = dataclasses.field(default_factory=list)
-    sessions: list[Session] = dataclasses.field(default_factory=list)
-    seqs: list[int] = dataclasses.field(default_factory=list)
-    digest_of: Callable[[int], bytes] | None = None  # an entry's inputs' digest, by its index in the message
-    digests: list[bytes] = dataclasses.field(default_factory=list)  # the flight's, once it runs
-    waiters: list[tuple[int, asyncio.Future]] = dataclasses.field(default_factory=list)  # retries meanwhile
 
 
 class Columnar:
@@ -69,7 +50,7 @@ class Columnar:
         self._live = live
         self._order = order
         self._admission = admission
-        self._flights: set[_Flight] = set()
+        self._flights = Flights(runtime, limits, metrics, scheduler, live.pool)
         self._tasks: set[asyncio.Task] = set()  # held so that a message's task is not collected half-way
 
     async def submit(self, session_ids: list[str], seqs: list[int], inputs: np.ndarray, owner: str,
@@ -127,11 +108,11 @@ class Columnar:
             self._metrics.limit_refusals.labels(refusal.limit).inc(refused)
 
     def _take(self, sessions: list, seqs: list[int], inputs: np.ndarray, errors: dict
-              ) -> tuple[_Flight, list[tuple[int, asyncio.Future]]]:
+              ) -> tuple[Flight, list[tuple[int, asyncio.Future]]]:
         """Entries of idle sessions, numbered next, join the message's flight; the other entries go through
         ExactlyOnce (busy sessions queue behind their work, retries are answered again, gaps are refused)."""
-        flight, waits = _Flight(), []
-        digest = _digests(inputs)
+        flight, waits = Flight(), []
+        digest = digests(inputs)
         scheduler, index, flying = self._scheduler, flight.index, flight.sessions
         room, counted = self._limits.max_queued_requests - scheduler.queued, 0
         for i, session in enumerate(sessions):
@@ -161,7 +142,7 @@ class Columnar:
                ) -> list[tuple[int, asyncio.Future]]:
         """Entry i on the ordinary path: `[(i, future of its StepAnswer)]`, or `[]` with its error kept."""
         try:
-            future = self._in_flight(session, seqs[i], digest)
+            future = self._flights.waiter(session, seqs[i], digest)
             if future is None:
                 seqs[i], future = self._order.submit(session, seqs[i], digest, lambda answer, n: Work(
                     n, answer, inputs=row, digest=digest))
@@ -170,23 +151,10 @@ class Columnar:
             return []
         return [(i, future)]
 
-    def _in_flight(self, session: Session, seq: int, digest: bytes) -> asyncio.Future | None:
-        """A retry of an entry another message is running right now: a future of that entry's answer."""
-        if not seq or not session.in_flight:
-            return None
-        for flight in self._flights:
-            for k, flying in enumerate(flight.sessions):
-                if flying is session and flight.seqs[k] == seq:
-                    check_same_inputs(seq, flight.digest_of(flight.index[k]), digest, session.last_assigned_seq + 1)
-                    waiter = asyncio.get_running_loop().create_future()
-                    flight.waiters.append((k, waiter))
-                    return waiter
-        return None
-
-    async def _answer(self, flight: _Flight, waits: list, seqs: list[int], inputs: np.ndarray, errors: dict
+    async def _answer(self, flight: Flight, waits: list, seqs: list[int], inputs: np.ndarray, errors: dict
                       ) -> ColumnsAnswer:
         n, steps = inputs.shape[0], inputs.shape[1]
-        flown = await self._fly(flight, inputs, errors) if flight.sessions else None
+        flown = await self._flights.run(flight, inputs, errors) if flight.sessions else None
         if flown is not None and len(flight.index) == n:
             outputs = flown  # every entry flew, in order: their outputs are the answer as they are
         else:
@@ -200,102 +168,9 @@ class Columnar:
                 errors[i] = error
         return ColumnsAnswer(outputs, seqs, errors)
 
-    async def _fly(self, flight: _Flight, inputs: np.ndarray, errors: dict) -> np.ndarray | None:
-        """Runs the flight's entries: their outputs `[F, T, output]`, or None when the model failed them."""
-        # [T, F, input] in memory of its own (the message's bytes are read-only, which torch warns about)
-        rows = inputs if len(flight.index) == len(inputs) else inputs[flight.index]
-        x = torch.from_numpy(rows.transpose(1, 0, 2).copy())
-        steps = inputs.shape[1]
-        slots = torch.from_numpy(np.fromiter((s.slot for s in flight.sessions), np.int64, len(flight.sessions)))
-        pool = self._live.pool
-        h, c = pool.gather(slots)
-        running = self._scheduler.start_in_model_thread(self._run, x, h, c)
-        flight.digests = [flight.digest_of(i) for i in flight.index]  # while the model runs: torch lets go of the GIL
-        try:
-            outputs, h_n, c_n, seconds = await running
-        except asyncio.CancelledError:
-            self._fail(flight, errors, lambda seq: Draining(f"the server stopped before request {seq} ran"))
-            raise
-        except Exception:
-            log.exception("model call failed for a columnar message of %d sessions", len(flight.sessions))
-            self._metrics.model_failures.inc()
-            self._fail(flight, errors, lambda seq: ModelFailure(
-                f"the model failed on request {seq}; the session's state is unchanged, retry it"))
-            return None
-        pool.scatter(slots, h_n, c_n)
-        self._land(flight, outputs, steps)
-        for part, took in zip(_chunks(len(flight.sessions), self._limits.max_batch_size), seconds, strict=True):
-            self._metrics.batch_size.observe(part.stop - part.start)
-            self._metrics.compute_time.observe(took)
-        self._metrics.steps_applied.inc(len(flight.sessions) * steps)
-        return outputs
-
-    def _run(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
-        """On the model thread: chunks of at most max_batch_size sessions; the outputs as host memory
-        `[F, T, output]` in one array, the new states `[layers, F, hidden]` where the pool lives."""
-        outputs = np.empty((x.shape[1], x.shape[0], self._runtime.metadata.output_size), np.float32)
-        h_n, c_n, seconds = torch.empty_like(h), torch.empty_like(c), []
-        for part in _chunks(x.shape[1], self._limits.max_batch_size):
-            started = time.perf_counter()
-            y, h_n[:, part], c_n[:, part] = self._runtime.run(x[:, part], h[:, part], c[:, part])
-            outputs[part] = y.transpose(0, 1).cpu().numpy()
-            seconds.append(time.perf_counter() - started)
-        return outputs, h_n, c_n, seconds
-
-    def _land(self, flight: _Flight, outputs: np.ndarray, steps: int) -> None:
-        """The flight's requests are applied: numbered, counted, their answers kept for retries."""
-        keep, scheduler = self._limits.answers_kept, self._scheduler
-        for session, seq, digest, answer in zip(flight.sessions, flight.seqs, flight.digests, outputs):
-            session.last_applied_seq = seq
-            session.steps_applied += steps
-            session.remember(KeptAnswer(seq, answer.copy(), digest), keep)
-            if session.pending or session.closed:
-                scheduler.landed(session)
-            else:
-                session.in_flight = False
-        self._ended(flight, lambda k: StepAnswer(outputs[k].copy()))
-
-    def _fail(self, flight: _Flight, errors: dict, error_for) -> None:
-        """Nothing of the flight was applied; what queued behind its entries assumed they would be."""
-        for i, session, seq in zip(flight.index, flight.sessions, flight.seqs):
-            errors[i] = error_for(seq)
-            session.in_flight = False
-            session.last_assigned_seq = session.last_applied_seq
-            self._scheduler.fail_pending(session, SequenceError(
-                f"request {seq} failed before this one; resend from sequence number {seq}", seq))
-            self._scheduler.landed(session)
-        self._ended(flight, lambda k: errors[flight.index[k]])
-
-    def _ended(self, flight: _Flight, answer_of) -> None:
-        self._scheduler.count_queued(-len(flight.sessions))
-        self._flights.discard(flight)
-        for k, waiter in flight.waiters:
-            if not waiter.done():
-                answer = answer_of(k)
-                if isinstance(answer, Exception):
-                    waiter.set_exception(answer)
-                else:
-                    waiter.set_result(answer)
-
     def _counted(self, refusal: LimitExceeded) -> LimitExceeded:
         self._metrics.limit_refusals.labels(refusal.limit).inc()
         return refusal
-
-
-def _digests(inputs: np.ndarray) -> Callable[[int], bytes]:
-    """Entry i's inputs' digest, the same as `inputs_digest(b"step", inputs[i])` (so a retry on another path is
-    recognised), from one hash state of the common prefix and a view of the message's bytes."""
-    base = hashlib.blake2b(b"step", digest_size=8)
-    base.update(repr(inputs.shape[1:]).encode())
-    data = memoryview(np.ascontiguousarray(inputs, np.float32)).cast("B")
-    size = inputs[0].nbytes if len(inputs) else 0
-
-    def digest(i: int) -> bytes:
-        one = base.copy()
-        one.update(data[i * size:(i + 1) * size])
-        return one.digest()
-
-    return digest
 
 
 def _entry_named(error: EngineError, i: int) -> EngineError:
@@ -314,6 +189,3 @@ def _fail_others(errors: dict, n: int, error: Exception) -> int:
             refused += 1
     return refused
 
-
-def _chunks(count: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, count)) for start in range(0, count, size)]

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.engine import Engine, InvalidInput, LimitExceeded, ModelFailure, SequenceError, SessionNotFound
-from server.engine.columnar import _digests
+from server.engine.flights import digests
 from server.engine.sessions import inputs_digest
 from server.metrics import Metrics
 from tests.fakes import FAIL_MARKER, FakeRuntime
@@ -141,7 +141,7 @@ async def test_limits_refuse_entries_and_a_misshapen_message_is_refused_whole(en
 
 def test_entry_digests_are_those_of_single_requests():
     inputs = np.random.default_rng(0).standard_normal((3, 4, 2)).astype(np.float32)
-    digest = _digests(inputs)
+    digest = digests(inputs)
     assert [digest(i) for i in range(3)] == [inputs_digest(b"step", row) for row in inputs]
 
 
