@@ -76,10 +76,10 @@ class Flights:
         x = torch.from_numpy(rows.transpose(1, 0, 2).copy())
         slots = torch.from_numpy(np.fromiter((s.slot for s in flight.sessions), np.int64, len(flight.sessions)))
         h, c = self._pool.gather(slots)
-        running = self._scheduler.start_in_model_thread(self._run, x, h, c)
-        flight.digests = [flight.digest_of(i) for i in flight.index]  # while the model runs: torch lets go of the GIL
+        # Not while the model runs: its thread would wait for the GIL (up to the switch interval) after each chunk
+        flight.digests = [flight.digest_of(i) for i in flight.index]
         try:
-            outputs, h_n, c_n, seconds = await running
+            outputs, h_n, c_n, seconds = await self._scheduler.run_in_model_thread(self._run, x, h, c)
         except asyncio.CancelledError:
             self._fail(flight, errors, lambda seq: Draining(f"the server stopped before request {seq} ran"))
             raise

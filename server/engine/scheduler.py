@@ -81,10 +81,6 @@ class Scheduler:
         """Runs `fn` on the model thread, so whole-sequence calls queue behind (not beside) batches."""
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
-    def start_in_model_thread(self, fn, *args) -> asyncio.Future:
-        """`run_in_model_thread` started now, for a caller with work of its own to do meanwhile."""
-        return asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
-
     async def run_sequences(self, fn, *args):
         """`run_in_model_thread` for a request's whole-sequence call, traced like a batch's requests."""
         if self._tracing is None:
