@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 class RedisSessionStore:
     """The SessionStore of replicas that share sessions through Redis; holds this replica's leases."""
 
+    refreshes = True
     wants_commits = True
 
     def __init__(self, redis: RedisStateStore, durability: Durability, model: str, checkpoint_every: int,

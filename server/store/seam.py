@@ -41,6 +41,7 @@ class SessionStore(Protocol):
     """What the engine needs of stored sessions. Errors: StoreUnavailable (and SessionMoved), RecordRejected."""
 
     maintenance_period: float | None  # seconds between maintain() calls; None: never needed
+    refreshes: bool  # whether refresh() can ever return a record or raise (False: it is not called)
 
     def restore(self, accept: Callable[[list[SessionRecord]], None]) -> int:
         """At start, before any request: hands the sessions to bring back to `accept` (all or none; it raises to
@@ -78,6 +79,7 @@ class MemoryStore:
     """Sessions live and die with the process: every operation is free."""
 
     maintenance_period = None
+    refreshes = False
     wants_commits = False
 
     def restore(self, accept: Callable[[list[SessionRecord]], None]) -> int:
