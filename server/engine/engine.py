@@ -44,8 +44,7 @@ class Engine:
         store, model = store or MemoryStore(), model_identity(m)
         self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay,
                                     limits.answers_kept, limits.torch_threads, store, model, tracing)
-        self._live = LiveSessions(self._pool, store, self._scheduler, self._admission, model, limits.answers_kept,
-                                  clock)
+        self._live = LiveSessions(self._pool, store, self._scheduler, self._admission, model, clock)
         self._sessions = self._live.table
         self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests)
         self._refusal_counter = _RefusalCounter(metrics)

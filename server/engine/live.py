@@ -2,7 +2,6 @@
 beyond it (taking a session over on its first request here, refreshing it, handing it over at the end)."""
 
 import asyncio
-import collections
 import time
 from collections.abc import Callable
 
@@ -19,14 +18,13 @@ from server.store import LiveSession, SessionGone, SessionRecord, SessionStore, 
 
 class LiveSessions:
     def __init__(self, pool: StatePool, store: SessionStore, scheduler: Scheduler, admission: Admission,
-                 model: str, answers_kept: int, clock=time.monotonic):
+                 model: str, clock=time.monotonic):
         self.table = SessionTable(clock)
         self.pool = pool
         self._store = store
         self._scheduler = scheduler
         self._admission = admission
         self._model = model
-        self._answers_kept = answers_kept
         self._clock = clock
         self._close_listeners: list[Callable[[str], None]] = []
 
@@ -79,7 +77,7 @@ class LiveSessions:
         if session.in_flight:
             session.closed = True
         else:
-            self.pool.release(session.slot)
+            self._scheduler.release(session.slot)
         for listener in self._close_listeners:
             listener(session.id)
 
@@ -93,7 +91,8 @@ class LiveSessions:
 
     def record(self, session: Session) -> SessionRecord:
         h, c = self.pool.read(session.slot)
-        return record_of(session, self._model, h.cpu().numpy(), c.cpu().numpy())
+        return record_of(session, self._model, h.cpu().numpy(), c.cpu().numpy(),
+                         self._scheduler.kept.answers_of(session))
 
     def restore(self) -> None:
         self._store.restore(self._import)
@@ -141,7 +140,7 @@ class LiveSessions:
         self.pool.write(session.slot, torch.from_numpy(record.h), torch.from_numpy(record.c))
         session.last_applied_seq = session.last_assigned_seq = record.last_applied_seq
         session.steps_applied = record.steps_applied
-        session.answers = collections.deque(record.answers, maxlen=self._answers_kept)
+        self._scheduler.kept.load(session, record.last_applied_seq, record.answers)
 
 
 class _StoreErrors:
