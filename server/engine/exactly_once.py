@@ -44,7 +44,7 @@ class ExactlyOnce:
             if work.seq == seq:
                 check_same_inputs(seq, work.digest, digest, expected)
                 return asyncio.shield(work.future)
-        kept = session.kept_answer(seq)
+        kept = self._scheduler.kept.answer_of(session, seq)
         if kept is not None:
             check_same_inputs(seq, kept.digest, digest, expected)
             future = loop.create_future()

@@ -61,20 +61,20 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @streaming_with_details
     async def Stream(self, request_iterator, context):
-        async def submit_one(request):
-            return [await self._submit_step_in_band(request)]
-
-        async for submitted in read_ahead(request_iterator, submit_one, self._stream_window,
-                                          self._engine.draining, self._engine.draining_refusal):
-            yield await _answer_in_band(pb.StepResponse(), *submitted[0])
+        async for submitted in read_ahead(request_iterator, self._submit_step_in_band, self._stream_window,
+                                          self._engine.draining, self._engine.draining_refusal,
+                                          abandon=lambda submitted: _abandoned((submitted,))):
+            yield await _answer_in_band(pb.StepResponse(), *submitted)
 
     @streaming_with_details
     async def StreamBatch(self, request_iterator, context):
         """A message too long, or whose answer would be too large, ends the stream before any of it is queued."""
         async def submit_all(batch):
             await self._check_batch(batch)
-            return [await self._submit_step_in_band(step, f"steps[{i}].")
-                    async for i, step in _in_slices(enumerate(batch.steps))]
+            submitted = [await self._submit_step_in_band(step, f"steps[{i}].")
+                         async for i, step in _in_slices(enumerate(batch.steps))]
+            _abandoned(submitted)  # the handler may end between two entries of a message it is answering
+            return submitted
 
         async for submitted in read_ahead(request_iterator, submit_all, self._stream_window,
                                           self._engine.draining, self._engine.draining_refusal):
@@ -145,7 +145,6 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
             # the id is echoed so the answer can be matched, but never a huge malformed one in full
             return request.session_id[:CLIP_CHARACTERS], request.sequence_number, error_answer(error, path)
-        answer.add_done_callback(_observe)
         return session_id, seq, answer
 
     async def _check_batch(self, batch: pb.StepBatch) -> None:
@@ -209,8 +208,15 @@ def _fields_of(message: str, *fields: str):
         raise
 
 
+def _abandoned(submitted: Iterable) -> None:
+    """A stream that ends early never awaits its last answers: their errors are not worth a log line (asyncio
+    logs a future's exception that nobody retrieved). On Stream only the few never handed out get a callback."""
+    for _, _, answer in submitted:
+        if isinstance(answer, asyncio.Future):
+            answer.add_done_callback(_observe)
+
+
 def _observe(answer: asyncio.Future) -> None:
-    """A stream that ends early never awaits its last answers: their errors are not worth a log line."""
     if not answer.cancelled():
         answer.exception()
 

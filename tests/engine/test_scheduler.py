@@ -70,7 +70,7 @@ async def test_a_sessions_requests_apply_in_order_each_on_the_state_the_last_lef
     assert [float(a.outputs[0, 0]) for a in answers] == [1.0, 3.0, 6.0]  # h accumulates the inputs in order
     assert all(isinstance(a, StepAnswer) and a.state is None for a in answers)
     assert (session.last_applied_seq, session.steps_applied) == (3, 3)
-    assert [kept.seq for kept in session.answers] == [1, 2, 3]
+    assert [kept.seq for kept in scheduler.kept.answers_of(session)] == [1, 2, 3]
     assert scheduler.queued == 0
 
 
