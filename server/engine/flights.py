@@ -24,7 +24,6 @@ from server.engine.sessions import Session
 from server.engine.state_pool import StatePool
 from server.metrics import Metrics
 from server.model import ModelRuntime
-from server.store import KeptAnswer
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +110,12 @@ class Flights:
 
     def _land(self, flight: Flight, outputs: np.ndarray, steps: int) -> None:
         """The flight's requests are applied: numbered, counted, their answers kept for retries."""
-        keep, scheduler = self._limits.answers_kept, self._scheduler
-        for session, seq, digest, answer in zip(flight.sessions, flight.seqs, flight.digests, outputs):
+        scheduler = self._scheduler
+        scheduler.kept.put_batch(np.fromiter((s.slot for s in flight.sessions), np.int64, len(flight.sessions)),
+                                 np.asarray(flight.seqs, np.int64), flight.digests, outputs)
+        for session, seq in zip(flight.sessions, flight.seqs):
             session.last_applied_seq = seq
             session.steps_applied += steps
-            session.remember(KeptAnswer(seq, answer.copy(), digest), keep)
             if session.pending or session.closed:
                 scheduler.landed(session)
             else:
