@@ -10,7 +10,8 @@ MODELS = {
     "large": (128, 1024, 2),
 }
 
-SCENARIOS = ("closed", "open", "multiplexed", "columnar", "predict", "memory", "durability", "tracing")
+SCENARIOS = ("closed", "open", "multiplexed", "columnar", "predict", "merged", "oip", "memory", "durability",
+             "tracing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,11 @@ class Plan:
         (1000, 64),
     )  # (seq_len, batch)
     predict_calls: int = 5
+    merged_model: str = "small"
+    merged_shape: tuple[int, int] = (100, 1)  # (seq_len, batch) of each concurrent Predict
+    merged_callers: int = 8
+    oip_model: str = "small"
+    oip_sequences: int = 64
     memory_model: str = "medium"
     memory_sessions: tuple[int, ...] = (10_000, 100_000)
     durability_model: str = "small"
@@ -71,8 +77,8 @@ class Plan:
         changes = {}
         if models:
             changes["models"] = models
-            for field in ("open_model", "multiplexed_model", "columnar_model", "predict_model", "memory_model",
-                          "durability_model", "tracing_model"):
+            for field in ("open_model", "multiplexed_model", "columnar_model", "predict_model", "merged_model",
+                          "oip_model", "memory_model", "durability_model", "tracing_model"):
                 if getattr(self, field) not in models:
                     changes[field] = models[-1]
         if scenarios:

@@ -32,8 +32,9 @@ from server.store import (
     model_identity,
 )
 from server.tracing import Tracing
+from server.transport import oip, servicer
 from server.transport.auth import Authenticator, AuthInterceptor
-from server.transport.interceptors import MalformedRequestInterceptor, MetricsInterceptor
+from server.transport.interceptors import MalformedRequestInterceptor, MetricsInterceptor, PreEncodedResponses
 from server.transport.oip import OipServicer
 from server.transport.servicer import LstmServicer
 from server.transport.tls import ServerCertificates
@@ -82,7 +83,7 @@ class App:
         self._server = grpc.aio.server(
             # the server span comes first, so it covers the RPC whole: refusals by the later interceptors too
             interceptors=[*tracing_interceptors, MetricsInterceptor(self.metrics), MalformedRequestInterceptor(),
-                          *self._auth_interceptors()],
+                          *self._auth_interceptors(), PreEncodedResponses(servicer.PRE_ENCODED + oip.PRE_ENCODED)],
             options=[("grpc.max_receive_message_length", s.max_message_bytes),
                      ("grpc.max_send_message_length", s.max_message_bytes)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -48,6 +48,9 @@ class Metrics:
         self.state_store_errors = Counter("lstmserve_state_store_errors_total",
                                           "State store operations that failed (unreachable or timed out)",
                                           registry=registry)
+        self.predict_merged = Counter("lstmserve_predict_merged_total",
+                                      "Predict requests that shared their model call with others (merged on the "
+                                      "batch axis)", registry=registry)
         self.model_failures = Counter("lstmserve_model_failures_total", "Model calls that raised",
                                       registry=registry)
 

@@ -37,6 +37,9 @@ class Settings:
     initial_capacity: int = _setting(1024, "session slots preallocated at start", 1)
     max_steps_per_request: int = _setting(1024, "most time steps in one Step or Stream request", 1)
     max_sequence_length: int = _setting(100_000, "most time steps in one Predict request", 1)
+    max_predict_batch: int = _setting(256, "most batch rows of concurrent stateless Predicts (and OIP requests "
+                                      "without a sequence id) of equal seq_len merged into one model call; "
+                                      "1 turns merging off", 1)
     max_batch_entries: int = _setting(4096, "most entries (steps) in one StreamBatch or StreamColumns "
                                       "message; a longer message is refused whole with RESOURCE_EXHAUSTED", 1)
     max_queued_requests: int = _setting(100_000, "most requests queued server-wide before RESOURCE_EXHAUSTED", 1)

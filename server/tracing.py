@@ -35,13 +35,6 @@ class Tracing:
         """The spans of one batch, starting now, of `requests` given as (span context, perf_counter when queued)."""
         return BatchTrace(self._tracer, list(requests), time_steps)
 
-    def sequences_ran(self, queued: float, started: float, ended: float) -> None:
-        """Records a whole-sequence call (Predict) of the current RPC: queued, started and ended by perf_counter."""
-        request = self.request_context()
-        if request is not None:
-            clock = _WallClock()
-            _request_spans(self._tracer, request, clock.ns(queued), clock.ns(started), clock.ns(ended))
-
 
 class BatchTrace:
     """A context manager around one batch's model call; the spans are written when it exits."""

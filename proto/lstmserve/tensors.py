@@ -1,6 +1,8 @@
 """Wire codec for `lstmserve.v1.Tensor`: a shape plus packed little-endian float32 bytes."""
 
+import functools
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -37,6 +39,45 @@ def fill(tensor: pb.Tensor, array) -> pb.Tensor:
     tensor.shape[:] = packed.shape
     tensor.data = packed.tobytes()
     return tensor
+
+
+def encoded(header: bytes, fields: Iterable[tuple[int, np.ndarray]]) -> bytes:
+    """A serialized message: `header` (the message's other fields, serialized) and, for each `(number, array)`,
+    field `number` holding the array as a Tensor. Each payload is copied once, into the returned bytes, where
+    fill() and serialising copy it three times (tobytes, into the message, out of it) and hold two copies at
+    once: 30 ms a copy for Predict's 33 MB answers. gRPC sends bytes as they are (see the server's
+    PreEncodedResponses); the message parses as if it had been built field by field."""
+    parts = [header]
+    for number, array in fields:
+        packed = np.ascontiguousarray(array, dtype=WIRE_DTYPE)
+        shape = b"".join(_varint(dim) for dim in packed.shape)
+        tensor_head = b"\x0a" + _varint(len(shape)) + shape + b"\x12" + _varint(packed.nbytes)
+        parts += [field_head(number, len(tensor_head) + packed.nbytes), tensor_head, packed.data]
+    return b"".join(parts)
+
+
+def length_delimited(number: int, *payload) -> list:
+    """The parts of a length-delimited field `number` (bytes, or an embedded message) holding the concatenation
+    of `payload` (bytes or contiguous buffers), for b"".join: the payload is not copied until it is joined."""
+    length = sum(memoryview(part).nbytes for part in payload)
+    return [field_head(number, length), *payload]
+
+
+@functools.lru_cache(maxsize=4096)
+def field_head(number: int, length: int) -> bytes:
+    """The tag and length that start a length-delimited field `number` of `length` bytes (cached: a stream's
+    answers repeat a few sizes)."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _varint(value: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def from_proto(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:

@@ -14,6 +14,7 @@ from server.engine.errors import DRAINING_RETRY_SECONDS, Draining, LimitExceeded
 from server.engine.exactly_once import ExactlyOnce
 from server.engine.limits import EngineLimits
 from server.engine.live import LiveSessions
+from server.engine.predict_merge import PredictMerger
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import Session, Work, inputs_digest
 from server.engine.state_pool import StatePool
@@ -50,6 +51,8 @@ class Engine:
         self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests)
         self._columnar = Columnar(runtime, limits, metrics, self._scheduler, self._live, self._order, self._admission)
         self._refusal_counter = _RefusalCounter(metrics)
+        self._predicts = PredictMerger(self._scheduler.run_in_model_thread, self._predict_on_host, metrics,
+                                       limits.max_predict_batch, tracing=tracing)
         self._tasks: list[asyncio.Task] = []
         self._draining = asyncio.Event()
         self._drain_deadline = 0.0  # on the engine's clock, once drain() starts
@@ -184,7 +187,8 @@ class Engine:
 
     async def predict(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                       owner: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)`."""
+        """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)`. Concurrent calls
+        of equal seq_len share model calls (see predict_merge)."""
         self._check_accepting()
         self._admit(owner)
         m = self.runtime.metadata
@@ -195,7 +199,9 @@ class Engine:
             check_at_most("inputs' batch", inputs.shape[1], self.limits.max_batch_size, "max_batch_size")
         h, c = self._initial_state(h0, c0, (m.num_layers, inputs.shape[1], m.hidden_size), names=("h0", "c0"))
         x = torch.from_numpy(np.array(inputs, dtype=np.float32))
-        return await self._scheduler.run_sequences(self._predict_on_host, x, h, c)
+        seq_len, batch = inputs.shape[:2]
+        nbytes = 4 * (x.numel() + seq_len * batch * m.output_size + 4 * h.numel())  # inputs, outputs, states
+        return await self._predicts.predict(x, h, c, nbytes)
 
     def _predict_on_host(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """On the model thread: the call and the copies of its results to host memory."""

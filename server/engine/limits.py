@@ -19,6 +19,7 @@ class EngineLimits:
     initial_capacity: int
     max_steps_per_request: int
     max_sequence_length: int
+    max_predict_batch: int
     max_queued_requests: int
     allow_nonfinite: bool
     torch_threads: int

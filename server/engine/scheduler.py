@@ -82,15 +82,6 @@ class Scheduler:
         """Runs `fn` on the model thread, so whole-sequence calls queue behind (not beside) batches."""
         return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
 
-    async def run_sequences(self, fn, *args):
-        """`run_in_model_thread` for a request's whole-sequence call, traced like a batch's requests."""
-        if self._tracing is None:
-            return await self.run_in_model_thread(fn, *args)
-        queued = time.perf_counter()
-        started, result = await self.run_in_model_thread(_timed, fn, *args)
-        self._tracing.sequences_ran(queued, started, time.perf_counter())
-        return result
-
     def _step_model(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """On the model thread: one call, and its outputs as host memory `[B, T, output]` (so a GPU's
         synchronising copy never blocks the event loop); the new state stays on the device."""
@@ -284,11 +275,6 @@ class Scheduler:
 
 
 _UNTRACED = contextlib.nullcontext()
-
-
-def _timed(fn, *args):
-    """On the model thread: `(perf_counter when fn started, fn(*args))`."""
-    return time.perf_counter(), fn(*args)
 
 
 def _engine_error(error: StoreUnavailable) -> StateUnavailable:

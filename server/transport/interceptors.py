@@ -1,4 +1,5 @@
-"""Interceptors for every method, native or not: RPC metrics, and malformed unary requests as bad input."""
+"""Interceptors for every method, native or not: RPC metrics, malformed unary requests as bad input, and
+responses that their handler serialized itself."""
 
 import asyncio
 import inspect
@@ -113,3 +114,26 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(reject_malformed, parse_or_keep_error,
                                                    handler.response_serializer)
+
+
+class PreEncodedResponses(grpc.aio.ServerInterceptor):
+    """Lets the handlers of `methods` answer with bytes they serialized themselves (see lstmserve.tensors.encoded),
+    sent as they are: serialising a message holding megabytes copies them twice more. Their message objects are
+    serialized as usual. Last among the interceptors, so every other one wraps the handler it returns."""
+
+    def __init__(self, methods: tuple[str, ...]):
+        self._methods = frozenset(methods)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method not in self._methods:
+            return handler
+        serialize = handler.response_serializer
+
+        def as_is_or_serialized(response) -> bytes:
+            return response if type(response) is bytes else serialize(response)
+
+        for kind, make_handler, _ in _HANDLER_KINDS:
+            if behavior := getattr(handler, kind):
+                return make_handler(behavior, handler.request_deserializer, as_is_or_serialized)
+        raise ValueError(f"unknown kind of RPC method handler: {handler!r}")

@@ -15,6 +15,9 @@ from server.transport.auth import current_principal
 from server.transport.errors import status_for, streaming, unary
 from server.transport.streams import read_ahead, refused
 
+# Methods whose handlers answer with bytes they serialized themselves (see PreEncodedResponses)
+PRE_ENCODED = tuple(f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/{method}"
+                    for method in ("ModelInfer", "ModelStreamInfer"))
 SERVER_NAME = "lstmserve"
 EXTENSIONS = ("model_configuration", "sequence", "statistics")
 
@@ -73,7 +76,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def ModelInfer(self, request, context):
-        return await self._answer(request, *await self._submit(request))
+        return convert.infer_response(await self._answer(request, *await self._submit(request)))
 
     @streaming
     async def ModelStreamInfer(self, request_iterator, context):
@@ -86,7 +89,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
                 yield pb.ModelStreamInferResponse(error_message=status_for(error)[1], infer_response=failed)
             else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                yield convert.stream_response(response)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -123,8 +126,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
             return request, None, refused(error)
 
-    async def _answer(self, request, call: convert.InferCall, pending: asyncio.Future
-                      ) -> pb.ModelInferResponse:
+    async def _answer(self, request, call: convert.InferCall, pending: asyncio.Future) -> list:
         answer: StepAnswer = await pending
         available = dict(zip(convert.OUTPUTS, (answer.outputs, *(answer.state or ())), strict=False))
         return convert.encode_response(request, self._model.version,

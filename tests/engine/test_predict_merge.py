@@ -1,0 +1,132 @@
+"""Merged Predicts: the batch formation as a pure function, then the engine with a fake runtime."""
+
+import asyncio
+import collections
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from server.engine import Engine, ModelFailure
+from server.engine.predict_merge import PendingPredict, take_merge
+from server.metrics import Metrics
+from tests.fakes import FAIL_MARKER, FakeRuntime
+from tests.limits import limits_with
+
+pytestmark = pytest.mark.unit
+
+
+def pending(seq_len: int, rows: int, nbytes: int = 0, done: bool = False) -> PendingPredict:
+    future = asyncio.get_running_loop().create_future()
+    if done:
+        future.cancel()
+    state = torch.zeros(1, rows, 3)
+    return PendingPredict(torch.zeros(seq_len, rows, 2), state, state, nbytes, future)
+
+
+def waiting(*requests: PendingPredict) -> collections.deque:
+    return collections.deque(requests)
+
+
+async def test_the_oldest_request_goes_first_with_later_ones_of_its_seq_len():
+    a, b, c, d = pending(5, 1), pending(7, 1), pending(5, 2), pending(5, 1)
+    queue = waiting(a, b, c, d)
+    assert take_merge(queue, max_rows=64, max_bytes=1 << 20) == [a, c, d]
+    assert list(queue) == [b]
+    assert take_merge(queue, max_rows=64, max_bytes=1 << 20) == [b]
+    assert take_merge(queue, max_rows=64, max_bytes=1 << 20) == [] and not queue
+
+
+async def test_a_merged_call_stays_within_its_rows_and_bytes_the_first_request_always_runs():
+    big, a, b, c = pending(5, 10), pending(5, 3), pending(5, 2), pending(5, 1)
+    queue = waiting(big, a, b, c)
+    assert take_merge(queue, max_rows=4, max_bytes=1 << 20) == [big]  # alone, though larger than max_rows
+    assert take_merge(queue, max_rows=4, max_bytes=1 << 20) == [a, c]  # b would make 5 rows
+    assert list(queue) == [b]
+    heavy = [pending(5, 1, nbytes=600) for _ in range(4)]
+    queue = waiting(*heavy)
+    assert take_merge(queue, max_rows=64, max_bytes=1000) == heavy[:2]  # the first's bytes do not count
+
+
+async def test_requests_whose_callers_gave_up_are_dropped():
+    gone, a, also_gone, b = pending(5, 1, done=True), pending(5, 1), pending(5, 1, done=True), pending(5, 1)
+    queue = waiting(gone, a, also_gone, b)
+    assert take_merge(queue, max_rows=1, max_bytes=1 << 20) == [a]
+    assert list(queue) == [b]
+
+
+async def test_max_rows_of_one_never_merges():
+    queue = waiting(pending(5, 1), pending(5, 1))
+    assert len(take_merge(queue, max_rows=1, max_bytes=1 << 20)) == 1 and len(queue) == 1
+
+
+# -- the engine ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def engine():
+    runtime = FakeRuntime()
+    metrics = Metrics(CollectorRegistry())
+    engine = Engine(runtime, limits_with(max_batch_size=8, max_predict_batch=6), metrics)
+    await engine.start()
+    yield engine
+    await engine.stop()
+
+
+def sequences(seq_len: int, batch: int, value: float) -> np.ndarray:
+    """Inputs whose every step sums to `value` (the fake's 2 inputs)."""
+    x = np.zeros((seq_len, batch, 2), np.float32)
+    x[..., 0] = value
+    return x
+
+
+async def predicts_behind_a_busy_model(engine, calls: list[tuple]) -> list:
+    """Holds the model on a first Predict, queues `calls` behind it, releases; returns each call's outcome."""
+    engine.runtime.gate.clear()
+    first = asyncio.ensure_future(engine.predict(sequences(1, 1, 0.0)))
+    await asyncio.sleep(0.05)  # the first call is on the model thread now
+    queued = [asyncio.ensure_future(engine.predict(*call)) for call in calls]
+    await asyncio.sleep(0.05)
+    engine.runtime.gate.set()
+    await first
+    return await asyncio.gather(*queued, return_exceptions=True)
+
+
+def merged_total(engine) -> float:
+    return engine._metrics.registry.get_sample_value("lstmserve_predict_merged_total")
+
+
+async def test_predicts_waiting_for_the_model_share_one_call_and_are_split_back(engine):
+    h0 = np.full((1, 2, 3), 10.0, np.float32)
+    calls = [(sequences(4, 1, 1.0),), (sequences(4, 2, 2.0), h0, h0), (sequences(3, 1, 5.0),),
+             (sequences(4, 3, 3.0),)]
+    (y1, h1, c1), (y2, h2, c2), (y3, _, _), (y4, _, _) = await predicts_behind_a_busy_model(engine, calls)
+    assert engine.runtime.batch_sizes == [1, 6, 1]  # 1 + 2 + 3 rows of seq_len 4 merged; seq_len 3 alone
+    assert merged_total(engine) == 3
+    np.testing.assert_allclose(y1[:, 0, 0], [1, 2, 3, 4])
+    np.testing.assert_allclose(y2[:, :, 0], [[12, 12], [14, 14], [16, 16], [18, 18]])  # from h0 = 10
+    np.testing.assert_allclose(c2[0, :, 0], [14, 14])
+    np.testing.assert_allclose(y3[:, 0, 0], [5, 10, 15])
+    assert y4.shape == (4, 3, 3) and h1.shape == c1.shape == (1, 1, 3) and h2.shape == (1, 2, 3)
+
+
+async def test_a_failed_call_fails_only_its_own_requests(engine):
+    poisoned = sequences(4, 1, 1.0)
+    poisoned[2, 0, 1] = FAIL_MARKER
+    calls = [(sequences(4, 1, 1.0),), (poisoned,), (sequences(2, 1, 1.0),)]
+    first, second, other = await predicts_behind_a_busy_model(engine, calls)
+    assert isinstance(first, ModelFailure) and isinstance(second, ModelFailure)
+    np.testing.assert_allclose(other[0][:, 0, 0], [1, 2])
+    np.testing.assert_allclose((await engine.predict(sequences(4, 1, 1.0)))[0][:, 0, 0], [1, 2, 3, 4])
+
+
+async def test_with_max_predict_batch_one_each_predict_has_its_own_call():
+    runtime = FakeRuntime()
+    engine = Engine(runtime, limits_with(max_predict_batch=1), Metrics(CollectorRegistry()))
+    await engine.start()
+    try:
+        await predicts_behind_a_busy_model(engine, [(sequences(4, 1, 1.0),)] * 3)
+        assert runtime.batch_sizes == [1, 1, 1, 1] and merged_total(engine) == 0
+    finally:
+        await engine.stop()
