@@ -116,14 +116,17 @@ class ModelRegistry:
 
     def live_engine(self, session_id: str) -> Engine | None:
         """The engine where the session is live now, if any."""
-        return next((v.engine for v in list(self._versions.values())
-                     if v.engine is not None and v.engine.has_session(session_id)), None)
+        for engine in self._by_engine:  # the loaded versions: a few
+            if engine.has_session(session_id):
+                return engine
+        return None
 
     async def engine_of_session(self, session_id: str) -> Engine:
         """The engine of the version the session began on (or, with state_migration carry, the one it moved to);
         a session ended by its version's drain timeout is refused with FAILED_PRECONDITION naming the version."""
         if (engine := self.live_engine(session_id)) is not None:
-            return self._carried(self._by_engine[engine], session_id)
+            v = self._by_engine[engine]
+            return engine if v.state is VersionState.READY else self._carried(v, session_id)
         if (retired := self._retired_sessions.get(session_id)) is not None:
             name, version = retired
             raise VersionRetired(f"session {clip(session_id)} ran on version {version} of model {name}, which was "
