@@ -1,5 +1,7 @@
 """Every Prometheus metric the server exports, registered on a registry passed in."""
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -22,6 +24,8 @@ class Metrics:
         self.rpc_latency = Histogram("lstmserve_rpc_latency_seconds", "RPC duration (whole stream for streams)",
                                      ["method"], buckets=_LATENCY_BUCKETS, registry=registry)
         self.live_sessions = Gauge("lstmserve_live_sessions", "Sessions currently open", registry=registry)
+        self._live_counts: list[Callable[[], int]] = []  # one per engine (model version) loaded
+        self.live_sessions.set_function(lambda: sum(count() for count in self._live_counts))
         self.sessions_created = Counter("lstmserve_sessions_created_total", "Sessions opened", registry=registry)
         self.sessions_closed = Counter("lstmserve_sessions_closed_total", "Sessions closed by their client",
                                        registry=registry)
@@ -53,6 +57,15 @@ class Metrics:
                                       "batch axis)", registry=registry)
         self.model_failures = Counter("lstmserve_model_failures_total", "Model calls that raised",
                                       registry=registry)
+
+    def count_live_sessions(self, count: Callable[[], int]) -> Callable[[], None]:
+        """Adds an engine's live-session count to the gauge; returns what removes it (when the engine stops)."""
+        self._live_counts.append(count)
+
+        def uncount() -> None:
+            if count in self._live_counts:  # an engine may be stopped twice (a failed start, then shutdown)
+                self._live_counts.remove(count)
+        return uncount
 
     def model_totals(self) -> tuple[int, int, float]:
         """Batched model calls, time steps applied to sessions and seconds spent in those calls, so far."""

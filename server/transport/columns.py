@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator
 from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 
-from server.engine import ColumnsAnswer, Engine, LimitExceeded
+from server.engine import ColumnsAnswer, LimitExceeded
 from server.metrics import Metrics
+from server.models.registry import ModelRegistry
 from server.transport.auth import current_principal
 from server.transport.messages import ERROR_ANSWER_BYTES, error_answer
 from server.transport.streams import read_ahead
@@ -26,22 +27,22 @@ class ColumnsStream:
     RESOURCE_EXHAUSTED before any of it is queued, as on StreamBatch; so does a message whose parts do not line
     up, with INVALID_ARGUMENT. Everything else is per entry, in-band."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, window: int, max_entries: int, max_message_bytes: int):
-        self._engine = engine
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, window: int, max_entries: int, max_message_bytes: int):
+        self._registry = registry
         self._metrics = metrics
         self._window = window
         self._max_entries = max_entries
         self._max_message_bytes = max_message_bytes
 
     async def answer(self, request_iterator) -> AsyncIterator[pb.StepColumnsResponse]:
-        async for answer in read_ahead(request_iterator, self._submit, self._window, self._engine.draining,
-                                       self._engine.draining_refusal):
+        async for answer in read_ahead(request_iterator, self._submit, self._window, self._registry.draining,
+                                       self._registry.draining_refusal):
             yield _response(await answer)
 
     async def _submit(self, message: pb.StepColumns):
         self._check_size(message)
         inputs = tensors.from_proto(message.inputs, name="inputs")
-        return await self._engine.step_columns(list(message.session_ids), list(message.sequence_numbers), inputs,
+        return await self._registry.step_columns(list(message.session_ids), list(message.sequence_numbers), inputs,
                                                owner=current_principal())
 
     def _check_size(self, message: pb.StepColumns) -> None:
@@ -52,7 +53,7 @@ class ColumnsStream:
                 f"{self._max_entries}; split it into smaller messages", "max_batch_entries")
         shape = message.inputs.shape
         steps = shape[1] if len(shape) == 3 else 0
-        output_bytes = steps * self._engine.describe().metadata.output_size * tensors.WIRE_DTYPE.itemsize
+        output_bytes = steps * self._registry.largest_output_size() * tensors.WIRE_DTYPE.itemsize
         estimate = COLUMNS_FRAMING + entries * (output_bytes + ENTRY_BYTES)
         if estimate > self._max_message_bytes:
             raise self._refusal(
