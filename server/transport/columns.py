@@ -27,7 +27,8 @@ class ColumnsStream:
     RESOURCE_EXHAUSTED before any of it is queued, as on StreamBatch; so does a message whose parts do not line
     up, with INVALID_ARGUMENT. Everything else is per entry, in-band."""
 
-    def __init__(self, registry: ModelRegistry, metrics: Metrics, window: int, max_entries: int, max_message_bytes: int):
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, window: int, max_entries: int,
+                 max_message_bytes: int):
         self._registry = registry
         self._metrics = metrics
         self._window = window
