@@ -36,9 +36,9 @@ class Engine:
                  store: SessionStore | None = None, tracing: Tracing | None = None):
         self.runtime = runtime
         self.limits = limits
-        self._metrics = metrics
-        self._clock = clock
         m = runtime.metadata
+        self._metrics = metrics = metrics.for_model(m.name, m.version)
+        self._clock = clock
         self._admission = Admission(limits, m.state_bytes, clock)
         self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, self._admission.capacity,
                                device=str(runtime.device))

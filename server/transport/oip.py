@@ -59,7 +59,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context):
         if request.name:
             self._check_model(request.name, request.version)
-        executions, steps, compute_seconds = self._metrics.model_totals()
+        executions, steps, compute_seconds = self._metrics.model_totals(self._model.name, self._model.version)
         compute = pb.StatisticDuration(count=executions, ns=round(compute_seconds * 1e9))
         return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(
             name=self._model.name, version=self._model.version, inference_count=steps,

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.unit
 
 
 def started_scheduler(runtime: FakeRuntime, pool: StatePool, tracing: Tracing | None = None) -> Scheduler:
-    scheduler = Scheduler(runtime, pool, Metrics(CollectorRegistry()), max_batch_size=8, max_batch_delay=0.0,
-                          answers_kept=4, torch_threads=1, store=MemoryStore(), model="fake", tracing=tracing)
+    scheduler = Scheduler(runtime, pool, Metrics(CollectorRegistry()).for_model("fake", "1"), max_batch_size=8,
+                          max_batch_delay=0.0, answers_kept=4, torch_threads=1, store=MemoryStore(), model="fake",
+                          tracing=tracing)
     scheduler.start()
     return scheduler
 
