@@ -7,15 +7,19 @@ from server.engine.errors import (
     InvalidInput,
     LimitExceeded,
     ModelFailure,
+    ModelNotFound,
+    ModelUnavailable,
     SequenceError,
     SessionNotFound,
     StateUnavailable,
+    VersionRetired,
 )
 from server.engine.limits import EngineLimits
+from server.engine.model_thread import ModelThread
 from server.engine.scheduler import StepAnswer
 from server.engine.sequences import SequenceId, Sequences
 from server.engine.views import ModelDescription, SessionView
 
 __all__ = ["Draining", "Engine", "EngineError", "EngineLimits", "InvalidInput", "LimitExceeded", "ModelDescription",
-           "ModelFailure", "SequenceError", "SequenceId", "Sequences", "SessionNotFound", "SessionView",
-           "StateUnavailable", "StepAnswer"]
+           "ModelFailure", "ModelNotFound", "ModelThread", "ModelUnavailable", "SequenceError", "SequenceId",
+           "Sequences", "SessionNotFound", "SessionView", "StateUnavailable", "StepAnswer", "VersionRetired"]

@@ -87,12 +87,25 @@ class LiveSessions:
         self.close(session, error)
         await self._store.release(session.id, delete=True)
 
+    async def end_all(self, error: Exception) -> list[str]:
+        """Ends every session everywhere; all are gone here before the first is released from the store."""
+        ended = list(self.table)
+        for session in ended:
+            self.close(session, error)
+        for session in ended:
+            await self._store.release(session.id, delete=True)
+        return [session.id for session in ended]
+
     def on_closed(self, listener: Callable[[str], None]) -> None:
         self._close_listeners.append(listener)
 
     def record(self, session: Session) -> SessionRecord:
         h, c = self.pool.read(session.slot)
         return record_of(session, self._model, h.cpu().numpy(), c.cpu().numpy())
+
+    def take(self, records: list[SessionRecord]) -> None:
+        """Makes sessions of another engine live here, all or none."""
+        self._import(records)
 
     def restore(self) -> None:
         self._store.restore(self._import)

@@ -2,7 +2,6 @@
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import logging
 import time
@@ -13,6 +12,7 @@ import torch
 
 from server.engine.batching import take_batch
 from server.engine.errors import Draining, ModelFailure, SequenceError, StateUnavailable
+from server.engine.model_thread import Lane
 from server.engine.sessions import Session, Work, record_of
 from server.engine.state_pool import StatePool
 from server.metrics import ModelMetrics
@@ -31,10 +31,11 @@ class StepAnswer(NamedTuple):
 
 
 class Scheduler:
-    """One task owns the loop; the model runs on a single worker thread so the event loop keeps serving I/O."""
+    """One task owns the loop; the model runs on the model thread (its lane there) so the event loop keeps serving
+    I/O."""
 
     def __init__(self, runtime: ModelRuntime, pool: StatePool, metrics: ModelMetrics,
-                 max_batch_size: int, max_batch_delay: float, answers_kept: int, torch_threads: int,
+                 max_batch_size: int, max_batch_delay: float, answers_kept: int, model_thread: Lane,
                  store: SessionStore, model: str, tracing: Tracing | None = None):
         self._runtime = runtime
         self._pool = pool
@@ -44,11 +45,7 @@ class Scheduler:
         self._answers_kept = answers_kept
         self._ready: collections.deque[Session] = collections.deque()
         self._wakeup = asyncio.Event()
-        # Every torch call runs on this one thread. OpenMP's thread count is a per-thread setting, so it is set
-        # here: a model thread left at the default (one OpenMP worker per core) fights the event loop for the
-        # cores and ran a 1000-step sequence 10x slower than in-process (measured: 94 ms against 8 ms).
-        self._model_thread = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="model", initializer=torch.set_num_threads, initargs=(torch_threads,))
+        self._model_thread = model_thread  # every torch call runs there, shared fairly with other engines
         self._task: asyncio.Task | None = None
         self._queued = 0
         self._latest_batch_seconds = 0.0  # the latest model call's, for room_expected_in
@@ -75,11 +72,10 @@ class Scheduler:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._model_thread.shutdown(wait=True)
 
     async def run_in_model_thread(self, fn, *args):
         """Runs `fn` on the model thread, so whole-sequence calls queue behind (not beside) batches."""
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+        return await self._model_thread.run(fn, *args)
 
     async def run_sequences(self, fn, *args):
         """`run_in_model_thread` for a request's whole-sequence call, traced like a batch's requests."""

@@ -14,9 +14,12 @@ from server.engine import (
     InvalidInput,
     LimitExceeded,
     ModelFailure,
+    ModelNotFound,
+    ModelUnavailable,
     SequenceError,
     SessionNotFound,
     StateUnavailable,
+    VersionRetired,
 )
 from server.transport.details import error_details
 from server.transport.oip_convert import RequestFormatError, UnknownModel
@@ -41,6 +44,9 @@ STATUS_BY_ERROR = {
     Draining: grpc.StatusCode.UNAVAILABLE,
     ModelFailure: grpc.StatusCode.INTERNAL,
     StateUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    VersionRetired: grpc.StatusCode.FAILED_PRECONDITION,  # before its base class: a retry does not help
+    ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

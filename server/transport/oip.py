@@ -10,6 +10,8 @@ from inference import grpc_service_pb2_grpc as pb_grpc
 from server.engine import Engine, Sequences, StepAnswer
 from server.logsafe import clip
 from server.metrics import Metrics
+from server.model import ModelMetadata
+from server.models.registry import ModelRegistry
 from server.transport import oip_convert as convert
 from server.transport.auth import current_principal
 from server.transport.errors import status_for, streaming, unary
@@ -20,12 +22,24 @@ EXTENSIONS = ("model_configuration", "sequence", "statistics")
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, sequences: Sequences, metrics: Metrics, stream_window: int):
-        self._engine = engine
-        self._sequences = sequences
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, stream_window: int):
+        self._registry = registry
         self._metrics = metrics
         self._stream_window = stream_window  # requests read ahead of the answers sent, per stream
-        self._model = engine.describe().metadata
+
+    # The default model's current version serves every call (the repository's other models and versions
+    # come to this protocol with its repository extension).
+    @property
+    def _engine(self) -> Engine:
+        return self._registry.engine()
+
+    @property
+    def _sequences(self) -> Sequences:
+        return self._registry.sequences(self._engine)
+
+    @property
+    def _model(self) -> ModelMetadata:
+        return self._engine.describe().metadata
 
     @unary
     async def ServerLive(self, request, context):
@@ -33,11 +47,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=not self._engine.draining.is_set())
+        return pb.ServerReadyResponse(ready=not self._registry.draining.is_set())
 
     @unary
     async def ModelReady(self, request, context):
-        ready = self._serves(request.name, request.version) and not self._engine.draining.is_set()
+        ready = self._serves(request.name, request.version) and not self._registry.draining.is_set()
         return pb.ModelReadyResponse(ready=ready)
 
     @unary
@@ -77,8 +91,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @streaming
     async def ModelStreamInfer(self, request_iterator, context):
-        submitted = read_ahead(request_iterator, self._submit_in_band, self._stream_window, self._engine.draining,
-                               self._engine.draining_refusal)
+        submitted = read_ahead(request_iterator, self._submit_in_band, self._stream_window,
+                               self._registry.draining, self._registry.draining_refusal)
         async for request, call, pending in submitted:
             try:
                 response = await self._answer(request, call, pending)

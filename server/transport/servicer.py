@@ -11,10 +11,11 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 from server.engine import Engine, InvalidInput, LimitExceeded, StepAnswer
 from server.logsafe import CLIP_CHARACTERS
 from server.metrics import Metrics
+from server.models.registry import ModelRegistry
 from server.transport.auth import current_principal
 from server.transport.details import error_details
 from server.transport.errors import status_for, streaming_with_details, unary_with_details
-from server.transport.messages import optional_tensor, session_info
+from server.transport.messages import model_info, model_status, optional_tensor, session_info
 from server.transport.streams import read_ahead
 
 # StreamBatch entries submitted or answered between two yields to the event loop: a message of
@@ -31,9 +32,9 @@ ENTRY_TAG_AND_LENGTH = 6  # around each answer entry in the StepBatchResponse
 
 
 class LstmServicer(pb_grpc.LstmServiceServicer):
-    def __init__(self, engine: Engine, metrics: Metrics, stream_window: int, max_batch_entries: int,
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, stream_window: int, max_batch_entries: int,
                  max_message_bytes: int):
-        self._engine = engine
+        self._registry = registry
         self._metrics = metrics
         self._stream_window = stream_window  # requests read ahead of the answers sent, per stream
         self._max_batch_entries = max_batch_entries
@@ -41,21 +42,20 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @unary_with_details
     async def GetModelInfo(self, request, context):
-        description = self._engine.describe()
-        m, limits = description.metadata, description.limits
-        return pb.ModelInfo(
-            name=m.name, version=m.version, input_size=m.input_size, hidden_size=m.hidden_size,
-            num_layers=m.num_layers, output_size=m.output_size, dtype=m.dtype,
-            idle_timeout_seconds=limits.idle_timeout, answers_kept=limits.answers_kept,
-            batching=pb.BatchingLimits(
-                max_batch_size=limits.max_batch_size, max_batch_delay_seconds=limits.max_batch_delay,
-                max_steps_per_request=limits.max_steps_per_request,
-                max_sequence_length=limits.max_sequence_length))
+        engine = self._registry.engine(request.model_name, request.model_version, new_work=False)
+        description = engine.describe()
+        return model_info(description.metadata, self._registry.version_of(engine)[1], description.limits)
+
+    @unary_with_details
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[model_status(status) for status in self._registry.statuses()])
 
     @unary_with_details
     async def CreateSession(self, request, context):
-        return session_info(await self._engine.create_session(
-            optional_tensor(request, "h0"), optional_tensor(request, "c0"), owner=current_principal()))
+        engine = self._registry.engine(request.model_name, request.model_version)
+        return session_info(await engine.create_session(
+            optional_tensor(request, "h0"), optional_tensor(request, "c0"), owner=current_principal()),
+            self._registry.version_of(engine))
 
     @unary_with_details
     async def Step(self, request, context):
@@ -68,7 +68,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             return [await self._submit_step_in_band(request)]
 
         async for submitted in read_ahead(request_iterator, submit_one, self._stream_window,
-                                          self._engine.draining, self._engine.draining_refusal):
+                                          self._registry.draining, self._registry.draining_refusal):
             yield await _answer_in_band(pb.StepResponse(), *submitted[0])
 
     @streaming_with_details
@@ -80,7 +80,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
                     async for i, step in _in_slices(enumerate(batch.steps))]
 
         async for submitted in read_ahead(request_iterator, submit_all, self._stream_window,
-                                          self._engine.draining, self._engine.draining_refusal):
+                                          self._registry.draining, self._registry.draining_refusal):
             response = pb.StepBatchResponse()
             async for step in _in_slices(submitted):  # each answer is built in its place: no per-step copies
                 await _answer_in_band(response.steps.add(), *step)
@@ -88,7 +88,8 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @unary_with_details
     async def Predict(self, request, context):
-        outputs, h_n, c_n = await self._engine.predict(
+        engine = self._registry.engine(request.model_name, request.model_version)
+        outputs, h_n, c_n = await engine.predict(
             tensors.from_proto(request.inputs, name="inputs"),
             optional_tensor(request, "h0"), optional_tensor(request, "c0"), owner=current_principal())
         response = pb.PredictResponse()
@@ -98,25 +99,31 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @unary_with_details
     async def GetSession(self, request, context):
-        return session_info(await self._engine.get_session(request.session_id, owner=current_principal()))
+        engine = await self._registry.engine_of_session(request.session_id)
+        return session_info(await engine.get_session(request.session_id, owner=current_principal()),
+                            self._registry.version_of(engine))
 
     @unary_with_details
     async def GetState(self, request, context):
-        seq, h, c = await self._engine.get_state(request.session_id, owner=current_principal())
+        engine = await self._registry.engine_of_session(request.session_id)
+        seq, h, c = await engine.get_state(request.session_id, owner=current_principal())
         return pb.SessionState(session_id=request.session_id, last_sequence_number=seq,
                                h=tensors.to_proto(h), c=tensors.to_proto(c))
 
     @unary_with_details
     async def ResetSession(self, request, context):
         owner = current_principal()
-        _, done = await self._engine.reset(request.session_id, optional_tensor(request, "h"),
-                                           optional_tensor(request, "c"), request.sequence_number, owner=owner)
+        engine = await self._registry.engine_of_session(request.session_id)
+        _, done = await engine.reset(request.session_id, optional_tensor(request, "h"),
+                                     optional_tensor(request, "c"), request.sequence_number, owner=owner)
         await done
-        return session_info(await self._engine.get_session(request.session_id, owner=owner))
+        return session_info(await engine.get_session(request.session_id, owner=owner),
+                            self._registry.version_of(engine))
 
     @unary_with_details
     async def CloseSession(self, request, context):
-        await self._engine.close_session(request.session_id, owner=current_principal())
+        engine = await self._registry.engine_of_session(request.session_id)
+        await engine.close_session(request.session_id, owner=current_principal())
         return pb.CloseSessionResponse()
 
     # -- helpers --------------------------------------------------------------------------------
@@ -126,11 +133,13 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         inputs = tensors.from_proto(request.inputs, name="inputs")
         owner = current_principal()
         if request.WhichOneof("target") != "new_session":
-            return request.session_id, *await self._engine.step(request.session_id, inputs, request.sequence_number,
-                                                                 owner=owner)
+            engine = await self._registry.engine_of_session(request.session_id)
+            return request.session_id, *await engine.step(request.session_id, inputs, request.sequence_number,
+                                                           owner=owner)
         new = request.new_session
-        with _fields_of("new_session", "h0", "c0"):
-            return await self._engine.open_and_step(inputs, optional_tensor(new, "h0"), optional_tensor(new, "c0"),
+        with _fields_of("new_session", "h0", "c0", "model_name"):
+            engine = self._registry.engine(new.model_name, new.model_version)
+            return await engine.open_and_step(inputs, optional_tensor(new, "h0"), optional_tensor(new, "c0"),
                                                     request.sequence_number, owner=owner)
 
     async def _submit_step_in_band(self, request: pb.StepRequest, path: str = ""):
@@ -161,13 +170,28 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     def _answer_size_estimate(self, step: pb.StepRequest) -> int:
         """Bytes of `step`'s answer: its outputs when its inputs look valid, else an error's."""
-        shape, description = step.inputs.shape, self._engine.describe()
-        model = description.metadata
+        shape, engine = step.inputs.shape, self._engine_for_estimate(step)
         framing = ANSWER_FRAMING + len(step.session_id) + ENTRY_TAG_AND_LENGTH
+        if engine is None:
+            return framing + ERROR_ANSWER_BYTES
+        description = engine.describe()
+        model = description.metadata
         if len(shape) == 2 and 0 < shape[0] <= description.limits.max_steps_per_request and \
                 shape[1] == model.input_size:
             return framing + shape[0] * model.output_size * tensors.WIRE_DTYPE.itemsize
         return framing + ERROR_ANSWER_BYTES
+
+    def _engine_for_estimate(self, step: pb.StepRequest) -> Engine | None:
+        """The engine the step would go to, as far as can be told without waiting; None when it would be refused."""
+        if step.WhichOneof("target") == "new_session":
+            try:
+                return self._registry.engine(step.new_session.model_name, step.new_session.model_version)
+            except Exception:  # noqa: BLE001 - refused when submitted; here it only needs an error's room
+                return None
+        try:
+            return self._registry.live_engine(step.session_id) or self._registry.engine()
+        except Exception:  # noqa: BLE001 - as above
+            return None
 
     def _refusal(self, message: str, limit: str) -> LimitExceeded:
         self._metrics.limit_refusals.labels(limit).inc()

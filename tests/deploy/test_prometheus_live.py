@@ -30,7 +30,8 @@ RATE_INTERVAL = "1m"
 # Conditions the short healthy load never creates, whatever the machine's speed (latency and queue wait depend
 # on it, so their alerts are left out).
 QUIET_UNDER_HEALTHY_LOAD = ("LstmserveDown", "LstmserveHighErrorRatio", "LstmserveModelFailures",
-                            "LstmserveSessionEvictions", "LstmserveStateStoreErrors")
+                            "LstmserveSessionEvictions", "LstmserveStateStoreErrors",
+                            "LstmserveModelVersionUnavailable", "LstmserveModelNotReady")
 
 
 def one_round_of_load(client: LstmClient) -> None:

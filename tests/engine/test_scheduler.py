@@ -13,6 +13,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, Trace
 from prometheus_client import CollectorRegistry
 
 from server.engine import Draining, ModelFailure, SequenceError, StepAnswer
+from server.engine.model_thread import ModelThread
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import SessionTable, Work
 from server.engine.state_pool import StatePool
@@ -23,11 +24,13 @@ from tests.fakes import FAIL_MARKER, FakeRuntime
 
 pytestmark = pytest.mark.unit
 
+MODEL_THREAD = ModelThread(torch_threads=1)  # shared by these tests, as the server's engines share theirs
+
 
 def started_scheduler(runtime: FakeRuntime, pool: StatePool, tracing: Tracing | None = None) -> Scheduler:
     scheduler = Scheduler(runtime, pool, Metrics(CollectorRegistry()).for_model("fake", "1"), max_batch_size=8,
-                          max_batch_delay=0.0, answers_kept=4, torch_threads=1, store=MemoryStore(), model="fake",
-                          tracing=tracing)
+                          max_batch_delay=0.0, answers_kept=4, model_thread=MODEL_THREAD.lane(), store=MemoryStore(),
+                          model="fake", tracing=tracing)
     scheduler.start()
     return scheduler
 
