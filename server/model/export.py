@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from server.model.metadata import METADATA_FILE, ModelMetadata
+from server.models.repository import MODEL_FILE
 
 DEMO_SEED = 2  # the tutorial's torch.manual_seed(2)
-MODEL_FILE = "model.pt"  # the file of one version in a repository
 # A model name becomes a directory: no separators, no hidden or parent directories.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 VERSION = re.compile(r"[1-9][0-9]*")  # repository versions are positive integers, as in Triton
