@@ -166,3 +166,19 @@ def test_the_init_containers_command_seeds_an_empty_repository_once_and_leaves_a
     (used / "mine" / "3" / "model.pt").write_bytes(b"the operator's model")
     run_seed(used)
     assert not (used / "tutorial-lstm").exists()
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_roll_out_job_validates_and_writes_the_servers_repository(version):
+    (job,) = yaml.safe_load_all((MANIFESTS / "jobs" / "add-demo-version.yaml").read_text())
+    kubernetes_validate.validate(job, version, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    (name, claim), = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                      if "persistentVolumeClaim" in v}.items()
+    repository = Settings.from_args([], environ=settings_data()).model_repository
+    assert mounts[name] == repository and claim == pod_volume("models")["persistentVolumeClaim"]["claimName"]
+    assert container["command"][container["command"].index("--repository") + 1] == repository
+    assert pod["securityContext"]["runAsUser"] == one("Deployment", "lstmserve")["spec"]["template"]["spec"][
+        "securityContext"]["runAsUser"]
