@@ -6,6 +6,7 @@ import asyncio
 import collections
 import dataclasses
 import enum
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -341,10 +342,11 @@ class ModelRegistry:
         identity = await self._locate(session_id) if self._locate else None
         if identity is not None:
             for v in self._loaded():
-                if v.state is not VersionState.UNAVAILABLE and v.engine.model_identity == identity:
+                if v.engine.model_identity == identity:
                     return v.engine
-            raise VersionRetired(f"session {clip(session_id)} was begun on a model version this server has not "
-                                 f"loaded ({identity}): open a new session", "", 0)
+            name, version = _named(identity)
+            raise VersionRetired(f"session {clip(session_id)} runs on version {version} of model {name}, which this "
+                                 "server does not serve: open a new session", name, version)
         served = [v for v in self._loaded() if v.state is VersionState.READY]
         if not served:
             raise SessionNotFound(f"session {clip(session_id)} does not exist", session_id)
@@ -413,6 +415,16 @@ def _load_runtime(path: Path, device: str, torch_threads: int) -> ModelRuntime:
     """On a worker thread, beside the model thread (a load never pauses traffic), with as few torch threads."""
     torch.set_num_threads(torch_threads)
     return ModelRuntime.load(path, device)
+
+
+def _named(identity: str) -> tuple[str, int]:
+    """(model name, version number) of a stored model identity (0: a version that is not a number)."""
+    try:
+        fields = json.loads(identity)
+        name, version = str(fields["name"]), str(fields["version"])
+    except (ValueError, KeyError, TypeError):
+        return identity, 0
+    return name, int(version) if version.isdigit() else 0
 
 
 def _stamp(path: Path) -> tuple:
