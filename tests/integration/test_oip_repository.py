@@ -164,3 +164,18 @@ def test_a_broken_version_fails_its_load_and_the_serving_version_goes_on(reposit
     assert index(triton, server)["1"] == ("READY", "")
     (answer,) = triton.call("infer_versioned", server.address, MODEL, [{"inputs": {"INPUT": chunks(1, 3)[0][:, None]}}])
     assert not isinstance(answer, Failure) and answer[0] == "1", answer
+
+
+def test_a_start_moves_a_live_sequence_id_to_the_version_it_asks_for(repository, triton):
+    add_demo_version(repository, 2)
+    (repository / MODEL / "config.json").write_text(json.dumps({"version_policy": {"all": {}}}))
+    xs = chunks(3, seed=4)
+    with server_in_thread("", model_repository=str(repository)) as server:
+        answers = triton.call("infer_versioned", server.address, MODEL, [
+            step(11, xs[0], version="1", start=True), step(11, xs[1]),  # pinned to version 1, asked for by number
+            step(11, xs[0], start=True), step(11, xs[1]), step(11, xs[2], version="2", end=True)])
+        assert_answers(answers[:2], ["1", "1"], reference_chunks(repository, 1, xs[:2]))
+        assert_answers(answers[2:], ["2", "2", "2"], reference_chunks(repository, 2, xs))
+        # the START on version 2 ended the sequence on version 1, and the END freed the new one
+        wait_for(lambda: {s.version: s.live_sessions for s in server.app.registry.statuses()} == {1: 0, 2: 0},
+                 "both sequences' sessions freed")
