@@ -86,6 +86,10 @@ class App:
         self._model_thread = ModelThread(s.torch_threads)
         self.registry = ModelRegistry(self._scan, self._engine_for, engine_limits(s), s.device, s.default_model,
                                       s.drain_timeout, s.poll_repository, self._locate if self._store else None)
+        # versions unloaded after their drain are no longer the server's: UNAVAILABLE counts the failed ones
+        self.metrics.watch_versions([state.name for state in VersionState], lambda: [
+            (v.name, v.state.name) for v in self.registry.statuses()
+            if v.state is not VersionState.UNAVAILABLE or v.failed])
         await self.registry.start()
         self._server = grpc.aio.server(
             # the server span comes first, so it covers the RPC whole: refusals by the later interceptors too

@@ -39,9 +39,9 @@ class Engine:
                  model_thread: ModelThread | None = None):
         self.runtime = runtime
         self.limits = limits
-        self._metrics = metrics
-        self._clock = clock
         m = runtime.metadata
+        self._metrics = metrics = metrics.for_model(m.name, m.version)
+        self._clock = clock
         self._admission = Admission(limits, m.state_bytes, clock)
         self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, self._admission.capacity,
                                device=str(runtime.device))
@@ -63,7 +63,7 @@ class Engine:
         self._draining = asyncio.Event()
         self._drain_deadline = 0.0  # on the engine's clock, once drain() starts
         self._retired: Callable[[], Exception] | None = None  # once retire()d: the refusal of new work
-        self._uncount = metrics.count_live_sessions(lambda: len(self._sessions))
+        metrics.live_sessions.set_function(lambda: len(self._sessions))
 
     def describe(self) -> ModelDescription:
         return ModelDescription(self.runtime.metadata, self.limits)
@@ -105,7 +105,7 @@ class Engine:
             task.cancel()
         await self._scheduler.stop()
         await self._live.hand_over()
-        self._uncount()
+        self._metrics.forget()  # an unloaded version leaves no series behind: labels stay bounded
         if self._own_thread:
             await asyncio.to_thread(self._own_thread.close)
 

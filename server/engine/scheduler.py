@@ -16,7 +16,7 @@ from server.engine.errors import Draining, ModelFailure, SequenceError, SessionN
 from server.engine.model_thread import Lane
 from server.engine.sessions import Session, Work, record_of
 from server.engine.state_pool import StatePool
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from server.model import ModelRuntime
 from server.store import KeptAnswer, SessionStore, StoreUnavailable
 from server.tracing import Tracing
@@ -35,7 +35,7 @@ class Scheduler:
     """One task owns the loop; the model runs on the model thread (its lane there) so the event loop keeps serving
     I/O."""
 
-    def __init__(self, runtime: ModelRuntime, pool: StatePool, metrics: Metrics,
+    def __init__(self, runtime: ModelRuntime, pool: StatePool, metrics: ModelMetrics,
                  max_batch_size: int, max_batch_delay: float, answers_kept: int, model_thread: Lane,
                  store: SessionStore, model: str, tracing: Tracing | None = None):
         self._runtime = runtime

@@ -29,6 +29,7 @@ class VersionStatus:
     metadata: ModelMetadata | None  # None until loaded, or when the file could not be read
     live_sessions: int
     is_default: bool = False  # new sessions and stateless calls get this version
+    failed: bool = False  # UNAVAILABLE because it could not be loaded (not merely unloaded)
 
 
 @dataclasses.dataclass(eq=False)
@@ -47,7 +48,7 @@ class Version:
 
     def status(self, is_default: bool) -> VersionStatus:
         return VersionStatus(self.name, self.version, self.state, self.reason, self.metadata,
-                             self.engine.session_count if self.engine else 0, is_default)
+                             self.engine.session_count if self.engine else 0, is_default, self.failed)
 
     def refusal(self) -> Exception:
         """Why this version takes no new work."""

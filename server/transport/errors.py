@@ -22,7 +22,7 @@ from server.engine import (
     VersionRetired,
 )
 from server.transport.details import error_details
-from server.transport.oip_convert import RequestFormatError, UnknownModel
+from server.transport.oip_convert import LoadFailed, RequestFormatError, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ STATUS_BY_ERROR = {
     TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
     RequestFormatError: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownModel: grpc.StatusCode.NOT_FOUND,
+    LoadFailed: grpc.StatusCode.INVALID_ARGUMENT,
     DecodeError: grpc.StatusCode.INVALID_ARGUMENT,  # bytes that are not the method's request message
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     SequenceError: grpc.StatusCode.FAILED_PRECONDITION,

@@ -28,9 +28,9 @@ MODEL_THREAD = ModelThread(torch_threads=1)  # shared by these tests, as the ser
 
 
 def started_scheduler(runtime: FakeRuntime, pool: StatePool, tracing: Tracing | None = None) -> Scheduler:
-    scheduler = Scheduler(runtime, pool, Metrics(CollectorRegistry()), max_batch_size=8, max_batch_delay=0.0,
-                          answers_kept=4, model_thread=MODEL_THREAD.lane(), store=MemoryStore(), model="fake",
-                          tracing=tracing)
+    scheduler = Scheduler(runtime, pool, Metrics(CollectorRegistry()).for_model("fake", "1"), max_batch_size=8,
+                          max_batch_delay=0.0, answers_kept=4, model_thread=MODEL_THREAD.lane(), store=MemoryStore(),
+                          model="fake", tracing=tracing)
     scheduler.start()
     return scheduler
 
