@@ -1,4 +1,5 @@
-# lstmserve server image: slim, non-root, demo model exported at build time, configured by LSTMSERVE_* variables.
+# lstmserve server image: slim, non-root, a demo model repository exported at build time, configured by LSTMSERVE_*
+# variables.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -20,7 +21,7 @@ RUN --mount=type=bind,source=deploy/container/wheels,target=/wheels \
         "torch==2.13.0" \
  && /opt/lstmserve/bin/pip install --no-cache-dir . \
  && /opt/lstmserve/bin/pip uninstall --yes grpcio-tools \
- && /opt/lstmserve/bin/lstmserve-export --demo --output /opt/models/demo.pt
+ && /opt/lstmserve/bin/lstmserve-export --demo --repository /opt/models --version 1
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --system --uid 10001 --no-create-home lstmserve
@@ -32,7 +33,7 @@ ENV PATH=/opt/lstmserve/bin:$PATH \
     LSTMSERVE_PORT=50051 \
     LSTMSERVE_METRICS_HOST=0.0.0.0 \
     LSTMSERVE_METRICS_PORT=9090 \
-    LSTMSERVE_MODEL_PATH=/opt/models/demo.pt
+    LSTMSERVE_MODEL_REPOSITORY=/opt/models
 USER 10001
 EXPOSE 50051 9090
 # Through a shell so the check follows LSTMSERVE_PORT when a deployment changes it.

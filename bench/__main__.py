@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import callers, durability, report, tracing
+from bench import callers, columnar, durability, report, tracing
 from bench.plan import MODELS, SCENARIOS, Plan
 from bench.scenarios import Bench
 
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         runs += [(scenario, run) for scenario, run in (
             ("open", bench.open_loop),
             ("multiplexed", bench.multiplexed),
+            ("columnar", lambda: columnar.run(bench)),
             ("predict", bench.predict),
             ("merged", lambda: callers.merged(bench)),
             ("oip", lambda: callers.oip(bench)),
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             "failed": failed,
             **bench.results,
         }
-    table = (report.markdown(results) + callers.markdown(results) + durability.markdown(results)
-             + tracing.markdown(results))
+    table = (report.markdown(results) + columnar.markdown(results) + callers.markdown(results)
+             + durability.markdown(results) + tracing.markdown(results))
     print(table)
     report.write_json(results, args.out / "results.json")
     (args.out / "table.md").write_text(table)

@@ -4,7 +4,7 @@ import collections
 import contextlib
 
 from bench.plan import MODELS
-from bench.report import _ms, _n, _ratio, _table
+from bench.report import configs_table
 from bench.scenarios import Bench, median_of
 from server.testing.redis_server import redis_server
 
@@ -33,15 +33,6 @@ def run(bench: Bench) -> None:
 
 
 def markdown(results: dict) -> str:
-    rows = []
-    for row in results.get("durability", []):
-        base = row["configs"]["none"]
-        for mode in MODES:
-            figures = row["configs"][mode]
-            rows.append([row["model"], row["sessions"], mode, _n(figures["throughput"]), _ms(figures["p99"]),
-                         _n(_ratio(figures["throughput"], base["throughput"]), 2),
-                         _n(_ratio(figures["p99"], base["p99"]), 2)])
-    if not rows:
-        return ""
-    return ("### Durability modes (closed loop, Redis on a unix socket; ratios against `none`)\n\n"
-            + _table(["model", "sessions", "mode", "steps/s", "p99", "steps/s ratio", "p99 ratio"], rows))
+    table = configs_table(results.get("durability", []), MODES, "mode")
+    return table and ("### Durability modes (closed loop, Redis on a unix socket; ratios against `none`)\n\n"
+                      + table)

@@ -1,6 +1,6 @@
 """The transport limit: a bare grpc.aio server speaking LstmService with no model and no sessions.
 
-It answers Stream and StreamBatch requests with outputs of the served model's size, so the bench
+It answers Stream, StreamBatch and StreamColumns requests with outputs of the served model's size, so the bench
 client sends and receives the same bytes through the same code as against the real server. Run as
 `python -m bench.echo --output-size N`; it prints `echo listening on 127.0.0.1:PORT`.
 """
@@ -18,13 +18,15 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 class EchoServicer(pb_grpc.LstmServiceServicer):
     def __init__(self, output_size: int):
         self._output_size = output_size
-        self._payloads: dict[int, bytes] = {}  # zero outputs per step count, built once
+        self._payloads: dict[tuple, bytes] = {}  # zero outputs per shape, built once
 
-    def _outputs(self, steps: int) -> pb.Tensor:
-        data = self._payloads.get(steps)
+    def _outputs(self, *shape: int) -> pb.Tensor:
+        """Zeros of `[*shape, output]`."""
+        shape = (*shape, self._output_size)
+        data = self._payloads.get(shape)
         if data is None:
-            data = self._payloads[steps] = np.zeros((steps, self._output_size), np.float32).tobytes()
-        return pb.Tensor(shape=(steps, self._output_size), data=data)
+            data = self._payloads[shape] = np.zeros(shape, np.float32).tobytes()
+        return pb.Tensor(shape=shape, data=data)
 
     def _answer(self, request: pb.StepRequest) -> pb.StepResponse:
         steps = request.inputs.shape[0] if request.inputs.shape else 1
@@ -47,6 +49,13 @@ class EchoServicer(pb_grpc.LstmServiceServicer):
     async def StreamBatch(self, request_iterator, context):
         async for batch in request_iterator:
             yield pb.StepBatchResponse(steps=[self._answer(step) for step in batch.steps])
+
+    async def StreamColumns(self, request_iterator, context):
+        """Zeros of the answer's size, and a sequence number per entry as the server sends."""
+        async for message in request_iterator:
+            entries = len(message.session_ids)
+            yield pb.StepColumnsResponse(outputs=self._outputs(entries, message.inputs.shape[1]),
+                                         sequence_numbers=[1] * entries)
 
 
 async def serve(output_size: int) -> None:

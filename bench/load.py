@@ -135,6 +135,14 @@ class Worker:
         ]
         return _ping_pong_all([stub.StreamBatch() for _ in messages], messages)
 
+    # -- columnar: the same, packed as StepColumns (one [sessions, steps, input] tensor) -----------
+
+    async def _prepare_columns(self, stub, job: dict):
+        ids = await self._session_ids(stub, job["address"], job["sessions"])
+        messages = [pb.StepColumns(session_ids=chunk, inputs=tensor((len(chunk), job["steps"], job["input_size"])))
+                    for chunk in np.array_split(np.array(ids), job["streams"])]
+        return _ping_pong_all([stub.StreamColumns() for _ in messages], messages)
+
     # -- whole sequences: Predict calls one after another ------------------------------------------
 
     async def _prepare_predict(self, stub, job: dict):
@@ -192,7 +200,13 @@ class Tally:
 
 
 def _check(answer) -> int:
-    """Steps carried by an answer (StepResponse or StepBatchResponse); raises on an in-band error."""
+    """Steps carried by an answer (StepResponse, StepBatchResponse or StepColumnsResponse); raises on an in-band
+    error."""
+    if isinstance(answer, pb.StepColumnsResponse):
+        if answer.errors:
+            error = answer.errors[0].error
+            raise StepFailed(f"server answered entry {answer.errors[0].index} with error {error.code}: {error.message}")
+        return answer.outputs.shape[0] * answer.outputs.shape[1]
     answers = answer.steps if isinstance(answer, pb.StepBatchResponse) else (answer,)
     for one in answers:
         if one.HasField("error"):

@@ -10,7 +10,8 @@ MODELS = {
     "large": (128, 1024, 2),
 }
 
-SCENARIOS = ("closed", "open", "multiplexed", "predict", "merged", "oip", "memory", "durability", "tracing")
+SCENARIOS = ("closed", "open", "multiplexed", "columnar", "predict", "merged", "oip", "memory", "durability",
+             "tracing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Plan:
     multiplexed_model: str = "small"
     multiplexed_sessions: int = 1024
     multiplexed_streams: tuple[int, ...] = (1, 4)
+    columnar_model: str = "small"
+    columnar_sessions: tuple[int, ...] = (1024, 8192)
     predict_model: str = "small"
     predict_shapes: tuple[tuple[int, int], ...] = (
         (100, 1),
@@ -74,8 +77,8 @@ class Plan:
         changes = {}
         if models:
             changes["models"] = models
-            for field in ("open_model", "multiplexed_model", "predict_model", "merged_model", "oip_model",
-                          "memory_model", "durability_model", "tracing_model"):
+            for field in ("open_model", "multiplexed_model", "columnar_model", "predict_model", "merged_model",
+                          "oip_model", "memory_model", "durability_model", "tracing_model"):
                 if getattr(self, field) not in models:
                     changes[field] = models[-1]
         if scenarios:

@@ -10,7 +10,7 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from bench.plan import MODELS
-from bench.report import _ms, _n, _ratio, _table
+from bench.report import configs_table
 from bench.scenarios import Bench, median_of
 
 MODES = ("off", "on")
@@ -66,17 +66,6 @@ def run(bench: Bench) -> None:
 
 
 def markdown(results: dict) -> str:
-    rows = []
-    for row in results.get("tracing", []):
-        base = row["configs"]["off"]
-        for mode in MODES:
-            figures = row["configs"][mode]
-            rows.append([row["model"], row["sessions"], mode, _n(figures["throughput"]), _ms(figures["p99"]),
-                         _n(_ratio(figures["throughput"], base["throughput"]), 2),
-                         _n(_ratio(figures["p99"], base["p99"]), 2)])
-    if not rows:
-        return ""
-    return (f"\n### Tracing (closed loop; ratios against off; {results['tracing_spans_received']:,} spans "
-            "received while on)\n\n"
-            + _table(["model", "sessions", "tracing", "steps/s", "p99", "steps/s ratio", "p99 ratio"], rows)
-            + "\n")
+    table = configs_table(results.get("tracing", []), MODES, "tracing")
+    return table and (f"\n### Tracing (closed loop; ratios against off; {results['tracing_spans_received']:,} spans "
+                      "received while on)\n\n" + table + "\n")

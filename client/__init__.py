@@ -4,7 +4,8 @@ from client.aio import AsyncLstmClient, AsyncSession
 from client.channel import Credentials
 from client.errors import LstmError
 from client.messages import Prediction, StepError
+from client.multiplexer import AsyncMultiplexedSession, AsyncMultiplexer, MultiplexedSession, Multiplexer
 from client.sync import LstmClient, Session
 
-__all__ = ["AsyncLstmClient", "AsyncSession", "Credentials", "LstmClient", "LstmError", "Prediction", "Session",
-           "StepError"]
+__all__ = ["AsyncLstmClient", "AsyncMultiplexedSession", "AsyncMultiplexer", "AsyncSession", "Credentials",
+           "LstmClient", "LstmError", "MultiplexedSession", "Multiplexer", "Prediction", "Session", "StepError"]

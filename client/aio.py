@@ -10,6 +10,7 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
 from client.channel import Credentials, open_channel
+from client.multiplexer import AsyncMultiplexer
 from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before
 from client.tracing import trace_metadata
 
@@ -18,12 +19,15 @@ class AsyncLstmClient:
     """`address`: host:port, several ip:port separated by commas (failover in that order), or a gRPC
     target such as dns:///name:port. `timeout`: seconds per operation, retries included; `retry`:
     backoff on UNAVAILABLE, and on RESOURCE_EXHAUSTED when the server says when to retry (never sooner than it
-    says); with `credentials` (TLS roots, client certificate, token) the channel is TLS. A call that fails for
-    good raises LstmError, with the server's error details.
+    says); with `credentials` (TLS roots, client certificate, token) the channel is TLS. `model`: "NAME[:VERSION]"
+    of the model calls are for (empty: the server's only or default model; no version: its current one), unless
+    a call names another. A call that fails for good raises LstmError, with the server's error details.
     """
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
-                 retry: RetryPolicy = DEFAULT_RETRY, credentials: Credentials | None = None):
+                 retry: RetryPolicy = DEFAULT_RETRY, credentials: Credentials | None = None, model: str = ""):
+        messages.model_ref(model)  # a malformed reference fails here, not at the first call
+        self.model = model
         self._channel = open_channel(grpc.aio, address, credentials)
         self.stub = pb_grpc.LstmServiceStub(self._channel)
         self.timeout = timeout
@@ -49,27 +53,39 @@ class AsyncLstmClient:
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.delay_after(error))
 
-    async def info(self) -> pb.ModelInfo:
-        return await self.call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
+    async def info(self, model: str | None = None) -> pb.ModelInfo:
+        request = messages.info_request(self.model if model is None else model)
+        return await self.call(self.stub.GetModelInfo, request)
 
-    async def answers_kept(self) -> int:
+    async def models(self) -> list[pb.ModelVersionStatus]:
+        """Every model and version the server knows: state (and why), sizes, live sessions, which is default."""
+        return list((await self.call(self.stub.ListModels, pb.ListModelsRequest())).models)
+
+    async def answers_kept(self, model: str | None = None) -> int:
         """How many unanswered requests a resumable stream may have out (the server's answers_kept)."""
         if self._answers_kept is None:
-            self._answers_kept = max(1, (await self.info()).answers_kept)
+            self._answers_kept = max(1, (await self.info(model)).answers_kept)
         return self._answers_kept
 
-    async def predict(self, inputs, h0=None, c0=None) -> messages.Prediction:
-        request = messages.predict_request(inputs, h0, c0)
+    async def predict(self, inputs, h0=None, c0=None, model: str | None = None) -> messages.Prediction:
+        request = messages.predict_request(inputs, h0, c0, self.model if model is None else model)
         return messages.prediction(await self.call(self.stub.Predict, request))
 
-    def session(self, h0=None, c0=None, session_id: str | None = None) -> "AsyncSession":
-        """A session opened on `async with` (or `await session.open()`), closed on leaving it."""
-        return AsyncSession(self, h0, c0, session_id)
+    def multiplexer(self, max_in_flight: int = 2) -> AsyncMultiplexer:
+        """Many application sessions stepping over one StreamColumns stream, started by `async with`."""
+        return AsyncMultiplexer(self, max_in_flight)
+
+    def session(self, h0=None, c0=None, session_id: str | None = None, model: str | None = None
+                ) -> "AsyncSession":
+        """A session opened on `async with` (or `await session.open()`) on `model`, closed on leaving it; or
+        `session_id` re-attached (on the model version it began on)."""
+        return AsyncSession(self, h0, c0, session_id, self.model if model is None else model)
 
 
 class AsyncSession:
-    def __init__(self, client: AsyncLstmClient, h0=None, c0=None, session_id: str | None = None):
+    def __init__(self, client: AsyncLstmClient, h0=None, c0=None, session_id: str | None = None, model: str = ""):
         self._client = client
+        self._model = model
         self._initial_state = (h0, c0)
         self.id = session_id
         self._next_seq = 1
@@ -82,10 +98,10 @@ class AsyncSession:
         await self.close()
 
     async def open(self) -> "AsyncSession":
-        await self._client.answers_kept()  # learnt up front, so a stream's deadline covers only the stream
+        await self._client.answers_kept(self._model)  # learnt up front: a stream's deadline covers only the stream
         if self.id is None:
             info = await self._client.call(self._client.stub.CreateSession,
-                                           messages.create_request(*self._initial_state))
+                                           messages.create_request(*self._initial_state, self._model))
         else:
             info = await self._client.call(self._client.stub.GetSession, pb.SessionRef(session_id=self.id))
         self.id, self._next_seq = info.session_id, info.last_sequence_number + 1
@@ -139,6 +155,11 @@ class AsyncSession:
                 writer.cancel()
             self._unsettled = ledger.abandon()
             self._next_seq = ledger.next_seq
+
+    @property
+    def next_sequence_number(self) -> int:
+        """The number this session's next state-changing request takes."""
+        return self._next_seq
 
     async def state(self) -> tuple[np.ndarray, np.ndarray]:
         ref = pb.SessionRef(session_id=self.id)

@@ -1,4 +1,5 @@
-"""`lstmserve-client`: model info, whole-sequence predictions from a file, and step-by-step streaming."""
+"""`lstmserve-client`: models and their versions, model info, whole-sequence predictions from a file, and
+step-by-step streaming."""
 
 import argparse
 import os
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 import numpy as np
+from lstmserve.v1 import lstm_service_pb2 as pb
 
 from client.channel import Credentials
 from client.sync import LstmClient
@@ -41,12 +43,24 @@ def format_row(row: np.ndarray) -> str:
     return ",".join(f"{v:.6g}" for v in np.atleast_1d(row))
 
 
+def print_models(models) -> None:
+    """One line per model version: name, version, state (and why), sizes, live sessions; '*' marks the default."""
+    print("MODEL VERSION STATE SESSIONS INPUT HIDDEN LAYERS OUTPUT REASON")
+    for m in models:
+        state = pb.ModelVersionStatus.State.Name(m.state) + ("*" if m.is_default else "")
+        sizes = [m.info.input_size, m.info.hidden_size, m.info.num_layers, m.info.output_size] \
+            if m.HasField("info") else ["-"] * 4
+        print(m.name, m.version, state, m.live_sessions, *sizes, m.reason or "-")
+
+
 def run(args: argparse.Namespace, client: LstmClient) -> int:
     if args.command == "health":
         status = client.health()
         print(status)
         return 0 if status == "SERVING" else 1
-    if args.command == "info":
+    if args.command == "models":
+        print_models(client.models())
+    elif args.command == "info":
         print(client.info(), end="")
     elif args.command == "predict":
         h0 = np.load(args.h0) if args.h0 else None
@@ -81,8 +95,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for field, (flag, env, text) in CREDENTIAL_FLAGS.items():
         parser.add_argument(flag, dest=field, default=os.environ.get(env) or None,
                             metavar=flag.rsplit("-", 1)[1].upper(), help=f"{text} [{env}]")
+    parser.add_argument("--model", default=os.environ.get("LSTMSERVE_MODEL", ""), metavar="NAME[:VERSION]",
+                        help="model (and version) to use; default: the server's only or default model, at its "
+                             "current version [LSTMSERVE_MODEL]")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("health", help="print the server's health; exit 0 only when SERVING")
+    commands.add_parser("models", help="list every model and version: state (* marks the default), live "
+                                       "sessions, sizes, and why a version is unavailable")
     commands.add_parser("info", help="print the served model's sizes and limits")
     predict = commands.add_parser("predict", help="run whole sequences from a .npy or CSV file")
     predict.add_argument("file", help=".npy [seq_len, batch, input] or [seq_len, input]; or CSV rows")
@@ -99,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         credentials = Credentials(tls=args.tls, **{field: getattr(args, field) for field in CREDENTIAL_FLAGS})
-        client = LstmClient(args.address, timeout=args.timeout, credentials=credentials)
+        client = LstmClient(args.address, timeout=args.timeout, credentials=credentials, model=args.model)
     except (ValueError, OSError) as error:  # a certificate without its key, an unreadable file
         print(f"lstmserve-client: {error}", file=sys.stderr)
         return 2

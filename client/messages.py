@@ -53,16 +53,33 @@ def step_outputs(response: pb.StepResponse, single: bool) -> np.ndarray:
     return outputs[0] if single else outputs
 
 
-def predict_request(inputs, h0=None, c0=None) -> pb.PredictRequest:
-    return pb.PredictRequest(inputs=tensors.to_proto(inputs), h0=optional(h0), c0=optional(c0))
+def model_ref(model: str) -> tuple[str, int]:
+    """"NAME[:VERSION]" as (name, version); an empty name is the server's only (or default) model, version 0 the
+    model's current version."""
+    name, _, version = model.partition(":")
+    if version and not (version.isdigit() and int(version) > 0):
+        raise ValueError(f"model {model!r}: the version after ':' is a positive integer")
+    return name, int(version or 0)
+
+
+def predict_request(inputs, h0=None, c0=None, model: str = "") -> pb.PredictRequest:
+    name, version = model_ref(model)
+    return pb.PredictRequest(inputs=tensors.to_proto(inputs), h0=optional(h0), c0=optional(c0), model_name=name,
+                             model_version=version)
 
 
 def prediction(response: pb.PredictResponse) -> Prediction:
     return Prediction(*(tensors.from_proto(t) for t in (response.outputs, response.h_n, response.c_n)))
 
 
-def create_request(h0=None, c0=None) -> pb.CreateSessionRequest:
-    return pb.CreateSessionRequest(h0=optional(h0), c0=optional(c0))
+def create_request(h0=None, c0=None, model: str = "") -> pb.CreateSessionRequest:
+    name, version = model_ref(model)
+    return pb.CreateSessionRequest(h0=optional(h0), c0=optional(c0), model_name=name, model_version=version)
+
+
+def info_request(model: str = "") -> pb.GetModelInfoRequest:
+    name, version = model_ref(model)
+    return pb.GetModelInfoRequest(model_name=name, model_version=version)
 
 
 def reset_request(session_id: str, seq: int, h=None, c=None) -> pb.ResetSessionRequest:

@@ -12,6 +12,7 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
 from client.channel import Credentials, open_channel
+from client.multiplexer import Multiplexer
 from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before
 from client.tracing import trace_metadata
 
@@ -20,12 +21,15 @@ class LstmClient:
     """`address`: host:port, several ip:port separated by commas (failover in that order), or a gRPC
     target such as dns:///name:port. `timeout`: seconds per operation, retries included; `retry`:
     backoff on UNAVAILABLE, and on RESOURCE_EXHAUSTED when the server says when to retry (never sooner than it
-    says); with `credentials` (TLS roots, client certificate, token) the channel is TLS. A call that fails for
-    good raises LstmError, with the server's error details.
+    says); with `credentials` (TLS roots, client certificate, token) the channel is TLS. `model`: "NAME[:VERSION]"
+    of the model calls are for (empty: the server's only or default model; no version: its current one), unless
+    a call names another. A call that fails for good raises LstmError, with the server's error details.
     """
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout: float | None = None,
-                 retry: RetryPolicy = DEFAULT_RETRY, credentials: Credentials | None = None):
+                 retry: RetryPolicy = DEFAULT_RETRY, credentials: Credentials | None = None, model: str = ""):
+        messages.model_ref(model)  # a malformed reference fails here, not at the first call
+        self.model = model
         self._channel = open_channel(grpc, address, credentials)
         self.stub = pb_grpc.LstmServiceStub(self._channel)
         self.timeout = timeout
@@ -51,13 +55,17 @@ class LstmClient:
             except grpc.RpcError as error:
                 time.sleep(attempts.delay_after(error))
 
-    def info(self) -> pb.ModelInfo:
-        return self.call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
+    def info(self, model: str | None = None) -> pb.ModelInfo:
+        return self.call(self.stub.GetModelInfo, messages.info_request(self.model if model is None else model))
 
-    def answers_kept(self) -> int:
+    def models(self) -> list[pb.ModelVersionStatus]:
+        """Every model and version the server knows: state (and why), sizes, live sessions, which is default."""
+        return list(self.call(self.stub.ListModels, pb.ListModelsRequest()).models)
+
+    def answers_kept(self, model: str | None = None) -> int:
         """How many unanswered requests a resumable stream may have out (the server's answers_kept)."""
         if self._answers_kept is None:
-            self._answers_kept = max(1, self.info().answers_kept)
+            self._answers_kept = max(1, self.info(model).answers_kept)
         return self._answers_kept
 
     def health(self, service: str = "") -> str:
@@ -66,15 +74,22 @@ class LstmClient:
             health_pb2.HealthCheckRequest(service=service), timeout=self.timeout, metadata=trace_metadata())
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def predict(self, inputs, h0=None, c0=None) -> messages.Prediction:
+    def predict(self, inputs, h0=None, c0=None, model: str | None = None) -> messages.Prediction:
         """Whole sequences `inputs[seq_len, batch, input]`, statelessly, from `(h0, c0)` or zeros."""
-        return messages.prediction(self.call(self.stub.Predict, messages.predict_request(inputs, h0, c0)))
+        request = messages.predict_request(inputs, h0, c0, self.model if model is None else model)
+        return messages.prediction(self.call(self.stub.Predict, request))
 
-    def session(self, h0=None, c0=None, session_id: str | None = None) -> "Session":
-        """Opens a session (from `(h0, c0)` `[layers, hidden]` or zeros), or re-attaches to `session_id`."""
-        self.answers_kept()  # learnt up front, so a stream's deadline covers only the stream
+    def multiplexer(self, max_in_flight: int = 2) -> Multiplexer:
+        """Many application sessions stepping over one StreamColumns stream (see client/multiplexer.py)."""
+        return Multiplexer(self, max_in_flight)
+
+    def session(self, h0=None, c0=None, session_id: str | None = None, model: str | None = None) -> "Session":
+        """Opens a session (from `(h0, c0)` `[layers, hidden]` or zeros) on `model`, or re-attaches to
+        `session_id` (on the model version it began on)."""
+        model = self.model if model is None else model
+        self.answers_kept(model)  # learnt up front, so a stream's deadline covers only the stream
         if session_id is None:
-            info = self.call(self.stub.CreateSession, messages.create_request(h0, c0))
+            info = self.call(self.stub.CreateSession, messages.create_request(h0, c0, model))
         else:
             info = self.call(self.stub.GetSession, pb.SessionRef(session_id=session_id))
         return Session(self, info.session_id, info.last_sequence_number)
@@ -149,6 +164,11 @@ class Session:
                 self._unsettled = ledger.abandon()  # also stops a request generator waiting for room
                 turn.notify_all()
             self._next_seq = ledger.next_seq
+
+    @property
+    def next_sequence_number(self) -> int:
+        """The number this session's next state-changing request takes."""
+        return self._next_seq
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
         """`(h, c)`, each `[num_layers, hidden]`, after every step answered so far."""

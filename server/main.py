@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import warnings
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,9 +19,11 @@ from inference import grpc_service_pb2, grpc_service_pb2_grpc
 from lstmserve.v1 import lstm_service_pb2, lstm_service_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from server.engine import Engine, EngineLimits, LimitExceeded, Sequences
+from server.engine import Engine, EngineLimits, LimitExceeded, ModelThread, StateUnavailable
 from server.metrics import Metrics
-from server.model import ModelContractError, ModelRuntime
+from server.model import ModelContractError, ModelMetadata, ModelRuntime
+from server.models.registry import ModelRegistry, VersionState
+from server.models.repository import ModelEntry, scan, single_file
 from server.policies import Durability
 from server.settings import Settings
 from server.store import (
@@ -29,6 +32,7 @@ from server.store import (
     RedisStateStore,
     SessionStore,
     SnapshotStore,
+    StoreUnavailable,
     model_identity,
 )
 from server.tracing import Tracing
@@ -60,7 +64,9 @@ class App:
         self.settings = settings
         self.metrics = Metrics(registry or CollectorRegistry())
         self.health = HealthServicer()
-        self.engine: Engine | None = None
+        self.registry: ModelRegistry | None = None
+        self._model_thread: ModelThread | None = None
+        self._tracing: Tracing | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -71,15 +77,20 @@ class App:
         self.tracer_provider = None  # an SDK TracerProvider of this App's own while tracing is on
 
     async def start(self) -> None:
-        """Loads and warms up the model, then opens the port; health turns SERVING last."""
+        """Loads and warms up the models, then opens the port; health turns SERVING last."""
         s = self.settings
         self._start_metrics_http()
-        runtime = await asyncio.to_thread(self._load_model)
         tracing_interceptors = self._start_tracing()
-        tracing = Tracing(self.tracer_provider.get_tracer("lstmserve")) if self.tracer_provider else None
-        self.engine = Engine(runtime, engine_limits(s), self.metrics, store=await self._session_store(runtime),
-                             tracing=tracing)
-        await self.engine.start()
+        self._tracing = Tracing(self.tracer_provider.get_tracer("lstmserve")) if self.tracer_provider else None
+        await self._open_state_store()
+        self._model_thread = ModelThread(s.torch_threads)
+        self.registry = ModelRegistry(self._scan, self._engine_for, engine_limits(s), s.device, s.default_model,
+                                      s.drain_timeout, s.poll_repository, self._locate if self._store else None)
+        # versions unloaded after their drain are no longer the server's: UNAVAILABLE counts the failed ones
+        self.metrics.watch_versions([state.name for state in VersionState], lambda: [
+            (v.name, v.state.name) for v in self.registry.statuses()
+            if v.state is not VersionState.UNAVAILABLE or v.failed])
+        await self.registry.start()
         self._server = grpc.aio.server(
             # the server span comes first, so it covers the RPC whole: refusals by the later interceptors too
             interceptors=[*tracing_interceptors, MetricsInterceptor(self.metrics), MalformedRequestInterceptor(),
@@ -88,10 +99,10 @@ class App:
                      ("grpc.max_send_message_length", s.max_message_bytes)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         lstm_service_pb2_grpc.add_LstmServiceServicer_to_server(
-            LstmServicer(self.engine, self.metrics, s.stream_window, s.max_batch_entries, s.max_message_bytes),
+            LstmServicer(self.registry, self.metrics, s.stream_window, s.max_batch_entries, s.max_message_bytes),
             self._server)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            OipServicer(self.engine, Sequences(self.engine), self.metrics, s.stream_window), self._server)
+            OipServicer(self.registry, self.metrics, s.stream_window), self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         if s.tls:
@@ -102,10 +113,43 @@ class App:
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.port}")
         await self._server.start()
+        await self._set_health()
+        self.registry.on_change(lambda: asyncio.get_running_loop().create_task(self._set_health()))
+        served = ", ".join(f"{v.metadata.name} version {v.metadata.version}" for v in self.registry.statuses()
+                           if v.state is VersionState.READY)
+        log.info("serving model %s on %s:%d (%s; metrics on port %s)", served, s.host, self.port,
+                 self._security_summary(), self.metrics_port)
+
+    @property
+    def engine(self) -> Engine:
+        """The default model's default version (the only one, with --model-path)."""
+        return self.registry.engine()
+
+    async def _set_health(self) -> None:
+        """SERVING while every model has a READY version (and the server is not shutting down)."""
+        if self.registry.draining.is_set():
+            return
+        status = health_pb2.HealthCheckResponse.SERVING if self.registry.serving() \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME, OIP_SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving model %s version %s on %s:%d (%s; metrics on port %s)", runtime.metadata.name,
-                 runtime.metadata.version, s.host, self.port, self._security_summary(), self.metrics_port)
+            await self.health.set(service, status)
+
+    def _scan(self) -> dict[str, ModelEntry]:
+        """The models as they are on disk now: the repository's, or the one --model-path file."""
+        s = self.settings
+        return scan(s.model_repository) if s.model_repository else single_file(s.model_path)
+
+    def _engine_for(self, runtime: ModelRuntime, limits: EngineLimits) -> Engine:
+        return Engine(runtime, limits, self.metrics, store=self._session_store(runtime.metadata),
+                      tracing=self._tracing, model_thread=self._model_thread)
+
+    async def _locate(self, session_id: str) -> str | None:
+        """The model identity a session's record in the state store names, if it is there."""
+        try:
+            record = await self._store.load(session_id)
+        except StoreUnavailable as error:
+            raise StateUnavailable(str(error), error.retry_after) from error
+        return None if record is None else record.model
 
     def _auth_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         s = self.settings
@@ -146,7 +190,10 @@ class App:
         return f"{transport}, " + (f"auth by {' or '.join(methods)}" if methods else "no auth")
 
     def reload(self) -> None:
-        """Re-reads certificate and token files (SIGHUP); open connections and live sessions are untouched."""
+        """Re-reads certificate and token files and the model repository (SIGHUP); open connections and live
+        sessions are untouched."""
+        if self.registry and self.settings.model_repository:
+            asyncio.get_running_loop().create_task(self.registry.reload())
         tokens = self._authenticator if self.settings.tokens_file else None
         for name, part in (("TLS certificates", self._certificates), ("tokens file", tokens)):
             if part is None:
@@ -157,25 +204,32 @@ class App:
             except (OSError, ValueError) as error:
                 log.error("kept the previous %s: cannot reload: %s", name, error)
 
-    async def _session_store(self, runtime: ModelRuntime) -> SessionStore:
-        """Where sessions outlive this process: a state store shared by replicas, a snapshot directory, or nowhere."""
+    def _session_store(self, metadata: ModelMetadata) -> SessionStore:
+        """Where one model version's sessions outlive this process: the state store shared by replicas, a
+        snapshot directory (one per version with a repository), or nowhere."""
         s = self.settings
-        model = model_identity(runtime.metadata)
+        model = model_identity(metadata)
         if s.snapshot_dir:
-            return SnapshotStore(s.snapshot_dir, model)
-        if not s.state_store or s.durability is Durability.NONE:
+            directory = Path(s.snapshot_dir)
+            if s.model_repository:
+                directory = directory / metadata.name / metadata.version
+            return SnapshotStore(directory, model)
+        if not self._store:
             return MemoryStore()
+        return RedisSessionStore(self._store, s.durability, model, s.checkpoint_every,
+                                 s.checkpoint_interval, self.metrics)
+
+    async def _open_state_store(self) -> None:
+        """The state store shared by replicas, when sessions are kept in one."""
+        s = self.settings
+        if s.snapshot_dir or not s.state_store or s.durability is Durability.NONE:
+            return
         replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._store = RedisStateStore(s.state_store, replica, lease_ttl=s.lease_ttl, state_ttl=s.idle_timeout,
                                       lease_wait=s.lease_wait)
         if not await self._store.ping():
             log.warning("state store %s is unreachable; sessions that need it get UNAVAILABLE until it is back",
                         s.state_store.split("@")[-1])
-        return RedisSessionStore(self._store, s.durability, model, s.checkpoint_every,
-                                 s.checkpoint_interval, self.metrics)
-
-    def _load_model(self) -> ModelRuntime:
-        return ModelRuntime.load(self.settings.model_path, self.settings.device)
 
     def _start_metrics_http(self) -> None:
         if self.settings.metrics_port < 0:
@@ -188,12 +242,14 @@ class App:
         """Health goes NOT_SERVING first, then no new RPCs, in-flight work finishes, sessions are released."""
         grace = self.settings.shutdown_grace
         await self.health.enter_graceful_shutdown()
-        if self.engine:
-            await self.engine.drain(grace)
+        if self.registry:
+            await self.registry.drain(grace)
         if self._server:
             await self._server.stop(grace)
-        if self.engine:
-            await self.engine.stop()
+        if self.registry:
+            await self.registry.stop()
+        if self._model_thread:
+            await asyncio.to_thread(self._model_thread.close)
         if self._store:
             await self._store.close()
         if self._metrics_http:

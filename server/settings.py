@@ -17,7 +17,16 @@ def _setting(default, help: str, minimum: float | None = None):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    model_path: str = _setting("models/demo.pt", "TorchScript model file to serve")
+    model_path: str = _setting("models/demo.pt", "TorchScript model file to serve (one model, version 1), unless "
+                               "--model-repository is given")
+    model_repository: str = _setting("", "directory of models, DIR/<name>/<version>/model.pt with an optional "
+                                     "DIR/<name>/config.json (version policy, default version, batching); "
+                                     "replaces --model-path")
+    default_model: str = _setting("", "model of requests that name none, when the repository holds several")
+    poll_repository: float = _setting(0.0, "seconds between re-reads of the repository (0: only on SIGHUP or a "
+                                      "load request)", 0)
+    drain_timeout: float = _setting(300.0, "seconds a retired version keeps serving its sessions before they end "
+                                    "with FAILED_PRECONDITION and it is unloaded", 0)
     host: str = _setting("127.0.0.1", "address the gRPC server listens on")
     port: int = _setting(50051, "gRPC port (0 picks a free one)", 0)
     metrics_host: str = _setting("127.0.0.1", "address of the Prometheus /metrics endpoint")
@@ -40,8 +49,8 @@ class Settings:
     max_predict_batch: int = _setting(256, "most batch rows of concurrent stateless Predicts (and OIP requests "
                                       "without a sequence id) of equal seq_len merged into one model call; "
                                       "1 turns merging off", 1)
-    max_batch_entries: int = _setting(4096, "most entries (steps) in one StreamBatch message; a longer message "
-                                      "is refused whole with RESOURCE_EXHAUSTED", 1)
+    max_batch_entries: int = _setting(4096, "most entries (steps) in one StreamBatch or StreamColumns "
+                                      "message; a longer message is refused whole with RESOURCE_EXHAUSTED", 1)
     max_queued_requests: int = _setting(100_000, "most requests queued server-wide before RESOURCE_EXHAUSTED", 1)
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent", 1024)
     stream_window: int = _setting(128, "requests one stream may have in flight before the server stops reading", 1)

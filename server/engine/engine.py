@@ -1,7 +1,6 @@
 """The engine's public face: session lifecycle, ordered exactly-once requests, stateless sequences."""
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -10,10 +9,12 @@ import numpy as np
 import torch
 
 from server.engine.admission import Admission, Eviction
+from server.engine.columnar import Columnar
 from server.engine.errors import DRAINING_RETRY_SECONDS, Draining, LimitExceeded, SessionNotFound
 from server.engine.exactly_once import ExactlyOnce
 from server.engine.limits import EngineLimits
 from server.engine.live import LiveSessions
+from server.engine.model_thread import ModelThread
 from server.engine.predict_merge import PredictMerger
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import Session, Work, inputs_digest
@@ -23,7 +24,7 @@ from server.engine.views import ModelDescription, SessionView
 from server.logsafe import fingerprint
 from server.metrics import Metrics
 from server.model import ModelRuntime
-from server.store import MemoryStore, SessionStore, model_identity
+from server.store import MemoryStore, SessionRecord, SessionStore, model_identity
 from server.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -34,27 +35,34 @@ class Engine:
     Sessions are kept beyond this process by one SessionStore, whichever it is."""
 
     def __init__(self, runtime: ModelRuntime, limits: EngineLimits, metrics: Metrics, clock=time.monotonic,
-                 store: SessionStore | None = None, tracing: Tracing | None = None):
+                 store: SessionStore | None = None, tracing: Tracing | None = None,
+                 model_thread: ModelThread | None = None):
         self.runtime = runtime
         self.limits = limits
-        self._metrics = metrics
-        self._clock = clock
         m = runtime.metadata
+        self._metrics = metrics = metrics.for_model(m.name, m.version)
+        self._clock = clock
         self._admission = Admission(limits, m.state_bytes, clock)
         self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, self._admission.capacity,
                                device=str(runtime.device))
         store, model = store or MemoryStore(), model_identity(m)
+        self.model_identity = model  # what a stored session's record names, to find the engine that carries it on
+        # an engine of its own when none is shared (one engine per process, the engine's tests)
+        self._own_thread = None if model_thread else ModelThread(limits.torch_threads)
         self._scheduler = Scheduler(runtime, self._pool, metrics, limits.max_batch_size, limits.max_batch_delay,
-                                    limits.answers_kept, limits.torch_threads, store, model, tracing)
-        self._live = LiveSessions(self._pool, store, self._scheduler, self._admission, model, limits.answers_kept,
-                                  clock)
+                                    limits.answers_kept, (model_thread or self._own_thread).lane(), store, model,
+                                    tracing)
+        self._live = LiveSessions(self._pool, store, self._scheduler, self._admission, model, clock)
         self._sessions = self._live.table
         self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests)
+        self._columnar = Columnar(runtime, limits, metrics, self._scheduler, self._live, self._order, self._admission)
+        self._refusal_counter = _RefusalCounter(metrics)
         self._predicts = PredictMerger(self._scheduler.run_in_model_thread, self._predict_on_host, metrics,
                                        limits.max_predict_batch, tracing=tracing)
         self._tasks: list[asyncio.Task] = []
         self._draining = asyncio.Event()
         self._drain_deadline = 0.0  # on the engine's clock, once drain() starts
+        self._retired: Callable[[], Exception] | None = None  # once retire()d: the refusal of new work
         metrics.live_sessions.set_function(lambda: len(self._sessions))
 
     def describe(self) -> ModelDescription:
@@ -97,12 +105,46 @@ class Engine:
             task.cancel()
         await self._scheduler.stop()
         await self._live.hand_over()
+        self._metrics.forget()  # an unloaded version leaves no series behind: labels stay bounded
+        if self._own_thread:
+            await asyncio.to_thread(self._own_thread.close)
+
+    def retire(self, refusal: Callable[[], Exception]) -> None:
+        """From now on new sessions and stateless calls are refused with `refusal()`; live sessions go on."""
+        self._retired = refusal
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def has_session(self, session_id: str) -> bool:
+        """Whether the session is live here (whoever owns it)."""
+        return self._sessions.find(session_id) is not None
+
+    def idle_record(self, session_id: str) -> SessionRecord | None:
+        """The record of a live session with no request queued or running (None otherwise), to carry it on
+        elsewhere."""
+        session = self._sessions.find(session_id)
+        return None if session is None or session.busy else self._live.record(session)
+
+    def adopt(self, record: SessionRecord) -> None:
+        """Makes a session from another engine live here, as it was (its id, owner, numbering and answers)."""
+        self._live.take([record])
+
+    def let_go(self, session_id: str) -> None:
+        """Forgets a session that another engine has adopted; the store keeps it (under its new engine)."""
+        if session := self._sessions.find(session_id):
+            self._live.close(session, SessionNotFound(f"session {session_id} moved to another version", session_id))
+
+    async def end_all(self, error: Exception) -> list[str]:
+        """Ends every live session; their queued requests fail with `error`. Returns their ids."""
+        return await self._live.end_all(error)
 
     # -- sessions: each call is one request of `owner`, who sees only the sessions it created -------
 
     async def create_session(self, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                        owner: str = "") -> SessionView:
-        self._check_accepting()
+        self._check_accepting(new_work=True)
         self._admit(owner)
         h, c = self._initial_state(h0, c0, names=("h0", "c0"))
         with self._counting_refusals():
@@ -165,6 +207,12 @@ class Engine:
             check_at_most("inputs' time steps", inputs.shape[0], self.limits.max_steps_per_request,
                           "max_steps_per_request")
 
+    async def step_columns(self, session_ids: list[str], seqs: list[int], inputs: np.ndarray, owner: str = ""
+                           ) -> asyncio.Future:
+        """Queues one request per entry, `inputs[i]` `[T, input]` for `session_ids[i]` numbered `seqs[i]`; returns
+        one future of their ColumnsAnswer, in which each refused entry has its error (see columnar.py)."""
+        return await self._columnar.submit(session_ids, seqs, inputs, owner, self._check_accepting)
+
     async def reset(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
               seq: int = 0, owner: str = "") -> tuple[int, asyncio.Future]:
         """Queues a reset to zeros or `(h, c)` behind the session's pending steps."""
@@ -182,7 +230,7 @@ class Engine:
                       owner: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)`. Concurrent calls
         of equal seq_len share model calls (see predict_merge)."""
-        self._check_accepting()
+        self._check_accepting(new_work=True)
         self._admit(owner)
         m = self.runtime.metadata
         check_tensor("inputs", inputs, (None, None, m.input_size), self.limits.allow_nonfinite)
@@ -218,13 +266,8 @@ class Engine:
         with self._counting_refusals():
             self._admission.admit_request(owner)
 
-    @contextlib.contextmanager
-    def _counting_refusals(self):
-        try:
-            yield
-        except LimitExceeded as refusal:
-            self._metrics.limit_refusals.labels(refusal.limit).inc()
-            raise
+    def _counting_refusals(self) -> "_RefusalCounter":
+        return self._refusal_counter
 
     def _initial_state(self, h: np.ndarray | None, c: np.ndarray | None, shape: tuple | None = None,
                        names: tuple[str, str] = ("h", "c")) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +282,10 @@ class Engine:
                 state.append(torch.from_numpy(np.array(given, dtype=np.float32)))
         return state[0], state[1]
 
-    def _check_accepting(self) -> None:
+    def _check_accepting(self, new_work: bool = False) -> None:
+        """Refuses while draining; `new_work` (a new session, a stateless call) is refused once retired too."""
+        if new_work and self._retired:
+            raise self._retired()
         if self.draining.is_set():
             raise self.draining_refusal("the server is shutting down; retry on another replica")
 
@@ -257,3 +303,21 @@ class Engine:
                 await self._live.end(session, SessionNotFound(f"session {session.id} expired", session.id))
                 self._metrics.sessions_expired.inc()
                 log.debug("session %s expired", fingerprint(session.id))
+
+
+class _RefusalCounter:
+    """`with`: counts a LimitExceeded passing through by its limit. A class, not a generator context manager:
+    a streamed step enters it three times, and a generator's setup cost ~1 us each time (py-spy, issue 12)."""
+
+    __slots__ = ("_metrics",)
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if isinstance(error, LimitExceeded):
+            self._metrics.limit_refusals.labels(error.limit).inc()
+        return False

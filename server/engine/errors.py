@@ -67,3 +67,26 @@ class StateUnavailable(EngineError):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ModelNotFound(EngineError):
+    """No model of this name, or no version of this number, is in the repository (or was ever loaded)."""
+
+
+class ModelUnavailable(EngineError):
+    """The model or version exists but cannot take this request now (it is loading, or none of its versions is
+    ready); waiting may help. `retry_after`: seconds worth waiting, when known."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class VersionRetired(ModelUnavailable):
+    """The version was retired (draining, unloaded) or failed to load: waiting does not help, another version
+    (a new session) does. `model` and `version` name it."""
+
+    def __init__(self, message: str, model: str, version: int):
+        super().__init__(message)
+        self.model = model
+        self.version = version

@@ -42,11 +42,11 @@ class ExactlyOnce:
         expected = session.last_assigned_seq + 1
         for work in session.pending or ():
             if work.seq == seq:
-                _check_same_inputs(seq, work.digest, digest, expected)
+                check_same_inputs(seq, work.digest, digest, expected)
                 return asyncio.shield(work.future)
-        kept = session.kept_answer(seq)
+        kept = self._scheduler.kept.answer_of(session, seq)
         if kept is not None:
-            _check_same_inputs(seq, kept.digest, digest, expected)
+            check_same_inputs(seq, kept.digest, digest, expected)
             future = loop.create_future()
             future.set_result(StepAnswer(kept.answer, None))
             return future
@@ -54,7 +54,7 @@ class ExactlyOnce:
                             f"{self._answers_kept} requests are kept; expected {expected}", expected)
 
 
-def _check_same_inputs(seq: int, applied: bytes | None, retried: bytes, expected: int) -> None:
+def check_same_inputs(seq: int, applied: bytes | None, retried: bytes, expected: int) -> None:
     if applied is not None and applied != retried:
         raise SequenceError(f"sequence number {seq} was already applied with other inputs; a retry must resend "
                             "the same inputs, and a new request takes the next sequence number", expected)

@@ -2,15 +2,13 @@
 beyond it (taking a session over on its first request here, refreshing it, handing it over at the end)."""
 
 import asyncio
-import collections
-import contextlib
 import time
 from collections.abc import Callable
 
 import torch
 
 from server.engine.admission import Admission
-from server.engine.errors import InvalidInput, SessionNotFound, StateUnavailable
+from server.engine.errors import EngineError, InvalidInput, SessionNotFound, StateUnavailable
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import Session, SessionTable, check_session_id, record_of
 from server.engine.state_pool import StatePool
@@ -20,14 +18,13 @@ from server.store import LiveSession, SessionGone, SessionRecord, SessionStore, 
 
 class LiveSessions:
     def __init__(self, pool: StatePool, store: SessionStore, scheduler: Scheduler, admission: Admission,
-                 model: str, answers_kept: int, clock=time.monotonic):
+                 model: str, clock=time.monotonic):
         self.table = SessionTable(clock)
         self.pool = pool
         self._store = store
         self._scheduler = scheduler
         self._admission = admission
         self._model = model
-        self._answers_kept = answers_kept
         self._clock = clock
         self._close_listeners: list[Callable[[str], None]] = []
 
@@ -39,6 +36,8 @@ class LiveSessions:
         when no session may be taken over now). Another owner's session is reported exactly like one that does
         not exist."""
         session = self.table.find(session_id)
+        if session is not None and session.owner == owner and (session.busy or self._store.local):
+            return session  # the store has nothing newer to offer: the common case, kept free of its calls
         with store_errors():
             if session is None:
                 record = await self._store.load(session_id, owner)
@@ -54,9 +53,21 @@ class LiveSessions:
                     if record is not None:
                         self._load(session, record)
         if session is None or session.owner != owner:
-            raise SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)",
-                                  session_id)
+            raise _not_found(session_id)
         return session
+
+    async def find_many(self, session_ids: list[str], owner: str, accepting: Callable[[], None],
+                        skip: dict) -> list:
+        """`find` of each id, its refusal (an EngineError) in place of a session that cannot be had. With a local
+        store: one pass over the table, awaiting nothing. Else one `find` each, but for the indices in `skip`."""
+        if not self._store.local:
+            return [None if i in skip else await _found_or_error(self.find(session_id, owner, accepting))
+                    for i, session_id in enumerate(session_ids)]
+        found = self.table.find_many(session_ids)
+        for i, session in enumerate(found):
+            if session is None or (type(session) is Session and session.owner != owner):
+                found[i] = _not_found(session_ids[i])
+        return found
 
     async def open(self, owner: str, h: torch.Tensor, c: torch.Tensor) -> Session:
         """A new session, handed to the store before it is acknowledged."""
@@ -78,7 +89,7 @@ class LiveSessions:
         if session.in_flight:
             session.closed = True
         else:
-            self.pool.release(session.slot)
+            self._scheduler.release(session.slot)
         for listener in self._close_listeners:
             listener(session.id)
 
@@ -87,12 +98,26 @@ class LiveSessions:
         self.close(session, error)
         await self._store.release(session.id, delete=True)
 
+    async def end_all(self, error: Exception) -> list[str]:
+        """Ends every session everywhere; all are gone here before the first is released from the store."""
+        ended = list(self.table)
+        for session in ended:
+            self.close(session, error)
+        for session in ended:
+            await self._store.release(session.id, delete=True)
+        return [session.id for session in ended]
+
     def on_closed(self, listener: Callable[[str], None]) -> None:
         self._close_listeners.append(listener)
 
     def record(self, session: Session) -> SessionRecord:
         h, c = self.pool.read(session.slot)
-        return record_of(session, self._model, h.cpu().numpy(), c.cpu().numpy())
+        return record_of(session, self._model, h.cpu().numpy(), c.cpu().numpy(),
+                         self._scheduler.kept.answers_of(session))
+
+    def take(self, records: list[SessionRecord]) -> None:
+        """Makes sessions of another engine live here, all or none."""
+        self._import(records)
 
     def restore(self) -> None:
         self._store.restore(self._import)
@@ -140,13 +165,36 @@ class LiveSessions:
         self.pool.write(session.slot, torch.from_numpy(record.h), torch.from_numpy(record.c))
         session.last_applied_seq = session.last_assigned_seq = record.last_applied_seq
         session.steps_applied = record.steps_applied
-        session.answers = collections.deque(record.answers, maxlen=self._answers_kept)
+        self._scheduler.kept.load(session, record.last_applied_seq, record.answers)
 
 
-@contextlib.contextmanager
-def store_errors():
-    """The store's own errors, as the engine's."""
+def _not_found(session_id: str) -> SessionNotFound:
+    """Another owner's session is reported exactly like one that does not exist."""
+    return SessionNotFound(f"session {session_id} does not exist (closed, expired or never created)", session_id)
+
+
+async def _found_or_error(finding):
     try:
-        yield
-    except StoreUnavailable as error:
-        raise StateUnavailable(str(error), error.retry_after) from error
+        return await finding
+    except EngineError as refusal:
+        return refusal
+
+
+class _StoreErrors:
+    """`with`: the store's own errors, as the engine's. A class, not a generator context manager: it is
+    entered on every step, where a generator's setup showed in py-spy's profile (issue 12)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if isinstance(error, StoreUnavailable):
+            raise StateUnavailable(str(error), error.retry_after) from error
+
+
+_STORE_ERRORS = _StoreErrors()
+
+
+def store_errors() -> _StoreErrors:
+    """The store's own errors, as the engine's."""
+    return _STORE_ERRORS

@@ -2,7 +2,6 @@
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import logging
 import time
@@ -11,11 +10,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from server.engine.answer_ring import AnswerRing
 from server.engine.batching import take_batch
-from server.engine.errors import Draining, ModelFailure, SequenceError, StateUnavailable
+from server.engine.errors import Draining, ModelFailure, SequenceError, SessionNotFound, StateUnavailable
+from server.engine.model_thread import Lane
 from server.engine.sessions import Session, Work, record_of
 from server.engine.state_pool import StatePool
-from server.metrics import Metrics
+from server.metrics import ModelMetrics
 from server.model import ModelRuntime
 from server.store import KeptAnswer, SessionStore, StoreUnavailable
 from server.tracing import Tracing
@@ -31,24 +32,21 @@ class StepAnswer(NamedTuple):
 
 
 class Scheduler:
-    """One task owns the loop; the model runs on a single worker thread so the event loop keeps serving I/O."""
+    """One task owns the loop; the model runs on the model thread (its lane there) so the event loop keeps serving
+    I/O."""
 
-    def __init__(self, runtime: ModelRuntime, pool: StatePool, metrics: Metrics,
-                 max_batch_size: int, max_batch_delay: float, answers_kept: int, torch_threads: int,
+    def __init__(self, runtime: ModelRuntime, pool: StatePool, metrics: ModelMetrics,
+                 max_batch_size: int, max_batch_delay: float, answers_kept: int, model_thread: Lane,
                  store: SessionStore, model: str, tracing: Tracing | None = None):
         self._runtime = runtime
         self._pool = pool
         self._metrics = metrics
         self.max_batch_size = max_batch_size
         self._max_batch_delay = max_batch_delay
-        self._answers_kept = answers_kept
+        self.kept = AnswerRing(answers_kept)  # every session's latest answers, for retries and resumes
         self._ready: collections.deque[Session] = collections.deque()
         self._wakeup = asyncio.Event()
-        # Every torch call runs on this one thread. OpenMP's thread count is a per-thread setting, so it is set
-        # here: a model thread left at the default (one OpenMP worker per core) fights the event loop for the
-        # cores and ran a 1000-step sequence 10x slower than in-process (measured: 94 ms against 8 ms).
-        self._model_thread = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="model", initializer=torch.set_num_threads, initargs=(torch_threads,))
+        self._model_thread = model_thread  # every torch call runs there, shared fairly with other engines
         self._task: asyncio.Task | None = None
         self._queued = 0
         self._latest_batch_seconds = 0.0  # the latest model call's, for room_expected_in
@@ -75,11 +73,10 @@ class Scheduler:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._model_thread.shutdown(wait=True)
 
     async def run_in_model_thread(self, fn, *args):
         """Runs `fn` on the model thread, so whole-sequence calls queue behind (not beside) batches."""
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+        return await self._model_thread.run(fn, *args)
 
     def _step_model(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
         """On the model thread: one call, and its outputs as host memory `[B, T, output]` (so a GPU's
@@ -159,47 +156,72 @@ class Scheduler:
         return self._tracing.batch(((work.trace, work.enqueued_at) for work in works), works[0].steps)
 
     async def _commit(self, batch: list[Session], works: list[Work], h_n, c_n, answers) -> None:
-        """Commits the new states to the store, then writes them to the pool and answers the requests."""
-        errors = await self._store_commit(batch, works, h_n, c_n, answers) if self._store.wants_commits \
-            else [None] * len(batch)
-        kept = [i for i, error in enumerate(errors) if error is None]
-        if len(kept) == len(batch):
-            self._pool.scatter(_slots(batch), h_n, c_n)
-        elif kept:
-            index = torch.tensor(kept, dtype=torch.int64, device=h_n.device)
-            self._pool.scatter(_slots([batch[i] for i in kept]), h_n.index_select(1, index),
-                               c_n.index_select(1, index))
-        for i, (session, work, error) in enumerate(zip(batch, works, errors)):
-            if error is not None:
-                self._fail_head(session, error)
-                continue
+        """Commits the new states to the store, then writes them to the pool, keeps the answers in the ring and
+        answers the requests, each with a view of the batch's outputs (the ring holds the kept copy)."""
+        errors = await self._store_commit(batch, works, h_n, c_n, answers) if self._store.wants_commits else None
+        committed = range(len(batch)) if errors is None else [i for i, error in enumerate(errors) if error is None]
+        if committed:
+            self._keep(batch, works, h_n, c_n, answers, committed)
+        for i in committed:
+            session, work = batch[i], works[i]
             session.in_flight = False
             session.pending.popleft()
             session.steps_applied += work.steps
-            state = (h_n[:, i].cpu().numpy().copy(), c_n[:, i].cpu().numpy().copy()) if work.with_state else None
-            self._complete(session, work, answer=None if answers is None else answers[i].copy(), state=state)
+            session.last_applied_seq = work.seq
+            self._queued -= 1
+            if not work.future.done():
+                state = (h_n[:, i].cpu().numpy().copy(), c_n[:, i].cpu().numpy().copy()) if work.with_state \
+                    else None
+                work.future.set_result(StepAnswer(None if answers is None else answers[i], state))
             self._after_flight(session)
+        for session, error in zip(batch, errors or ()):
+            if error is not None:
+                self._fail_head(session, error)
+
+    def _keep(self, batch: list[Session], works: list[Work], h_n, c_n, answers, committed) -> None:
+        """Writes the new states of the `committed` sessions (indices into the batch) to the pool and their
+        answers to the ring: one scatter and one ring write for the batch."""
+        if len(committed) < len(batch):
+            index = torch.tensor(committed, dtype=torch.int64, device=h_n.device)
+            h_n, c_n = h_n.index_select(1, index), c_n.index_select(1, index)
+            answers = None if answers is None else answers[committed]
+            batch, works = [batch[i] for i in committed], [works[i] for i in committed]
+        slots = _slots(batch)
+        self._pool.scatter(slots, h_n, c_n)
+        self.kept.put_batch(slots.numpy(), np.fromiter((w.seq for w in works), np.int64, len(works)),
+                            [w.digest for w in works], answers)
 
     async def _store_commit(self, batch: list[Session], works: list[Work], h_n, c_n, answers) -> list:
         """Per session None, or the engine error its request is answered with instead."""
         h, c = h_n.cpu().numpy(), c_n.cpu().numpy()
-        records = [record_of(session, self._model, h[:, i], c[:, i], self._answers_kept,
-                             KeptAnswer(work.seq, None if answers is None else answers[i], work.digest), work.steps)
-                   for i, (session, work) in enumerate(zip(batch, works))]
+        records = []
+        for i, (session, work) in enumerate(zip(batch, works)):
+            latest = KeptAnswer(work.seq, None if answers is None else answers[i], work.digest)
+            records.append(record_of(session, self._model, h[:, i], c[:, i], self.kept.answers_of(session, latest),
+                                     latest, work.steps))
         return [None if error is None else _engine_error(error) for error in await self._store.commit(records)]
 
-    def _complete(self, session: Session, work: Work, answer: np.ndarray | None, state: tuple | None = None
-                  ) -> None:
-        """`state`, the session's `(h, c)` right after this request, is added to the answer when given."""
-        session.last_applied_seq = work.seq
-        session.remember(KeptAnswer(work.seq, answer, work.digest), self._answers_kept)
-        self._queued -= 1
-        if not work.future.done():
-            work.future.set_result(StepAnswer(answer, state))
+    def release(self, slot: int) -> None:
+        """Frees a closed session's slot: its state's and its kept answers'."""
+        self._pool.release(slot)
+        self.kept.release(slot)
+
+    def count_queued(self, change: int) -> None:
+        """Requests the columnar path (columnar.py) runs outside the batch loop count as queued too."""
+        self._queued += change
+
+    def landed(self, session: Session) -> None:
+        """A session the columnar path advanced outside the batch loop is free again: what queued behind it goes
+        on, or fails if the session was closed meanwhile (close kept it, taking it for the in-flight head)."""
+        session.in_flight = False
+        if session.closed:
+            self.fail_pending(session, SessionNotFound(f"session {session.id} was closed before this request ran",
+                                                       session.id))
+        self._after_flight(session)
 
     def _after_flight(self, session: Session) -> None:
         if session.closed:
-            self._pool.release(session.slot)
+            self.release(session.slot)
         else:
             self._requeue(session)
 
@@ -225,7 +247,7 @@ class Scheduler:
             f"request {failed.seq} failed before this one; resend from sequence number {failed.seq}", failed.seq))
         session.last_assigned_seq = session.last_applied_seq
         if session.closed:
-            self._pool.release(session.slot)
+            self.release(session.slot)
 
     def fail_pending(self, session: Session, error: Exception) -> None:
         """Fails every queued (not in-flight) request of a session, e.g. when it is closed."""

@@ -31,8 +31,21 @@ class Sequences:
         self._closing: set[asyncio.Task] = set()  # held so that the loop does not drop them half-done
         engine.on_session_closed(self._forget)
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     def __len__(self) -> int:
         return len(self._live)
+
+    def active(self, sequence_id: SequenceId, owner: str = "") -> bool:
+        """Whether the sequence is live here: started, not ended, not expired."""
+        return (owner, sequence_id) in self._live
+
+    def end(self, sequence_id: SequenceId, owner: str = "") -> None:
+        """Ends the sequence if it is live here, once its queued requests are answered (a START elsewhere, on
+        another version of the model, replaced it)."""
+        self._retire((owner, sequence_id))
 
     async def step(self, sequence_id: SequenceId, inputs: np.ndarray, start: bool = False, end: bool = False,
                    h0: np.ndarray | None = None, c0: np.ndarray | None = None, with_state: bool = False,

@@ -71,7 +71,7 @@ class Session:
     last_applied_seq: int = 0
     last_assigned_seq: int = 0
     steps_applied: int = 0
-    answers: collections.deque | None = None  # KeptAnswer of the latest applied requests, for retries
+    kept_since: int = 0  # the answers of requests after this one are in the AnswerRing at this slot (answer_ring)
     pending: collections.deque | None = None  # Work in order; created on first use to keep idle sessions small
     in_flight: bool = False
     closed: bool = False  # closed while a batch held it: its slot is released when that batch ends
@@ -79,19 +79,6 @@ class Session:
     @property
     def busy(self) -> bool:
         return self.in_flight or bool(self.pending)
-
-    def remember(self, kept: KeptAnswer, keep: int) -> None:
-        """Keeps the answer of an applied request among the latest `keep`, for retries and resumes."""
-        if self.answers is None:
-            self.answers = collections.deque(maxlen=keep)
-        self.answers.append(kept)
-
-    def kept_answer(self, seq: int) -> KeptAnswer | None:
-        """The kept answer of applied request `seq`, if it is still kept."""
-        for kept in self.answers or ():
-            if kept.seq == seq:
-                return kept
-        return None
 
 
 class SessionTable:
@@ -127,6 +114,27 @@ class SessionTable:
         check_session_id(session_id)
         return self._sessions.get(session_id)
 
+    def find_many(self, session_ids: list[str]) -> list[Session | InvalidInput | None]:
+        """`find` of each id in one pass, the InvalidInput of a malformed id in its place. An id of the right
+        length is looked up at once and only one not found is checked further: a live session costs one lookup."""
+        get, found = self._sessions.get, []
+        for session_id in session_ids:
+            session = get(session_id) if len(session_id) == SESSION_ID_CHARACTERS else None
+            if session is None:
+                try:
+                    check_session_id(session_id)
+                except InvalidInput as malformed:
+                    session = malformed
+            found.append(session)
+        return found
+
+    def touch_many(self, sessions: list[Session]) -> None:
+        """`touch` of each session, at one time."""
+        now, move_to_end = self._clock(), self._sessions.move_to_end
+        for session in sessions:
+            session.last_used = now
+            move_to_end(session.id)
+
     def recently_used(self, since: float) -> list[Session]:
         """Sessions used at or after `since`, or with work queued."""
         return [s for s in reversed(self._sessions.values()) if s.last_used >= since or s.busy]
@@ -159,13 +167,10 @@ class SessionTable:
         return expired
 
 
-def record_of(session: Session, model: str, h: np.ndarray, c: np.ndarray, keep: int | None = None,
-              latest: KeptAnswer | None = None, steps: int | None = None) -> SessionRecord:
-    """The stored form of `session` with state (h, c): as it is, or right after request `latest` (of `steps`
-    more time steps) that is being committed, its answer kept among the latest `keep`."""
-    answers = tuple(session.answers or ())
-    if latest is not None:
-        answers = (*answers, latest)[-keep:]
+def record_of(session: Session, model: str, h: np.ndarray, c: np.ndarray, answers: tuple[KeptAnswer, ...] = (),
+              latest: KeptAnswer | None = None, steps: int = 0) -> SessionRecord:
+    """The stored form of `session` with state (h, c) and kept `answers` (oldest first): as it is, or right after
+    request `latest` (of `steps` more time steps) that is being committed, whose answer ends `answers`."""
     return SessionRecord(session.id, session.owner, model, session.created_at,
                          session.last_applied_seq if latest is None else latest.seq,
-                         session.steps_applied + (steps or 0), h, c, answers)
+                         session.steps_applied + steps, h, c, answers)

@@ -25,6 +25,7 @@ class RedisSessionStore:
     """The SessionStore of replicas that share sessions through Redis; holds this replica's leases."""
 
     wants_commits = True
+    local = False
 
     def __init__(self, redis: RedisStateStore, durability: Durability, model: str, checkpoint_every: int,
                  checkpoint_interval: float, metrics, clock=time.monotonic):

@@ -41,6 +41,9 @@ class SessionStore(Protocol):
     """What the engine needs of stored sessions. Errors: StoreUnavailable (and SessionMoved), RecordRejected."""
 
     maintenance_period: float | None  # seconds between maintain() calls; None: never needed
+    # Sessions are kept nowhere else while this process runs: load() and refresh() never find anything, so a
+    # session not live here does not exist (the columnar path looks sessions up without awaiting them).
+    local: bool
 
     def restore(self, accept: Callable[[list[SessionRecord]], None]) -> int:
         """At start, before any request: hands the sessions to bring back to `accept` (all or none; it raises to
@@ -79,6 +82,7 @@ class MemoryStore:
 
     maintenance_period = None
     wants_commits = False
+    local = True
 
     def restore(self, accept: Callable[[list[SessionRecord]], None]) -> int:
         return 0

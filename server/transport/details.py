@@ -4,10 +4,19 @@ Triton's plain messages."""
 
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2 as details_pb2
-from lstmserve.details import SEQUENCE_NUMBER_VIOLATION, SESSION_RESOURCE_TYPE
+from lstmserve.details import MODEL_VERSION_VIOLATION, SEQUENCE_NUMBER_VIOLATION, SESSION_RESOURCE_TYPE
 from lstmserve.tensors import TensorFormatError
 
-from server.engine import Draining, InvalidInput, LimitExceeded, SequenceError, SessionNotFound, StateUnavailable
+from server.engine import (
+    Draining,
+    InvalidInput,
+    LimitExceeded,
+    ModelUnavailable,
+    SequenceError,
+    SessionNotFound,
+    StateUnavailable,
+    VersionRetired,
+)
 from server.logsafe import CLIP_CHARACTERS
 
 
@@ -49,7 +58,15 @@ def _resource_info(error: SessionNotFound, path: str) -> details_pb2.ResourceInf
                                     resource_name=error.session_id[:CLIP_CHARACTERS], description=str(error))
 
 
-def _retry_info(error: LimitExceeded | Draining | StateUnavailable, path: str) -> details_pb2.RetryInfo | None:
+def _retired_version(error: VersionRetired, path: str) -> details_pb2.PreconditionFailure | None:
+    if not error.model:
+        return None
+    return details_pb2.PreconditionFailure(violations=[details_pb2.PreconditionFailure.Violation(
+        type=MODEL_VERSION_VIOLATION, subject=f"{error.model}@{error.version}", description=str(error))])
+
+
+def _retry_info(error: LimitExceeded | Draining | StateUnavailable | ModelUnavailable, path: str
+                ) -> details_pb2.RetryInfo | None:
     if error.retry_after is None:
         return None
     delay = duration_pb2.Duration()
@@ -62,5 +79,6 @@ _BUILDERS = (
     ((InvalidInput, TensorFormatError), _bad_request),
     (SequenceError, _precondition_failure),
     (SessionNotFound, _resource_info),
-    ((LimitExceeded, Draining, StateUnavailable), _retry_info),
+    (VersionRetired, _retired_version),
+    ((LimitExceeded, Draining, StateUnavailable, ModelUnavailable), _retry_info),
 )

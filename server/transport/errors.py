@@ -14,12 +14,15 @@ from server.engine import (
     InvalidInput,
     LimitExceeded,
     ModelFailure,
+    ModelNotFound,
+    ModelUnavailable,
     SequenceError,
     SessionNotFound,
     StateUnavailable,
+    VersionRetired,
 )
 from server.transport.details import error_details
-from server.transport.oip_convert import RequestFormatError, UnknownModel
+from server.transport.oip_convert import LoadFailed, RequestFormatError, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ STATUS_BY_ERROR = {
     TensorFormatError: grpc.StatusCode.INVALID_ARGUMENT,
     RequestFormatError: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownModel: grpc.StatusCode.NOT_FOUND,
+    LoadFailed: grpc.StatusCode.INVALID_ARGUMENT,
     DecodeError: grpc.StatusCode.INVALID_ARGUMENT,  # bytes that are not the method's request message
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
     SequenceError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -41,6 +45,9 @@ STATUS_BY_ERROR = {
     Draining: grpc.StatusCode.UNAVAILABLE,
     ModelFailure: grpc.StatusCode.INTERNAL,
     StateUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    VersionRetired: grpc.StatusCode.FAILED_PRECONDITION,  # before its base class: a retry does not help
+    ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -1,34 +1,38 @@
 """`inference.GRPCInferenceService` (Open Inference Protocol, KServe v2 / Triton): decode, call the engine,
-encode. No model or session logic here: sequences live in the engine (`server.engine.sequences`)."""
+encode. No model or session logic here: sequences live in the engine (`server.engine.sequences`), which model
+version serves a request is oip_models' business."""
 
 import asyncio
+import dataclasses
 import importlib.metadata
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc as pb_grpc
 
-from server.engine import Engine, Sequences, StepAnswer
+from server.engine import Engine, StepAnswer
 from server.logsafe import clip
 from server.metrics import Metrics
+from server.models.registry import ModelRegistry, VersionState
 from server.transport import oip_convert as convert
 from server.transport.auth import current_principal
 from server.transport.errors import status_for, streaming, unary
+from server.transport.oip_models import SERVING, OipModels, version_name
 from server.transport.streams import read_ahead, refused
 
 # Methods whose handlers answer with bytes they serialized themselves (see PreEncodedResponses)
 PRE_ENCODED = tuple(f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/{method}"
                     for method in ("ModelInfer", "ModelStreamInfer"))
 SERVER_NAME = "lstmserve"
-EXTENSIONS = ("model_configuration", "sequence", "statistics")
+EXTENSIONS = ("model_configuration", "model_repository", "sequence", "statistics")
+UNLOAD_PARAMETERS = ("unload_dependents",)  # tritonclient always sends it; lstmserve has no ensembles
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine, sequences: Sequences, metrics: Metrics, stream_window: int):
-        self._engine = engine
-        self._sequences = sequences
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, stream_window: int):
+        self._registry = registry
+        self._models = OipModels(registry)
         self._metrics = metrics
         self._stream_window = stream_window  # requests read ahead of the answers sent, per stream
-        self._model = engine.describe().metadata
 
     @unary
     async def ServerLive(self, request, context):
@@ -36,11 +40,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=not self._engine.draining.is_set())
+        return pb.ServerReadyResponse(ready=not self._registry.draining.is_set())
 
     @unary
     async def ModelReady(self, request, context):
-        ready = self._serves(request.name, request.version) and not self._engine.draining.is_set()
+        ready = self._models.ready(request.name, request.version) and not self._registry.draining.is_set()
         return pb.ModelReadyResponse(ready=ready)
 
     @unary
@@ -50,29 +54,52 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def ModelMetadata(self, request, context):
-        self._check_model(request.name, request.version)
-        return convert.model_metadata(self._model)
+        described = self._models.engine(request.name, request.version, new_work=False).describe()
+        response = convert.model_metadata(described.metadata)
+        if not request.version:  # the model's: every version that serves
+            response.versions[:] = self._models.served_versions(request.name)
+        return response
 
     @unary
     async def ModelConfig(self, request, context):
-        self._check_model(request.name, request.version)
-        return pb.ModelConfigResponse(config=convert.model_config(self._model, self._engine.describe().limits))
+        described = self._models.engine(request.name, request.version, new_work=False).describe()
+        return pb.ModelConfigResponse(config=convert.model_config(described.metadata, described.limits))
 
     @unary
     async def ModelStatistics(self, request, context):
-        if request.name:
-            self._check_model(request.name, request.version)
-        executions, steps, compute_seconds = self._metrics.model_totals()
-        compute = pb.StatisticDuration(count=executions, ns=round(compute_seconds * 1e9))
-        return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(
-            name=self._model.name, version=self._model.version, inference_count=steps,
-            execution_count=executions, inference_stats=pb.InferStatistics(compute_infer=compute))])
+        """Per loaded version: of one version, of every version of one model, or of every model."""
+        if request.version:
+            versions = [self._models.engine(request.name, request.version, new_work=False).describe().metadata]
+        else:
+            versions = [s.metadata for s in self._models.statuses(request.name) if s.metadata and s.state in SERVING]
+            if request.name and not versions:
+                raise convert.UnknownModel(f"model {clip(request.name)} has no loaded version")
+        return pb.ModelStatisticsResponse(model_stats=[self._statistics(m.name, m.version) for m in versions])
 
     @unary
     async def RepositoryIndex(self, request, context):
-        index = pb.RepositoryIndexResponse.ModelIndex(name=self._model.name, version=self._model.version,
-                                                      state="READY")
-        return pb.RepositoryIndexResponse(models=[index])
+        """Every model version the server knows, with its state and the reason for it; `ready`: READY ones."""
+        return pb.RepositoryIndexResponse(models=[
+            pb.RepositoryIndexResponse.ModelIndex(name=s.name, version=version_name(s), state=s.state.value,
+                                                  reason=s.reason)
+            for s in self._models.statuses() if not request.ready or s.state is VersionState.READY])
+
+    @unary
+    async def RepositoryModelLoad(self, request, context):
+        if request.parameters:
+            raise convert.RequestFormatError(
+                f"load parameters ({', '.join(sorted(request.parameters))}) are not supported: change the model's "
+                "files and config.json in the repository, then load it")
+        await self._models.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @unary
+    async def RepositoryModelUnload(self, request, context):
+        unknown = set(request.parameters) - set(UNLOAD_PARAMETERS)
+        if unknown:
+            raise convert.RequestFormatError(f"unload parameters {sorted(unknown)} are not supported")
+        await self._models.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     @unary
     async def ModelInfer(self, request, context):
@@ -80,8 +107,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @streaming
     async def ModelStreamInfer(self, request_iterator, context):
-        submitted = read_ahead(request_iterator, self._submit_in_band, self._stream_window, self._engine.draining,
-                               self._engine.draining_refusal)
+        submitted = read_ahead(request_iterator, self._submit_in_band, self._stream_window,
+                               self._registry.draining, self._registry.draining_refusal)
         async for request, call, pending in submitted:
             try:
                 response = await self._answer(request, call, pending)
@@ -93,30 +120,31 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _serves(self, name: str, version: str) -> bool:
-        return name == self._model.name and version in ("", self._model.version)
-
-    def _check_model(self, name: str, version: str) -> None:
-        if not self._serves(name, version):
-            raise convert.UnknownModel(
-                f"model {clip(name)} version {clip(version)} is not served here; this server serves "
-                f"{self._model.name!r} version {self._model.version!r} (leave the version empty for it)")
+    def _statistics(self, name: str, version: str) -> pb.ModelStatistics:
+        executions, steps, compute_seconds = self._metrics.model_totals(name, version)
+        compute = pb.StatisticDuration(count=executions, ns=round(compute_seconds * 1e9))
+        return pb.ModelStatistics(name=name, version=version, inference_count=steps, execution_count=executions,
+                                  inference_stats=pb.InferStatistics(compute_infer=compute))
 
     async def _submit(self, request: pb.ModelInferRequest) -> tuple[convert.InferCall, asyncio.Future]:
         """Queues the request's work now, so requests on one stream keep their order; returns its future."""
-        self._check_model(request.model_name, request.model_version)
+        name, version, owner = request.model_name, request.model_version, current_principal()
         call = convert.decode_request(request)
         h0, c0 = call.inputs.get("H0"), call.inputs.get("C0")
         if call.sequence_id is None:
-            pending = asyncio.ensure_future(self._predict(call.inputs["INPUT"], h0, c0))
+            engine = self._models.engine(name, version)
+            pending = asyncio.ensure_future(self._predict(engine, call.inputs["INPUT"], h0, c0))
         else:
-            pending = await self._sequences.step(
+            sequences = self._models.sequences(name, version, call.sequence_id, owner, call.start)
+            engine = sequences.engine
+            pending = await sequences.step(
                 call.sequence_id, call.inputs["INPUT"], call.start, call.end, h0, c0,
-                with_state=any(name in convert.STATE_OUTPUTS for name in call.outputs), owner=current_principal())
-        return call, pending
+                with_state=any(name in convert.STATE_OUTPUTS for name in call.outputs), owner=owner)
+        return dataclasses.replace(call, version=engine.describe().metadata.version), pending
 
-    async def _predict(self, inputs, h0, c0) -> StepAnswer:
-        outputs, h_n, c_n = await self._engine.predict(inputs, h0, c0, owner=current_principal())
+    @staticmethod
+    async def _predict(engine: Engine, inputs, h0, c0) -> StepAnswer:
+        outputs, h_n, c_n = await engine.predict(inputs, h0, c0, owner=current_principal())
         return StepAnswer(outputs, (h_n, c_n))
 
     async def _submit_in_band(self, request: pb.ModelInferRequest):
@@ -129,5 +157,5 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _answer(self, request, call: convert.InferCall, pending: asyncio.Future) -> list:
         answer: StepAnswer = await pending
         available = dict(zip(convert.OUTPUTS, (answer.outputs, *(answer.state or ())), strict=False))
-        return convert.encode_response(request, self._model.version,
+        return convert.encode_response(request, call.version,
                                        {name: available[name] for name in call.outputs})

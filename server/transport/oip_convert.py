@@ -38,6 +38,10 @@ class UnknownModel(LookupError):
     """A request for a model (or version) this server does not serve."""
 
 
+class LoadFailed(Exception):
+    """A repository load after which a version of the model is UNAVAILABLE (Triton answers INVALID_ARGUMENT)."""
+
+
 @dataclasses.dataclass(slots=True)
 class InferCall:
     """A decoded ModelInferRequest."""
@@ -47,6 +51,7 @@ class InferCall:
     sequence_id: SequenceId | None  # None: a stateless request
     start: bool = False
     end: bool = False
+    version: str = ""  # of the model version that serves it (the servicer's choice, not the request's)
 
 
 def decode_request(request: pb.ModelInferRequest) -> InferCall:

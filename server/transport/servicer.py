@@ -11,10 +11,18 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 from server.engine import Engine, InvalidInput, LimitExceeded, StepAnswer
 from server.logsafe import CLIP_CHARACTERS
 from server.metrics import Metrics
+from server.models.registry import ModelRegistry
 from server.transport.auth import current_principal
-from server.transport.details import error_details
-from server.transport.errors import status_for, streaming_with_details, unary_with_details
-from server.transport.messages import optional_tensor, session_info
+from server.transport.columns import ColumnsStream
+from server.transport.errors import streaming_with_details, unary_with_details
+from server.transport.messages import (
+    ERROR_ANSWER_BYTES,
+    error_answer,
+    model_info,
+    model_status,
+    optional_tensor,
+    session_info,
+)
 from server.transport.streams import read_ahead
 
 # StreamBatch entries submitted or answered between two yields to the event loop: a message of
@@ -23,10 +31,6 @@ BATCH_SLICE = 256
 # An answer entry's bytes besides its outputs' payload and its request's session id: tags and lengths, the
 # sequence number, the outputs' shape, and room for the id of a session the entry creates.
 ANSWER_FRAMING = 72
-# An error answer's code, message and details (each detail repeats the message as its description, beside its
-# type's name and a field path, a setting's name or a delay): the server's messages are under 256 bytes (client
-# text in them is clipped), and no error has more than two details.
-ERROR_ANSWER_BYTES = 768
 ENTRY_TAG_AND_LENGTH = 6  # around each answer entry in the StepBatchResponse
 # Methods whose handlers may answer with bytes they serialized themselves (see PreEncodedResponses)
 PRE_ENCODED = (f"/{pb.DESCRIPTOR.services_by_name['LstmService'].full_name}/Predict",)
@@ -34,31 +38,32 @@ _PREDICT_FIELDS = {field.name: field.number for field in pb.PredictResponse.DESC
 
 
 class LstmServicer(pb_grpc.LstmServiceServicer):
-    def __init__(self, engine: Engine, metrics: Metrics, stream_window: int, max_batch_entries: int,
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, stream_window: int, max_batch_entries: int,
                  max_message_bytes: int):
-        self._engine = engine
+        self._registry = registry
         self._metrics = metrics
         self._stream_window = stream_window  # requests read ahead of the answers sent, per stream
         self._max_batch_entries = max_batch_entries
         self._max_message_bytes = max_message_bytes  # no answer larger than this is built
+        self._columns = ColumnsStream(registry, metrics, stream_window, max_batch_entries, max_message_bytes)
 
     @unary_with_details
     async def GetModelInfo(self, request, context):
-        description = self._engine.describe()
-        m, limits = description.metadata, description.limits
-        return pb.ModelInfo(
-            name=m.name, version=m.version, input_size=m.input_size, hidden_size=m.hidden_size,
-            num_layers=m.num_layers, output_size=m.output_size, dtype=m.dtype,
-            idle_timeout_seconds=limits.idle_timeout, answers_kept=limits.answers_kept,
-            batching=pb.BatchingLimits(
-                max_batch_size=limits.max_batch_size, max_batch_delay_seconds=limits.max_batch_delay,
-                max_steps_per_request=limits.max_steps_per_request,
-                max_sequence_length=limits.max_sequence_length))
+        engine = self._registry.engine(request.model_name, request.model_version, new_work=False)
+        description = engine.describe()
+        return model_info(description.metadata, self._registry.version_of(engine)[1], description.limits,
+                          self._max_batch_entries)
+
+    @unary_with_details
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[model_status(status) for status in self._registry.statuses()])
 
     @unary_with_details
     async def CreateSession(self, request, context):
-        return session_info(await self._engine.create_session(
-            optional_tensor(request, "h0"), optional_tensor(request, "c0"), owner=current_principal()))
+        engine = self._registry.engine(request.model_name, request.model_version)
+        return session_info(await engine.create_session(
+            optional_tensor(request, "h0"), optional_tensor(request, "c0"), owner=current_principal()),
+            self._registry.version_of(engine))
 
     @unary_with_details
     async def Step(self, request, context):
@@ -67,31 +72,38 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @streaming_with_details
     async def Stream(self, request_iterator, context):
-        async def submit_one(request):
-            return [await self._submit_step_in_band(request)]
-
-        async for submitted in read_ahead(request_iterator, submit_one, self._stream_window,
-                                          self._engine.draining, self._engine.draining_refusal):
-            yield await _answer_in_band(pb.StepResponse(), *submitted[0])
+        async for submitted in read_ahead(request_iterator, self._submit_step_in_band, self._stream_window,
+                                          self._registry.draining, self._registry.draining_refusal,
+                                          abandon=lambda submitted: _abandoned((submitted,))):
+            yield await _answer_in_band(pb.StepResponse(), *submitted)
 
     @streaming_with_details
     async def StreamBatch(self, request_iterator, context):
         """A message too long, or whose answer would be too large, ends the stream before any of it is queued."""
         async def submit_all(batch):
             await self._check_batch(batch)
-            return [await self._submit_step_in_band(step, f"steps[{i}].")
-                    async for i, step in _in_slices(enumerate(batch.steps))]
+            submitted = [await self._submit_step_in_band(step, f"steps[{i}].")
+                         async for i, step in _in_slices(enumerate(batch.steps))]
+            _abandoned(submitted)  # the handler may end between two entries of a message it is answering
+            return submitted
 
         async for submitted in read_ahead(request_iterator, submit_all, self._stream_window,
-                                          self._engine.draining, self._engine.draining_refusal):
+                                          self._registry.draining, self._registry.draining_refusal):
             response = pb.StepBatchResponse()
             async for step in _in_slices(submitted):  # each answer is built in its place: no per-step copies
                 await _answer_in_band(response.steps.add(), *step)
             yield response
 
+    @streaming_with_details
+    async def StreamColumns(self, request_iterator, context):
+        """The packed form of StreamBatch (server/transport/columns.py)."""
+        async for response in self._columns.answer(request_iterator):
+            yield response
+
     @unary_with_details
     async def Predict(self, request, context):
-        outputs, h_n, c_n = await self._engine.predict(
+        engine = self._registry.engine(request.model_name, request.model_version)
+        outputs, h_n, c_n = await engine.predict(
             tensors.from_proto(request.inputs, name="inputs"),
             optional_tensor(request, "h0"), optional_tensor(request, "c0"), owner=current_principal())
         return tensors.encoded(b"", ((_PREDICT_FIELDS["outputs"], outputs), (_PREDICT_FIELDS["h_n"], h_n),
@@ -99,25 +111,31 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @unary_with_details
     async def GetSession(self, request, context):
-        return session_info(await self._engine.get_session(request.session_id, owner=current_principal()))
+        engine = await self._registry.engine_of_session(request.session_id)
+        return session_info(await engine.get_session(request.session_id, owner=current_principal()),
+                            self._registry.version_of(engine))
 
     @unary_with_details
     async def GetState(self, request, context):
-        seq, h, c = await self._engine.get_state(request.session_id, owner=current_principal())
+        engine = await self._registry.engine_of_session(request.session_id)
+        seq, h, c = await engine.get_state(request.session_id, owner=current_principal())
         return pb.SessionState(session_id=request.session_id, last_sequence_number=seq,
                                h=tensors.to_proto(h), c=tensors.to_proto(c))
 
     @unary_with_details
     async def ResetSession(self, request, context):
         owner = current_principal()
-        _, done = await self._engine.reset(request.session_id, optional_tensor(request, "h"),
-                                           optional_tensor(request, "c"), request.sequence_number, owner=owner)
+        engine = await self._registry.engine_of_session(request.session_id)
+        _, done = await engine.reset(request.session_id, optional_tensor(request, "h"),
+                                     optional_tensor(request, "c"), request.sequence_number, owner=owner)
         await done
-        return session_info(await self._engine.get_session(request.session_id, owner=owner))
+        return session_info(await engine.get_session(request.session_id, owner=owner),
+                            self._registry.version_of(engine))
 
     @unary_with_details
     async def CloseSession(self, request, context):
-        await self._engine.close_session(request.session_id, owner=current_principal())
+        engine = await self._registry.engine_of_session(request.session_id)
+        await engine.close_session(request.session_id, owner=current_principal())
         return pb.CloseSessionResponse()
 
     # -- helpers --------------------------------------------------------------------------------
@@ -127,11 +145,13 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         inputs = tensors.from_proto(request.inputs, name="inputs")
         owner = current_principal()
         if request.WhichOneof("target") != "new_session":
-            return request.session_id, *await self._engine.step(request.session_id, inputs, request.sequence_number,
-                                                                 owner=owner)
+            engine = await self._registry.engine_of_session(request.session_id)
+            return request.session_id, *await engine.step(request.session_id, inputs, request.sequence_number,
+                                                           owner=owner)
         new = request.new_session
-        with _fields_of("new_session", "h0", "c0"):
-            return await self._engine.open_and_step(inputs, optional_tensor(new, "h0"), optional_tensor(new, "c0"),
+        with _fields_of("new_session", "h0", "c0", "model_name"):
+            engine = self._registry.engine(new.model_name, new.model_version)
+            return await engine.open_and_step(inputs, optional_tensor(new, "h0"), optional_tensor(new, "c0"),
                                                     request.sequence_number, owner=owner)
 
     async def _submit_step_in_band(self, request: pb.StepRequest, path: str = ""):
@@ -142,8 +162,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             session_id, seq, answer = await self._submit_step(request)
         except Exception as error:  # noqa: BLE001 - reported in-band on this request's answer
             # the id is echoed so the answer can be matched, but never a huge malformed one in full
-            return request.session_id[:CLIP_CHARACTERS], request.sequence_number, _error_answer(error, path)
-        answer.add_done_callback(_observe)
+            return request.session_id[:CLIP_CHARACTERS], request.sequence_number, error_answer(error, path)
         return session_id, seq, answer
 
     async def _check_batch(self, batch: pb.StepBatch) -> None:
@@ -162,13 +181,28 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     def _answer_size_estimate(self, step: pb.StepRequest) -> int:
         """Bytes of `step`'s answer: its outputs when its inputs look valid, else an error's."""
-        shape, description = step.inputs.shape, self._engine.describe()
-        model = description.metadata
+        shape, engine = step.inputs.shape, self._engine_for_estimate(step)
         framing = ANSWER_FRAMING + len(step.session_id) + ENTRY_TAG_AND_LENGTH
+        if engine is None:
+            return framing + ERROR_ANSWER_BYTES
+        description = engine.describe()
+        model = description.metadata
         if len(shape) == 2 and 0 < shape[0] <= description.limits.max_steps_per_request and \
                 shape[1] == model.input_size:
             return framing + shape[0] * model.output_size * tensors.WIRE_DTYPE.itemsize
         return framing + ERROR_ANSWER_BYTES
+
+    def _engine_for_estimate(self, step: pb.StepRequest) -> Engine | None:
+        """The engine the step would go to, as far as can be told without waiting; None when it would be refused."""
+        if step.WhichOneof("target") == "new_session":
+            try:
+                return self._registry.engine(step.new_session.model_name, step.new_session.model_version)
+            except Exception:  # noqa: BLE001 - refused when submitted; here it only needs an error's room
+                return None
+        try:
+            return self._registry.live_engine(step.session_id) or self._registry.engine()
+        except Exception:  # noqa: BLE001 - as above
+            return None
 
     def _refusal(self, message: str, limit: str) -> LimitExceeded:
         self._metrics.limit_refusals.labels(limit).inc()
@@ -189,16 +223,10 @@ async def _answer_in_band(response: pb.StepResponse, session_id: str, seq: int,
         try:
             return _fill_answer(response, session_id, seq, await answer)
         except Exception as error:  # noqa: BLE001 - one failed request must not end the stream
-            answer = _error_answer(error)
+            answer = error_answer(error)
     response.session_id, response.sequence_number = session_id, seq
     response.error.CopyFrom(answer)
     return response
-
-
-def _error_answer(error: Exception, path: str = "") -> pb.Error:
-    """An in-band error: what the call's status and its details would be (the fields of a google.rpc.Status)."""
-    code, message = status_for(error)
-    return pb.Error(code=code.value[0], message=message, details=error_details(error, path))
 
 
 @contextlib.contextmanager
@@ -213,8 +241,15 @@ def _fields_of(message: str, *fields: str):
         raise
 
 
+def _abandoned(submitted: Iterable) -> None:
+    """A stream that ends early never awaits its last answers: their errors are not worth a log line (asyncio
+    logs a future's exception that nobody retrieved). On Stream only the few never handed out get a callback."""
+    for _, _, answer in submitted:
+        if isinstance(answer, asyncio.Future):
+            answer.add_done_callback(_observe)
+
+
 def _observe(answer: asyncio.Future) -> None:
-    """A stream that ends early never awaits its last answers: their errors are not worth a log line."""
     if not answer.cancelled():
         answer.exception()
 

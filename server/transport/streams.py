@@ -1,7 +1,9 @@
 """Pipelining for bidirectional streams, shared by every streaming servicer."""
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from server.engine import Draining
 
@@ -16,7 +18,8 @@ def refused(error: Exception) -> asyncio.Future:
 
 
 async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awaitable], window: int,
-                     draining: asyncio.Event, refusal: Callable[[str], Draining] = Draining) -> AsyncIterator:
+                     draining: asyncio.Event, refusal: Callable[[str], Draining] = Draining,
+                     abandon: Callable[[Any], None] | None = None) -> AsyncIterator:
     """Yields `await submit(request)` for each request in order while reading up to `window` requests ahead.
 
     `submit` queues the request's work and returns without waiting for its answer, and requests are
@@ -24,19 +27,21 @@ async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awai
     batched instead of answered one round trip at a time. Once `draining` is set it stops reading,
     yields what it took, and ends the stream with Draining (UNAVAILABLE, made by `refusal`, e.g. the
     engine's, which says how long to wait), so the client resumes elsewhere instead of waiting for the
-    shutdown grace to run out.
+    shutdown grace to run out. `abandon` is called with each submitted item never handed out, when the stream
+    ends early (the client went away, the server stopped).
+
+    Per request this costs a deque append and pop and at most one wake-up of the side that waits: a queue
+    and a semaphore per stream cost several futures and callbacks per message (see _Pipeline).
     """
-    submitted: asyncio.Queue = asyncio.Queue()
-    slots = asyncio.Semaphore(window)
-    done = object()
+    pipeline = _Pipeline(window)
 
     async def read():
         try:
             async for request in request_iterator:
-                await slots.acquire()
-                submitted.put_nowait(await submit(request))
+                await pipeline.room()
+                pipeline.put(await submit(request))
         finally:
-            submitted.put_nowait(done)
+            pipeline.close()
 
     async def stop_reading_on_drain():
         await draining.wait()
@@ -45,12 +50,69 @@ async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awai
     reader = asyncio.create_task(read())
     watcher = asyncio.create_task(stop_reading_on_drain())
     try:
-        while (item := await submitted.get()) is not done:
+        while (item := await pipeline.take()) is not _ENDED:
             yield item
-            slots.release()
+            pipeline.release()
         if reader.cancelled():
             raise refusal("the server is shutting down; reconnect and resume on another replica")
         await reader  # re-raises a failure to read the stream
     finally:
         reader.cancel()
         watcher.cancel()
+        if abandon is not None:
+            pipeline.abandon(abandon)
+
+
+_ENDED = object()
+
+
+class _Pipeline:
+    """The submitted requests not yet handed out, in order, and how many are held (submitted, not yet released
+    by the consumer). The reader waits for room only while `window` are held, the consumer for an item only
+    while none is queued; each side has one future to wait on, made only when it has to wait."""
+
+    __slots__ = ("_items", "_held", "_window", "_reader", "_consumer", "_closed")
+
+    def __init__(self, window: int):
+        self._items: collections.deque = collections.deque()
+        self._held = 0
+        self._window = window
+        self._reader: asyncio.Future | None = None  # set while the reader waits for room
+        self._consumer: asyncio.Future | None = None  # set while the consumer waits for an item
+        self._closed = False
+
+    async def room(self) -> None:
+        while self._held >= self._window:
+            self._reader = asyncio.get_running_loop().create_future()
+            await self._reader
+
+    def put(self, item) -> None:
+        self._items.append(item)
+        self._held += 1
+        _wake(self._consumer)
+
+    async def take(self):
+        """The next item, or _ENDED once the reader closed and every item was taken."""
+        while not self._items:
+            if self._closed:
+                return _ENDED
+            self._consumer = asyncio.get_running_loop().create_future()
+            await self._consumer
+        return self._items.popleft()
+
+    def release(self) -> None:
+        self._held -= 1
+        _wake(self._reader)
+
+    def close(self) -> None:
+        self._closed = True
+        _wake(self._consumer)
+
+    def abandon(self, abandon: Callable[[Any], None]) -> None:
+        while self._items:
+            abandon(self._items.popleft())
+
+
+def _wake(waiter: asyncio.Future | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)

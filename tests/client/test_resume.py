@@ -102,9 +102,10 @@ def test_a_deadline_ends_the_retries(proxy):
 def test_abandoned_stream_ends_on_the_server_and_is_settled_before_the_next_step(demo_server, scripted):
     xs = inputs(300, seed=5)
     streams_before = finished_streams(demo_server)
-    with LstmClient(demo_server.address) as client, client.session() as session:
+    # bounded calls: a regression here must fail the test, not hang the suite
+    with LstmClient(demo_server.address, timeout=30) as client, client.session() as session:
         outputs = []
-        for y in session.stream(xs[:200]):
+        for y in session.stream(xs[:200], timeout=30):
             outputs.append(y)
             if len(outputs) == 10:
                 break  # 10 answered; up to answers_kept more were sent and may or may not have been applied

@@ -1,6 +1,9 @@
 """Kubernetes manifests: valid against the Kubernetes schemas (offline), consistent with server and image."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -114,3 +117,68 @@ def test_state_store_points_at_the_redis_service():
     assert store.port in [port["port"] for port in redis["spec"]["ports"]]
     assert redis["spec"]["selector"].items() <= one("StatefulSet", "redis")["spec"]["template"]["metadata"][
         "labels"].items()
+
+
+def pod_volume(name: str) -> dict:
+    (volume,) = [v for v in one("Deployment", "lstmserve")["spec"]["template"]["spec"]["volumes"] if v["name"] == name]
+    return volume
+
+
+def test_the_server_reads_the_repository_its_settings_name_from_the_shared_volume():
+    settings = Settings.from_args([], environ=settings_data())
+    (mount,) = [m for m in lstmserve_container()["volumeMounts"] if m["mountPath"] == settings.model_repository]
+    assert mount["readOnly"] is True
+    claim = pod_volume(mount["name"])["persistentVolumeClaim"]["claimName"]
+    assert "ReadWriteMany" in one("PersistentVolumeClaim", claim)["spec"]["accessModes"]
+    assert settings.poll_repository > 0  # every replica picks up a version added to the volume
+
+
+def test_the_init_container_seeds_the_same_volume_with_the_servers_image():
+    pod = one("Deployment", "lstmserve")["spec"]["template"]["spec"]
+    (seed,) = pod["initContainers"]
+    server_mounts = {m["name"]: m["mountPath"] for m in lstmserve_container()["volumeMounts"]}
+    (mount,) = [m for m in seed["volumeMounts"] if m["name"] in server_mounts and m["mountPath"] != "/tmp"]
+    assert mount["mountPath"] == server_mounts[mount["name"]] and not mount.get("readOnly")
+    assert seed["image"] == lstmserve_container()["image"]
+    assert seed["securityContext"] == lstmserve_container()["securityContext"]
+
+
+@pytest.mark.slow
+def test_the_init_containers_command_seeds_an_empty_repository_once_and_leaves_a_used_one_alone(tmp_path):
+    """The init container's shell command, run here on a directory in place of the volume."""
+    (seed,) = one("Deployment", "lstmserve")["spec"]["template"]["spec"]["initContainers"]
+    mount = Settings.from_args([], environ=settings_data()).model_repository
+    environ = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+
+    def run_seed(repository: Path) -> None:
+        command = [part.replace(mount, str(repository)) for part in seed["command"]]
+        subprocess.run(command, env=environ, check=True, capture_output=True, timeout=120)
+
+    empty, used = tmp_path / "empty", tmp_path / "used"
+    empty.mkdir()
+    run_seed(empty)
+    assert sorted(str(p.relative_to(empty)) for p in empty.rglob("*")) == [
+        "tutorial-lstm", "tutorial-lstm/1", "tutorial-lstm/1/model.pt"]
+    written = (empty / "tutorial-lstm" / "1" / "model.pt").stat().st_mtime_ns
+    run_seed(empty)
+    assert (empty / "tutorial-lstm" / "1" / "model.pt").stat().st_mtime_ns == written
+    (used / "mine" / "3").mkdir(parents=True)
+    (used / "mine" / "3" / "model.pt").write_bytes(b"the operator's model")
+    run_seed(used)
+    assert not (used / "tutorial-lstm").exists()
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_roll_out_job_validates_and_writes_the_servers_repository(version):
+    (job,) = yaml.safe_load_all((MANIFESTS / "jobs" / "add-demo-version.yaml").read_text())
+    kubernetes_validate.validate(job, version, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    (name, claim), = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                      if "persistentVolumeClaim" in v}.items()
+    repository = Settings.from_args([], environ=settings_data()).model_repository
+    assert mounts[name] == repository and claim == pod_volume("models")["persistentVolumeClaim"]["claimName"]
+    assert container["command"][container["command"].index("--repository") + 1] == repository
+    assert pod["securityContext"]["runAsUser"] == one("Deployment", "lstmserve")["spec"]["template"]["spec"][
+        "securityContext"]["runAsUser"]

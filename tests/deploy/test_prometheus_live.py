@@ -30,7 +30,8 @@ RATE_INTERVAL = "1m"
 # Conditions the short healthy load never creates, whatever the machine's speed (latency and queue wait depend
 # on it, so their alerts are left out).
 QUIET_UNDER_HEALTHY_LOAD = ("LstmserveDown", "LstmserveHighErrorRatio", "LstmserveModelFailures",
-                            "LstmserveSessionEvictions", "LstmserveStateStoreErrors")
+                            "LstmserveSessionEvictions", "LstmserveStateStoreErrors",
+                            "LstmserveModelVersionUnavailable", "LstmserveModelNotReady")
 
 
 def one_round_of_load(client: LstmClient) -> None:
@@ -62,7 +63,8 @@ def scraped(demo_model, tmp_path_factory):
                 that time find."""
                 one_round_of_load(client)
                 settled = time.time() - 2
-                seen = prometheus.query("changes(lstmserve_steps_applied_total[1m]) >= 2 and up == 1", settled)
+                seen = prometheus.query(
+                    "changes(lstmserve_steps_applied_total[1m]) >= 2 and ignoring (model, version) up == 1", settled)
                 return settled if seen else None
 
             loaded_at = prometheus.wait_for(seen_under_load, "three scrapes under load", timeout=60)
@@ -79,6 +81,7 @@ def grafana_to_promql(expression: str) -> str:
     """A dashboard expression as Grafana sends it: its variables substituted, `label_values()` made a query."""
     expression = re.sub(r"^label_values\((.+),\s*(\w+)\)$", r"group by (\2) (\1)", expression)
     expression = expression.replace("$__rate_interval", RATE_INTERVAL).replace("$namespace", NAMESPACE)
+    expression = expression.replace("$model", ".*")  # the variable's "All"
     assert "$" not in expression, f"a Grafana variable the test does not know: {expression}"
     return expression
 
@@ -119,6 +122,13 @@ def test_the_namespace_variable_lists_the_scraped_namespace(scraped):
     prometheus, _, loaded_at = scraped
     query = grafana_to_promql(dashboard_variable_queries()["namespace"])
     assert [sample["metric"] for sample in prometheus.query(query, loaded_at)] == [{"namespace": NAMESPACE}]
+
+
+def test_the_model_variable_lists_the_served_model(scraped):
+    prometheus, server, loaded_at = scraped
+    query = grafana_to_promql(dashboard_variable_queries()["model"])
+    served = server.app.engine.describe().metadata.name
+    assert [sample["metric"] for sample in prometheus.query(query, loaded_at)] == [{"model": served}]
 
 
 def test_every_alert_expression_evaluates_and_what_it_measures_has_data(scraped):

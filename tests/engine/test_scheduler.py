@@ -13,6 +13,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, StatusCode, Trace
 from prometheus_client import CollectorRegistry
 
 from server.engine import Draining, ModelFailure, SequenceError, StepAnswer
+from server.engine.model_thread import ModelThread
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import SessionTable, Work
 from server.engine.state_pool import StatePool
@@ -23,10 +24,13 @@ from tests.fakes import FAIL_MARKER, FakeRuntime
 
 pytestmark = pytest.mark.unit
 
+MODEL_THREAD = ModelThread(torch_threads=1)  # shared by these tests, as the server's engines share theirs
+
 
 def started_scheduler(runtime: FakeRuntime, pool: StatePool, tracing: Tracing | None = None) -> Scheduler:
-    scheduler = Scheduler(runtime, pool, Metrics(CollectorRegistry()), max_batch_size=8, max_batch_delay=0.0,
-                          answers_kept=4, torch_threads=1, store=MemoryStore(), model="fake", tracing=tracing)
+    scheduler = Scheduler(runtime, pool, Metrics(CollectorRegistry()).for_model("fake", "1"), max_batch_size=8,
+                          max_batch_delay=0.0, answers_kept=4, model_thread=MODEL_THREAD.lane(), store=MemoryStore(),
+                          model="fake", tracing=tracing)
     scheduler.start()
     return scheduler
 
@@ -70,7 +74,7 @@ async def test_a_sessions_requests_apply_in_order_each_on_the_state_the_last_lef
     assert [float(a.outputs[0, 0]) for a in answers] == [1.0, 3.0, 6.0]  # h accumulates the inputs in order
     assert all(isinstance(a, StepAnswer) and a.state is None for a in answers)
     assert (session.last_applied_seq, session.steps_applied) == (3, 3)
-    assert [kept.seq for kept in session.answers] == [1, 2, 3]
+    assert [kept.seq for kept in scheduler.kept.answers_of(session)] == [1, 2, 3]
     assert scheduler.queued == 0
 
 

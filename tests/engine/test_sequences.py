@@ -12,6 +12,7 @@ from server.metrics import Metrics
 from server.model import ModelRuntime
 from tests.conftest import export_model
 from tests.limits import limits_with
+from tests.metric_samples import total
 
 pytestmark = pytest.mark.unit
 
@@ -29,7 +30,7 @@ def metrics():
 
 
 def live_sessions(metrics: Metrics) -> float:
-    return metrics.registry.get_sample_value("lstmserve_live_sessions")
+    return total(metrics.registry, "lstmserve_live_sessions")
 
 
 @pytest.fixture
@@ -141,8 +142,8 @@ async def test_sequence_steps_share_a_model_call_with_native_steps(engine, model
     sequence_answer = await sequences.step(3, x, start=True)
     y_native, y_sequence = (await native_answer).outputs, (await sequence_answer).outputs
     registry = metrics.registry
-    assert registry.get_sample_value("lstmserve_batch_size_count") == 1  # one model call ...
-    assert registry.get_sample_value("lstmserve_batch_size_sum") == 2  # ... for both sessions
+    assert total(registry, "lstmserve_batch_size_count") == 1  # one model call ...
+    assert total(registry, "lstmserve_batch_size_sum") == 2  # ... for both sessions
     np.testing.assert_allclose(y_sequence, reference(model, x)[0], atol=1e-5)
     np.testing.assert_allclose(y_native, y_sequence, atol=1e-6)
 

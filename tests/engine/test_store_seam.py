@@ -21,6 +21,7 @@ RETRIED = np.zeros((1, 2), np.float32)  # the inputs of the stored session's las
 class FakeStore(MemoryStore):
     """Records what the engine asks; `stored` plays the records other processes wrote."""
 
+    local = False
     wants_commits = True
 
     def __init__(self):

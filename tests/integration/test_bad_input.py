@@ -10,6 +10,7 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 
 from client import LstmClient
 from server.testing.processes import lstmserve_process
+from tests.metric_samples import total
 from tests.servers import server_in_thread
 
 pytestmark = pytest.mark.integration
@@ -132,7 +133,7 @@ def test_shapes_numpy_cannot_lay_out_are_invalid_argument_naming_the_field(
 
 
 def live_sessions(server) -> float:
-    return server.app.metrics.registry.get_sample_value("lstmserve_live_sessions")
+    return total(server.app.metrics.registry, "lstmserve_live_sessions")
 
 
 @pytest.mark.parametrize("session_id, code", [("A" * 22, NOT_FOUND), ("not-an-id", INVALID), ("", INVALID)])

@@ -16,6 +16,7 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 from client import LstmClient
 from server.testing.processes import lstmserve_process
 from tests.conftest import export_model
+from tests.metric_samples import total
 from tests.servers import server_in_thread
 
 pytestmark = pytest.mark.integration
@@ -37,6 +38,10 @@ def snapshot(session) -> tuple:
 
 def counter(server, name: str, **labels) -> float:
     return server.app.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def live_sessions(server) -> float:
+    return total(server.app.metrics.registry, "lstmserve_live_sessions")
 
 
 def refusals(server, limit: str) -> float:
@@ -132,7 +137,7 @@ def wide_server(models_dir):
 
 def test_a_message_whose_answer_would_pass_the_message_cap_is_refused_before_anything_is_queued(wide_server):
     with LstmClient(wide_server.address) as client, client.session() as session:
-        live, refused = counter(wide_server, "lstmserve_live_sessions"), refusals(wide_server, "max_message_bytes")
+        live, refused = live_sessions(wide_server), refusals(wide_server, "max_message_bytes")
         message = pb.StepBatch(steps=[pb.StepRequest(session_id=session.id, sequence_number=1, inputs=steps(100, 16)),
                                       pb.StepRequest(new_session=pb.CreateSessionRequest(), inputs=steps(100, 16))])
         assert message.ByteSize() < 16 * 1024
@@ -140,7 +145,7 @@ def test_a_message_whose_answer_would_pass_the_message_cap_is_refused_before_any
             list(client.stub.StreamBatch(iter([message])))
         assert error.value.code() == EXHAUSTED
         assert "max_message_bytes of 16384; split it" in error.value.details()
-        assert snapshot(session)[:2] == (0, 0) and counter(wide_server, "lstmserve_live_sessions") == live
+        assert snapshot(session)[:2] == (0, 0) and live_sessions(wide_server) == live
         assert refusals(wide_server, "max_message_bytes") == refused + 1
 
         del message.steps[1]  # alone, the first entry's answer fits

@@ -291,7 +291,7 @@ def test_a_draining_server_says_when_to_retry_on_calls_and_on_open_streams(demo_
         stream = stub.Stream(iter(requests))
         requests.send(pb.StepRequest(session_id=session_id, sequence_number=1, inputs=steps(1, 4)))
         assert not next(stream).HasField("error")
-        server.call(server.app.engine.drain(30))  # nothing queued: it returns at once, and the server drains on
+        server.call(server.app.registry.drain(30))  # nothing queued: it returns at once, and the server drains on
         code, details = refused(stub.CreateSession, pb.CreateSessionRequest())
         assert code == grpc.StatusCode.UNAVAILABLE
         assert 0 < details[details_pb2.RetryInfo].retry_delay.ToNanoseconds() <= DRAINING_RETRY_SECONDS * 1e9

@@ -21,6 +21,7 @@ from inference import grpc_service_pb2_grpc as oip_pb_grpc
 from client.sync import LstmClient
 from tests.conftest import export_model
 from tests.integration.triton_child import Failure, triton_child
+from tests.metric_samples import total
 from tests.servers import server_in_thread
 
 pytestmark = pytest.mark.integration
@@ -95,7 +96,7 @@ def assert_results(actual: dict, expected: dict, atol: float = 1e-5) -> None:
 
 
 def live_sessions(server) -> float:
-    return server.app.metrics.registry.get_sample_value("lstmserve_live_sessions")
+    return total(server.app.metrics.registry, "lstmserve_live_sessions")
 
 
 def test_liveness_readiness_and_model_discovery(server, triton):

@@ -1,5 +1,6 @@
 """Health, reflection, metrics, idle expiry and graceful shutdown of the real server."""
 
+import collections
 import re
 import signal
 import threading
@@ -26,8 +27,15 @@ def health_status(address: str, service: str = "") -> int:
 
 
 def scrape(server) -> dict[str, float]:
+    """Each sample under its name and labels as /metrics prints them, and under its bare name the sum of a
+    metric's samples over every label set (the per-model series carry model and version)."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}
+    samples, totals = {}, collections.Counter()
+    for m in re.finditer(r"^((\w+)(\{[^}]*\})?) (\S+)$", text, re.M):
+        samples[m.group(1)] = float(m.group(4))
+        if m.group(3):
+            totals[m.group(2)] += float(m.group(4))
+    return {**totals, **samples}
 
 
 def test_health_is_serving_for_the_server_and_the_service(demo_server):
@@ -58,6 +66,7 @@ def test_metrics_are_exported_and_move_with_traffic(demo_server):
 
     assert live >= 1
     assert delta("lstmserve_steps_applied_total") >= 3
+    assert delta('lstmserve_steps_applied_total{model="tutorial-lstm",version="1"}') >= 3
     assert delta("lstmserve_sessions_created_total") >= 1
     assert delta("lstmserve_sessions_closed_total") >= 1
     assert delta('lstmserve_rpcs_total{code="OK",method="/lstmserve.v1.LstmService/Stream"}') >= 1

@@ -58,6 +58,19 @@ def stream_all(address: str, model: str, requests: list[dict]) -> list[tuple]:
     return received
 
 
+def infer_versioned(address: str, model: str, requests: list[dict]) -> list:
+    """Like infer_each, but each result is `(the version that answered, its outputs)`."""
+    with triton.InferenceServerClient(address) as client:
+        return [_failure_of(lambda r=r: _versioned(client.infer(**_infer_args(model, r)))) for r in requests]
+
+
+def client_call(address: str, method: str, args: tuple = (), kwargs: dict | None = None):
+    """Any InferenceServerClient method (load_model, unload_model, get_model_repository_index, ...) called with
+    `args` and `kwargs`; its result, or Failure."""
+    with triton.InferenceServerClient(address) as client:
+        return _failure_of(lambda: getattr(client, method)(*args, **(kwargs or {})))
+
+
 def raw_infer(address: str, request_json: dict, raw_input_contents: list[bytes] = ()) -> dict | Failure:
     """One ModelInfer with a request built field by field from Triton's own generated messages, for what
     `infer()` never sends (typed `contents`, parameters of the wrong type)."""
@@ -92,7 +105,7 @@ def _infer_args(model: str, request: dict) -> dict:
         inputs.append(tensor)
     outputs = request.get("outputs")
     return {
-        "model_name": request.get("model", model), "inputs": inputs,
+        "model_name": request.get("model", model), "model_version": request.get("version", ""), "inputs": inputs,
         "outputs": None if outputs is None else [triton.InferRequestedOutput(name) for name in outputs],
         "sequence_id": request.get("sequence_id", 0), "sequence_start": request.get("start", False),
         "sequence_end": request.get("end", False)}
@@ -101,6 +114,10 @@ def _infer_args(model: str, request: dict) -> dict:
 def _result(result: triton.InferResult) -> dict:
     response = result.get_response()
     return {output.name: result.as_numpy(output.name) for output in response.outputs}
+
+
+def _versioned(result: triton.InferResult) -> tuple[str, dict]:
+    return result.get_response().model_version, _result(result)
 
 
 def _failure_of(call):

@@ -19,6 +19,7 @@ from client import AsyncLstmClient, LstmClient, StepError
 from server.testing.processes import lstmserve_process
 from tests.faulty_model import FAULT_SENTINEL, export_faulty_model
 from tests.integration.reference import TOLERANCE, Reference
+from tests.metric_samples import total
 from tests.proxy import tcp_proxy
 from tests.reliability.figures import FIGURES, scale
 from tests.reliability.stream_child import inputs
@@ -181,7 +182,7 @@ async def test_model_exception_fails_only_its_batch_and_sessions_carry_on(tmp_pa
                 return outputs
 
             results = await asyncio.gather(*(drive(s) for s in range(count)))
-        failures = server.app.metrics.registry.get_sample_value("lstmserve_model_failures_total")
+        failures = total(server.app.metrics.registry, "lstmserve_model_failures_total")
         with LstmClient(server.address) as sync_client:
             for s, outputs in enumerate(results):
                 audit(

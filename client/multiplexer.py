@@ -1,0 +1,267 @@
+"""Multiplexers: many application sessions stepping over one StreamColumns stream (`client.multiplexer()`).
+
+Each application session calls `step(x)` and gets its outputs, as with a session of its own; the steps that wait at
+the same time are packed into one StepColumns message (one per length T), so a thousand sessions cost a message,
+not a thousand requests. Each session numbers its steps, so a step re-sent after a broken stream is answered again
+and never applied twice; a step the server refuses raises StepError (an LstmError) in that session only.
+"""
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from client.columns import ColumnStep, Packer
+from client.errors import LstmError
+from client.messages import as_steps
+from client.tracing import trace_metadata
+
+DEFAULT_MAX_ENTRIES = 4096  # the server's default max_batch_entries, for servers that do not say theirs
+CLOSED = "the multiplexer is closed"
+
+
+class Multiplexer:
+    """The blocking multiplexer of an LstmClient: `with client.multiplexer() as mux: s = mux.session()`, then
+    `s.step(x)` from any number of threads. `max_in_flight`: messages sent and not answered yet; the steps that
+    arrive meanwhile wait, and go in the next message together."""
+
+    def __init__(self, client, max_in_flight: int = 2):
+        self._client = client
+        self._packer = Packer(client.info().batching.max_batch_entries or DEFAULT_MAX_ENTRIES)
+        self._max_in_flight = max_in_flight
+        self._turn = threading.Condition()
+        self._closed, self._generation = False, 0
+        self._thread = threading.Thread(target=self._run, name="lstmserve-multiplexer", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> "Multiplexer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def session(self, h0=None, c0=None, session_id: str | None = None) -> "MultiplexedSession":
+        """Opens a session (from `(h0, c0)` or zeros), or re-attaches to `session_id`, stepped through this one."""
+        return MultiplexedSession(self, self._client.session(h0, c0, session_id))
+
+    def close(self) -> None:
+        """Sends what is waiting, waits for the answers, then ends the stream."""
+        with self._turn:
+            self._closed = True
+            self._turn.notify_all()
+        self._thread.join()
+
+    def step(self, session_id: str, seq: int, steps: np.ndarray) -> np.ndarray:
+        """Request `seq` of a session: `steps[T, input]` -> outputs `[T, output]`; raises StepError if refused."""
+        done = concurrent.futures.Future()
+        with self._turn:
+            if self._closed:
+                raise LstmError(grpc.StatusCode.CANCELLED, CLOSED)
+            self._packer.add(ColumnStep(session_id, seq, steps, done))
+            self._turn.notify_all()
+        return done.result()
+
+    def _run(self) -> None:
+        """Keeps one call open, re-opening it after a break and re-sending what was not answered."""
+        attempts = self._client.retry.start()
+        while True:
+            with self._turn:
+                self._packer.rewind()  # what a broken call left unanswered is sent again, first
+                if self._closed and not self._packer.pending:
+                    return
+                generation = self._generation
+            try:
+                for response in self._client.stub.StreamColumns(self._requests(generation),
+                                                                metadata=trace_metadata()):
+                    with self._turn:
+                        results = self._packer.answered(response)
+                        self._turn.notify_all()
+                    attempts.progressed()
+                    _deliver(results)
+            except grpc.RpcError as error:
+                with self._turn:
+                    self._generation += 1  # the broken call's request generator stops
+                    self._turn.notify_all()
+                attempts = self._after_break(error, attempts)
+
+    def _after_break(self, error: grpc.RpcError, attempts):
+        """Waits before a retry (then what was not answered is sent again); or fails all of it, for good."""
+        try:
+            time.sleep(attempts.delay_after(error))
+        except LstmError as final:
+            with self._turn:
+                _fail(self._packer.drop_all(), final)
+            return self._client.retry.start()
+        return attempts
+
+    def _requests(self, generation: int):
+        """One call's messages, sent while fewer than max_in_flight are unanswered; gRPC reads them on its own
+        thread. Ends (half-closing the call) once closed with nothing left to send."""
+        while True:
+            with self._turn:
+                self._turn.wait_for(lambda: self._generation != generation or self._closed or (
+                    self._packer.pending and len(self._packer.in_flight) < self._max_in_flight))
+                if self._generation != generation or not self._packer.pending:
+                    return
+                messages = self._packer.take()
+            yield from messages
+
+
+class MultiplexedSession:
+    """An application session stepped through a multiplexer; one step at a time (callers of one session wait
+    their turn). State, info and close go to the server directly."""
+
+    def __init__(self, mux, session):
+        self._mux = mux
+        self._session = session
+        self.id = session.id
+        self._next_seq = session.next_sequence_number
+        self._turn = threading.Lock()
+
+    def __enter__(self) -> "MultiplexedSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def step(self, x) -> np.ndarray:
+        """`x[input]` -> `y[output]`, or `x[T, input]` -> `y[T, output]`."""
+        steps, single = as_steps(x)
+        with self._turn:
+            outputs = self._mux.step(self.id, self._next_seq, steps)
+            self._next_seq += 1
+        return outputs[0] if single else outputs
+
+    def state(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._session.state()
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class AsyncMultiplexer:
+    """The asyncio multiplexer of an AsyncLstmClient: `async with client.multiplexer() as mux`, then
+    `s = await mux.session()` and `await s.step(x)` from any number of tasks."""
+
+    def __init__(self, client, max_in_flight: int = 2):
+        self._client = client
+        self._max_in_flight = max_in_flight
+        self._packer: Packer | None = None
+        self._turn = asyncio.Condition()
+        self._closed = False
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "AsyncMultiplexer":
+        self._packer = Packer((await self._client.info()).batching.max_batch_entries or DEFAULT_MAX_ENTRIES)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def session(self, h0=None, c0=None, session_id: str | None = None) -> "AsyncMultiplexedSession":
+        return AsyncMultiplexedSession(self, await self._client.session(h0, c0, session_id).open())
+
+    async def close(self) -> None:
+        """Sends what is waiting, waits for the answers, then ends the stream."""
+        async with self._turn:
+            self._closed = True
+            self._turn.notify_all()
+        await self._task
+
+    async def step(self, session_id: str, seq: int, steps: np.ndarray) -> np.ndarray:
+        done = asyncio.get_running_loop().create_future()
+        async with self._turn:
+            if self._closed:
+                raise LstmError(grpc.StatusCode.CANCELLED, CLOSED)
+            self._packer.add(ColumnStep(session_id, seq, steps, done))
+            self._turn.notify_all()
+        return await done
+
+    async def _run(self) -> None:
+        attempts = self._client.retry.start()
+        while True:
+            self._packer.rewind()  # what a broken call left unanswered is sent again, first
+            if self._closed and not self._packer.pending:
+                return
+            call = self._client.stub.StreamColumns(metadata=trace_metadata())
+            writer = asyncio.get_running_loop().create_task(self._write(call))
+            try:
+                while (response := await call.read()) is not grpc.aio.EOF:
+                    async with self._turn:
+                        results = self._packer.answered(response)
+                        self._turn.notify_all()
+                    attempts.progressed()
+                    _deliver(results)
+            except grpc.RpcError as error:
+                try:
+                    await asyncio.sleep(attempts.delay_after(error))
+                except LstmError as final:
+                    _fail(self._packer.drop_all(), final)
+                    attempts = self._client.retry.start()
+            finally:
+                writer.cancel()
+                call.cancel()
+
+    async def _write(self, call) -> None:
+        """Sends messages while fewer than max_in_flight are unanswered; half-closes once closed and done. A write
+        that fails is not reported here: the call's status, read by _run, says why."""
+        try:
+            while True:
+                async with self._turn:
+                    await self._turn.wait_for(lambda: self._closed or (
+                        self._packer.pending and len(self._packer.in_flight) < self._max_in_flight))
+                    if not self._packer.pending:
+                        break
+                    messages = self._packer.take()
+                for message in messages:
+                    await call.write(message)
+            await call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass
+
+
+class AsyncMultiplexedSession:
+    """`MultiplexedSession` for asyncio."""
+
+    def __init__(self, mux: AsyncMultiplexer, session):
+        self._mux = mux
+        self._session = session
+        self.id = session.id
+        self._next_seq = session.next_sequence_number
+        self._turn = asyncio.Lock()
+
+    async def step(self, x) -> np.ndarray:
+        steps, single = as_steps(x)
+        async with self._turn:
+            outputs = await self._mux.step(self.id, self._next_seq, steps)
+            self._next_seq += 1
+        return outputs[0] if single else outputs
+
+    async def state(self) -> tuple[np.ndarray, np.ndarray]:
+        return await self._session.state()
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def _deliver(results) -> None:
+    for step, result in results:
+        _settle(step.done, result)
+
+
+def _fail(steps, error: Exception) -> None:
+    for step in steps:
+        _settle(step.done, error)
+
+
+def _settle(done, result) -> None:
+    if done.done():
+        return
+    if isinstance(result, Exception):
+        done.set_exception(result)
+    else:
+        done.set_result(result)

@@ -1,0 +1,66 @@
+"""StreamColumns messages across model versions: each entry runs on the engine of the version its session began
+on. With one version loaded (the common case) the message is that engine's whole; otherwise it is split by engine,
+each part runs as one columnar call, and the parts' answers are put back in the message's order."""
+
+import asyncio
+import re
+
+import numpy as np
+
+from server.engine import ColumnsAnswer, Engine, EngineError, InvalidInput
+
+_INDEXED_FIELD = re.compile(r"^(\w+)\[(\d+)\]")
+
+
+async def step_split(parts: dict[Engine, list[int]], refused: dict[int, Exception], session_ids: list[str],
+                     seqs: list[int], inputs: np.ndarray, owner: str) -> asyncio.Future:
+    """Runs entries `parts[engine]` on each engine; `refused` holds the entries no engine takes, with why.
+    Returns one future of the whole message's ColumnsAnswer, like Engine.step_columns."""
+    n, steps = len(session_ids), inputs.shape[1]
+    output_size = _output_size(parts, refused, n)
+    errors = dict(refused)
+    running = []
+    for engine, rows in parts.items():
+        if engine.describe().metadata.output_size != output_size:
+            errors.update((i, _mixed_sizes(i, session_ids[i])) for i in rows)
+            continue
+        try:
+            answer = await engine.step_columns([session_ids[i] for i in rows],
+                                               [seqs[i] for i in rows] if seqs else [], inputs[rows], owner=owner)
+        except EngineError as refusal:  # the part's inputs do not fit its model: each of its entries is refused
+            errors.update((i, refusal) for i in rows)
+            continue
+        running.append((rows, answer))
+    return asyncio.ensure_future(_joined(running, errors, n, steps, output_size, seqs))
+
+
+async def _joined(running: list, errors: dict, n: int, steps: int, output_size: int, seqs: list[int]
+                  ) -> ColumnsAnswer:
+    outputs = np.zeros((n, steps, output_size), np.float32)
+    numbers = list(seqs) if seqs else [0] * n
+    for rows, future in running:
+        part = await future
+        outputs[rows] = part.outputs
+        for k, i in enumerate(rows):
+            numbers[i] = part.sequence_numbers[k]
+        errors.update((rows[k], _renumbered(error, rows)) for k, error in part.errors.items())
+    return ColumnsAnswer(outputs, numbers, errors)
+
+
+def _output_size(parts: dict[Engine, list[int]], refused: dict, n: int) -> int:
+    """The answer's output size: that of the engine of the message's first entry that has one."""
+    first = min(((rows[0], engine) for engine, rows in parts.items()), default=None, key=lambda pair: pair[0])
+    return 0 if first is None else first[1].describe().metadata.output_size
+
+
+def _renumbered(error: Exception, rows: list[int]) -> Exception:
+    """A part's refusal names its entry's place in the part (`inputs[2]`): name its place in the message."""
+    if isinstance(error, InvalidInput) and error.field and (match := _INDEXED_FIELD.match(error.field)):
+        error.field = f"{match[1]}[{rows[int(match[2])]}]{error.field[match.end():]}"
+    return error
+
+
+def _mixed_sizes(i: int, session_id: str) -> InvalidInput:
+    return InvalidInput(f"entry {i}'s session runs on a model whose outputs differ in size from this message's first "
+                        "entry's: send each model's sessions in StreamColumns messages of their own",
+                        f"session_ids[{i}]")

@@ -1,0 +1,346 @@
+"""Every model and version the server serves: one Engine per loaded (model, version), loaded beside the running
+ones, made the default, drained and unloaded while traffic flows. The transport asks the registry which engine
+serves a request; the engines know nothing of it."""
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+
+from server.engine import (
+    Draining,
+    Engine,
+    EngineError,
+    EngineLimits,
+    InvalidInput,
+    ModelNotFound,
+    ModelUnavailable,
+    Sequences,
+    SessionNotFound,
+    VersionRetired,
+)
+from server.engine.errors import DRAINING_RETRY_SECONDS
+from server.logsafe import clip
+from server.model import ModelRuntime
+from server.models.columns import step_split
+from server.models.drain import Drains
+from server.models.migration import carry_over
+from server.models.repository import ModelEntry
+from server.models.versions import (
+    LOADING_RETRY_SECONDS,
+    Version,
+    VersionState,
+    VersionStatus,
+    check_carry,
+    file_stamp,
+    load_runtime,
+    named,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EngineFactory", "ModelRegistry", "VersionState", "VersionStatus"]
+
+EngineFactory = Callable[[ModelRuntime, EngineLimits], Engine]
+
+
+@dataclasses.dataclass(eq=False)
+class _Model:
+    entry: ModelEntry
+    default: int = 0  # the version new sessions and stateless calls get; 0: none ready
+    unloaded: bool = False  # unload() was asked: reload() leaves it alone until load() is
+
+
+class ModelRegistry:
+    """`start()`, then `engine()` / `engine_of_session()` per request; `load`, `unload`, `reload` at any time."""
+
+    def __init__(self, scan: Callable[[], dict[str, ModelEntry]], engines: EngineFactory, limits: EngineLimits,
+                 device: str = "cpu", default_model: str = "", drain_timeout: float = 300.0,
+                 poll_interval: float = 0.0, locate: Callable[[str], Awaitable[str | None]] | None = None):
+        self._scan = scan  # the repository as it is on disk now (blocking: called on a worker thread)
+        self._engines = engines
+        self._limits = limits
+        self._device = device
+        self._default_model = default_model
+        self._poll_interval = poll_interval
+        self._locate = locate  # a stored session's model identity, for sessions not live here
+        self._models: dict[str, _Model] = {}
+        self._versions: dict[tuple[str, int], Version] = {}
+        self._by_engine: dict[Engine, Version] = {}
+        self._sequences: dict[Engine, Sequences] = {}  # Open Inference Protocol sequences, per engine
+        self._changing = asyncio.Lock()  # one load, unload or reload at a time
+        self._listeners: list[Callable[[], None]] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._draining = asyncio.Event()
+        self._drain_deadline = 0.0
+        self._drains = Drains(drain_timeout, self._spawn, self._unloaded)
+
+    # -- what requests are served by ----------------------------------------------------------------
+
+    def engine(self, name: str = "", version: int = 0, new_work: bool = True) -> Engine:
+        """The engine for new sessions and stateless calls of `name` (empty: the only model, or the default
+        model) at `version` (0: the model's default version). Not `new_work` (what a client may know of a
+        version): a draining version's engine too."""
+        model = self._model(name)
+        v = self._version(model.entry.name, version or model.default, version)
+        if v.state is VersionState.READY or (v.engine is not None and not new_work):
+            return v.engine
+        raise v.refusal()
+
+    def live_engine(self, session_id: str) -> Engine | None:
+        """The engine where the session is live now, if any."""
+        for engine in self._by_engine:  # the loaded versions: a few
+            if engine.has_session(session_id):
+                return engine
+        return None
+
+    async def engine_of_session(self, session_id: str) -> Engine:
+        """The engine of the version the session began on (or, with state_migration carry, the one it moved to);
+        a session ended by its version's drain timeout is refused with FAILED_PRECONDITION naming the version."""
+        if (engine := self.live_engine(session_id)) is not None:
+            v = self._by_engine[engine]
+            return engine if v.state is VersionState.READY else self._carried(v, session_id)
+        if (refusal := self._drains.refusal(session_id)) is not None:
+            raise refusal
+        return await self._stored_session_engine(session_id)
+
+    async def step_columns(self, session_ids: list[str], seqs: list[int], inputs, owner: str = ""):
+        """Engine.step_columns for a message whose sessions may live on several versions (see columns.py)."""
+        if len(self._by_engine) == 1:
+            (engine, v), = self._by_engine.items()
+            if v.state is VersionState.READY:  # one version: every session is its, or unknown to it
+                return await engine.step_columns(session_ids, seqs, inputs, owner=owner)
+        parts: dict[Engine, list[int]] = {}
+        refused: dict[int, Exception] = {}
+        for i, session_id in enumerate(session_ids):
+            try:
+                parts.setdefault(await self.engine_of_session(session_id), []).append(i)
+            except EngineError as refusal:
+                refused[i] = refusal
+        return await step_split(parts, refused, session_ids, seqs, inputs, owner)
+
+    def largest_output_size(self) -> int:
+        """The largest output of the loaded versions: what a message's answer is sized by before it is routed."""
+        return max((engine.describe().metadata.output_size for engine in self._by_engine), default=0)
+
+    def version_of(self, engine: Engine) -> tuple[str, int]:
+        """The (model name, version number) an engine serves; version 0 once it is unloaded."""
+        v = self._by_engine.get(engine)
+        return (v.name, v.version) if v else (engine.describe().metadata.name, 0)
+
+    def sequences(self, engine: Engine) -> Sequences:
+        """The Open Inference Protocol sequences of an engine (its sessions under client-chosen ids)."""
+        if engine not in self._sequences:
+            self._sequences[engine] = Sequences(engine)
+        return self._sequences[engine]
+
+    def statuses(self) -> list[VersionStatus]:
+        return [v.status(v.name in self._models and self._models[v.name].default == v.version)
+                for _, v in sorted(self._versions.items())]
+
+    def serving(self) -> bool:
+        """Whether every model (not unloaded on purpose) has a READY version: what health reports."""
+        return all(model.default for model in self._models.values() if not model.unloaded and model.entry.versions)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Calls `listener()` after every change of a version's state."""
+        self._listeners.append(listener)
+
+    @property
+    def draining(self) -> asyncio.Event:
+        """Set once the server drains: open streams stop taking requests."""
+        return self._draining
+
+    def draining_refusal(self, message: str) -> Draining:
+        grace_left = max(0.0, self._drain_deadline - asyncio.get_running_loop().time())
+        return Draining(message, min(grace_left, DRAINING_RETRY_SECONDS))
+
+    # -- loading and unloading ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads every model's versions; raises if not one version of any model could be served."""
+        await self.reload()
+        if not any(model.default for model in self._models.values()):
+            reasons = "; ".join(f"{v.name} version {v.version}: {v.reason}" for v in self._versions.values())
+            raise ValueError(f"no model could be served: {reasons or 'the repository holds none'}")
+        if self._default_model and self._default_model not in self._models:
+            raise ValueError(f"--default-model {self._default_model!r} is not in the repository "
+                             f"(it holds {', '.join(sorted(self._models))})")
+        if self._poll_interval:
+            self._spawn(self._poll_forever())
+
+    async def load(self, name: str) -> None:
+        """Re-reads the model's directory and applies its version policy (Triton's load): new versions are loaded,
+        warmed up and made the default; versions that left the policy drain."""
+        async with self._changing:
+            entries = await asyncio.to_thread(self._scan)
+            if name not in entries and name not in self._models:
+                raise ModelNotFound(f"model {clip(name)} is not in the repository")
+            if name in self._models:
+                self._models[name].unloaded = False
+            await self._apply(entries.get(name) or ModelEntry(name, {}))
+        self._changed()
+
+    async def unload(self, name: str) -> None:
+        """Starts draining every version of the model (Triton's unload); reload() leaves it so until load()."""
+        async with self._changing:
+            if name not in self._models:
+                raise ModelNotFound(f"model {clip(name)} is not loaded")
+            self._models[name].unloaded = True
+            for v in self._of(name):
+                if v.state is VersionState.READY:
+                    self._drains.retire(v, "unloaded by request")
+            self._choose_default(self._models[name])
+        self._changed()
+
+    async def reload(self) -> None:
+        """Applies every model's directory and policy (SIGHUP, --poll-repository); a model gone from disk
+        drains."""
+        async with self._changing:
+            entries = await asyncio.to_thread(self._scan)
+            for name in sorted(set(entries) | set(self._models)):
+                if not (name in self._models and self._models[name].unloaded):
+                    await self._apply(entries.get(name) or ModelEntry(name, {}))
+        self._changed()
+
+    async def drain(self, timeout: float) -> None:
+        """Server shutdown: no new work anywhere; waits up to `timeout` for queued requests."""
+        self._drain_deadline = asyncio.get_running_loop().time() + timeout
+        self._draining.set()
+        await asyncio.gather(*(v.engine.drain(timeout) for v in self._loaded()))
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(v.engine.stop() for v in self._loaded()))
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    async def _apply(self, entry: ModelEntry) -> None:
+        model = self._models.setdefault(entry.name, _Model(entry))
+        if entry.problem:
+            return  # logged by the repository; the model keeps serving what it serves
+        model.entry = entry
+        wanted = entry.selected
+        for version in sorted(wanted):
+            v = self._versions.get((entry.name, version))
+            if v is None or v.needs_loading():
+                await self._load_version(entry, version)
+        ready = [v for v in self._of(entry.name) if v.state is VersionState.READY and v.version in wanted]
+        # a version leaves only once a wanted one serves: a broken new version never takes the old one down
+        if ready or not wanted:
+            for v in self._of(entry.name):
+                if v.state is VersionState.READY and v.version not in wanted:
+                    self._drains.retire(v, "left the version policy")
+        self._choose_default(model)
+        if not self._of(entry.name):
+            del self._models[entry.name]  # a directory without versions, never served: not a model
+
+    async def _load_version(self, entry: ModelEntry, version: int) -> None:
+        path = entry.versions[version]
+        v = self._versions[(entry.name, version)] = Version(entry.name, version, path, file_stamp(path))
+        self._changed()
+        engine = None
+        try:
+            runtime = await asyncio.to_thread(load_runtime, path, self._device, self._limits.torch_threads)
+            if entry.renamed:  # the repository names versions: sessions' records carry that identity
+                runtime.metadata = dataclasses.replace(runtime.metadata, name=entry.name, version=str(version))
+            v.metadata = runtime.metadata
+            if entry.config.state_migration == "carry":
+                check_carry(self._loaded(entry.name), runtime.metadata)
+            engine = self._engines(runtime, dataclasses.replace(self._limits, **entry.config.limits))
+            await engine.start()
+        except Exception as error:  # noqa: BLE001 - whatever is wrong with a version, it must not stop the rest
+            v.state, v.reason, v.failed = VersionState.UNAVAILABLE, f"failed to load: {error}", True
+            log.error("model %s version %d is unavailable: %s", entry.name, version, error,
+                      exc_info=not isinstance(error, ValueError | RuntimeError))
+            if engine is not None:
+                await engine.stop()
+            return
+        v.engine, v.state = engine, VersionState.READY
+        self._by_engine[engine] = v
+        engine.on_session_closed(lambda session_id: self._drains.after_close(v, session_id))
+        log.info("model %s version %d is ready", entry.name, version)
+
+    def _unloaded(self, v: Version, engine: Engine) -> None:
+        del self._by_engine[engine]
+        self._sequences.pop(engine, None)
+        self._changed()
+
+    def _carried(self, v: Version, session_id: str) -> Engine:
+        """With state_migration carry, a retired version's session moves to the default version, when idle."""
+        model = self._models.get(v.name)
+        if v.state is not VersionState.DRAINING or model is None or \
+                model.entry.config.state_migration != "carry" or not model.default:
+            return v.engine
+        target = self._versions[(v.name, model.default)].engine
+        return target if carry_over(v.engine, target, session_id) else v.engine
+
+    async def _stored_session_engine(self, session_id: str) -> Engine:
+        """A session not live here: the engine of the version its stored record names, which takes it over."""
+        identity = await self._locate(session_id) if self._locate else None
+        if identity is not None:
+            for v in self._loaded():
+                if v.engine.model_identity == identity:
+                    return v.engine
+            name, version = named(identity)
+            raise VersionRetired(f"session {clip(session_id)} runs on version {version} of model {name}, which this "
+                                 "server does not serve: open a new session", name, version)
+        served = [v for v in self._loaded() if v.state is VersionState.READY]
+        if not served:
+            raise SessionNotFound(f"session {clip(session_id)} does not exist", session_id)
+        return served[0].engine  # its lookup finds the session in the store, or says it does not exist
+
+    def _model(self, name: str) -> _Model:
+        if not name:
+            if self._default_model:
+                name = self._default_model
+            elif len(self._models) == 1:
+                name = next(iter(self._models))
+            else:
+                raise InvalidInput(f"this server serves several models ({', '.join(sorted(self._models))}): "
+                                   "name one in model_name", "model_name")
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model {clip(name)} is not served here; ListModels lists the models served")
+        return model
+
+    def _version(self, name: str, number: int, asked: int) -> Version:
+        v = self._versions.get((name, number))
+        if v is None:
+            if asked:
+                raise ModelNotFound(f"model {name} has no version {asked}; ListModels lists its versions")
+            raise ModelUnavailable(f"model {name} has no version ready now", LOADING_RETRY_SECONDS)
+        return v
+
+    def _choose_default(self, model: _Model) -> None:
+        name = model.entry.name
+        ready = {v.version for v in self._of(name) if v.state is VersionState.READY}
+        preferred = model.entry.config.default_version
+        model.default = preferred if preferred in ready else max(ready, default=0)
+
+    def _of(self, name: str) -> list[Version]:
+        return [v for (n, _), v in self._versions.items() if n == name]
+
+    def _loaded(self, name: str | None = None) -> list[Version]:
+        return [v for v in self._versions.values() if v.engine is not None and (name is None or v.name == name)]
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_interval)
+            try:
+                await self.reload()
+            except OSError as error:
+                log.error("cannot read the model repository: %s", error)
+

@@ -1,0 +1,127 @@
+"""The multiplexers against the real server: many application sessions over one StreamColumns stream, each with the
+in-process reference's numbers, its own errors, exactly-once across cut connections; the README's example."""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from client import AsyncLstmClient, LstmClient, LstmError
+from tests.integration.reference import TOLERANCE, Reference
+from tests.proxy import tcp_proxy
+from tests.walkthrough import README_ADDRESS, fenced_block_after
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def scripted(demo_model):
+    return torch.jit.load(str(demo_model))
+
+
+def inputs(sessions: int, steps: int, seed: int, length: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((sessions, steps, length, 4)).astype(np.float32)
+
+
+def check(scripted, xs, outputs) -> None:
+    """Each session's outputs equal the reference run over its own steps."""
+    for session_xs, session_outputs in zip(xs, outputs, strict=True):
+        reference = Reference(scripted, 1, 3)
+        for x, y in zip(session_xs, session_outputs, strict=True):
+            np.testing.assert_allclose(y, reference.step(x), atol=TOLERANCE, rtol=0)
+
+
+def drive(sessions, xs, answered: list | None = None) -> list[np.ndarray]:
+    """Each session in a thread of its own, stepping through its inputs one after another; each answer is
+    appended to `answered`, when given."""
+    def one(i):
+        outputs = []
+        for x in xs[i]:
+            outputs.append(sessions[i].step(x))
+            if answered is not None:
+                answered.append(i)
+        return np.stack(outputs)
+
+    with ThreadPoolExecutor(len(sessions)) as pool:
+        return list(pool.map(one, range(len(sessions))))
+
+
+def test_the_readme_example_prints_what_the_readme_shows(demo_server, capsys):
+    exec(compile(fenced_block_after("multiplexer:code").replace(README_ADDRESS, demo_server.address),
+                 "README multiplexer", "exec"), {})
+    assert capsys.readouterr().out == fenced_block_after("multiplexer:output")
+
+
+def test_sessions_of_several_step_lengths_equal_the_reference(demo_server, scripted):
+    xs = [*inputs(6, 4, seed=1), *inputs(6, 4, seed=2, length=3)]  # concurrent steps of two lengths
+    with LstmClient(demo_server.address) as client, client.multiplexer(max_in_flight=1) as mux:
+        sessions = [mux.session() for _ in xs]
+        check(scripted, xs, drive(sessions, xs))
+        h, c = sessions[-1].state()
+        reference = Reference(scripted, 1, 3)
+        for x in xs[-1]:
+            reference.step(x)
+        np.testing.assert_allclose(h, reference.state[0], atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(c, reference.state[1], atol=TOLERANCE, rtol=0)
+
+
+def test_a_refused_step_fails_only_its_session_and_changes_nothing(demo_server, scripted):
+    xs = inputs(3, 2, seed=3)
+    with LstmClient(demo_server.address) as client, client.multiplexer() as mux:
+        good, bad, closed = (mux.session() for _ in range(3))
+        closed.close()
+        with pytest.raises(LstmError) as not_found:
+            closed.step(xs[2][0])
+        assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(LstmError) as invalid:
+            bad.step(np.full((1, 4), np.nan, np.float32))
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        outputs = drive([good, bad], xs[:2])  # the refused step took no number: the next one is applied
+        check(scripted, xs[:2], outputs)
+
+
+def test_steps_cut_off_with_the_connection_are_applied_once(demo_server, scripted):
+    xs = inputs(4, 30, seed=4)
+    with tcp_proxy(demo_server.address) as proxy, LstmClient(proxy.address) as client, \
+            client.multiplexer() as mux:
+        sessions = [mux.session() for _ in range(4)]
+        answered, stopping = [], threading.Event()
+
+        def cut_every_ten_answers():
+            while not stopping.wait(0.005):
+                if len(answered) >= 10 * (proxy.cuts + 1):
+                    proxy.cut()
+
+        cutter = threading.Thread(target=cut_every_ten_answers)
+        cutter.start()
+        try:
+            outputs = drive(sessions, xs, answered)
+        finally:
+            stopping.set()
+            cutter.join()
+        assert proxy.cuts >= 5
+        check(scripted, xs, outputs)
+        for session in sessions:
+            info = client.session(session_id=session.id).info()
+            assert (info.steps_applied, info.last_sequence_number) == (30, 30)
+
+
+async def test_the_asyncio_multiplexer(demo_server, scripted):
+    xs = inputs(5, 3, seed=5)
+    async with AsyncLstmClient(demo_server.address) as client, client.multiplexer() as mux:
+        sessions = [await mux.session() for _ in range(5)]
+
+        async def one(session, session_xs):
+            return np.stack([await session.step(x) for x in session_xs])
+
+        outputs = np.stack(await asyncio.gather(*(one(s, x) for s, x in zip(sessions, xs, strict=True))))
+        with pytest.raises(LstmError) as invalid:
+            await sessions[0].step(np.zeros((1, 5), np.float32))
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for session in sessions:
+            await session.close()
+    check(scripted, xs, outputs)

@@ -1,0 +1,117 @@
+"""A version's sessions beyond one engine: carried to a new version when the operator says so, restored from a
+snapshot onto their version, taken over by a replica that serves their version (or refused by one that does not);
+the repository polled for new versions."""
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+from lstmserve import tensors
+from lstmserve.v1 import lstm_service_pb2 as pb
+from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
+
+from server.testing.redis_server import redis_server
+from tests.integration.reference import TOLERANCE, Reference
+from tests.models.repository_files import SIZES, add_version, state_name, states, write_config
+from tests.servers import server_in_thread
+
+pytestmark = pytest.mark.integration
+
+X = np.linspace(-1, 1, 3 * SIZES[0], dtype=np.float32).reshape(3, SIZES[0])
+
+
+def step(stub, session_id: str, x: np.ndarray = X) -> np.ndarray:
+    return tensors.from_proto(stub.Step(pb.StepRequest(session_id=session_id, inputs=tensors.to_proto(x))).outputs)
+
+
+def wait_for(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout}s for {what}"
+        time.sleep(0.02)
+
+
+def reference_of(module, state=None) -> Reference:
+    h, c = state or (None, None)
+    return Reference(module, SIZES[2], SIZES[1], h, c)
+
+
+def test_with_state_migration_carry_a_session_moves_to_the_new_version_at_its_next_step(tmp_path):
+    v1 = add_version(tmp_path, "m", 1, seed=1)
+    write_config(tmp_path, "m", state_migration="carry")
+    with server_in_thread(tmp_path, model_repository=str(tmp_path)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        session_id = stub.CreateSession(pb.CreateSessionRequest()).session_id
+        before = reference_of(v1)
+        np.testing.assert_allclose(step(stub, session_id), before.step(X), atol=TOLERANCE)
+        v2 = add_version(tmp_path, "m", 2, seed=2)
+        server.call(server.app.registry.reload())
+        np.testing.assert_allclose(step(stub, session_id), reference_of(v2, before.state).step(X), atol=TOLERANCE)
+        assert stub.GetSession(pb.SessionRef(session_id=session_id)).model_version == 2
+        wait_for(lambda: state_name(states(channel)[("m", 1)]) == "UNAVAILABLE", "version 1 to be unloaded")
+
+
+def test_with_carry_a_version_of_another_state_shape_is_refused(tmp_path):
+    add_version(tmp_path, "m", 1, seed=1)
+    add_version(tmp_path, "m", 2, seed=2, sizes=(SIZES[0], SIZES[1] * 2, 1, None))
+    write_config(tmp_path, "m", state_migration="carry", version_policy={"all": {}})
+    with server_in_thread(tmp_path, model_repository=str(tmp_path)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        listed = states(channel)
+        assert state_name(listed[("m", 2)]) == "UNAVAILABLE" and "state shape" in listed[("m", 2)].reason
+        assert state_name(listed[("m", 1)]) == "READY"
+
+
+def test_a_polled_repository_rolls_a_new_version_out_by_itself(tmp_path):
+    add_version(tmp_path, "m", 1, seed=1)
+    with server_in_thread(tmp_path, model_repository=str(tmp_path), poll_repository=0.05) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        add_version(tmp_path, "m", 2, seed=2)
+        wait_for(lambda: states(channel)[("m", 2)].is_default if ("m", 2) in states(channel) else False,
+                 "version 2 to become the default")
+        assert pb_grpc.LstmServiceStub(channel).CreateSession(pb.CreateSessionRequest()).model_version == 2
+
+
+def test_a_snapshot_brings_sessions_back_onto_their_version(tmp_path):
+    repository, snapshots = tmp_path / "models", tmp_path / "snapshots"
+    v1 = add_version(repository, "m", 1, seed=1)
+    settings = dict(model_repository=str(repository), snapshot_dir=str(snapshots))
+    reference = reference_of(v1)
+    with server_in_thread(repository, **settings) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        session_id = stub.CreateSession(pb.CreateSessionRequest()).session_id
+        np.testing.assert_allclose(step(stub, session_id), reference.step(X), atol=TOLERANCE)
+    assert (snapshots / "m" / "1").is_dir()
+    with server_in_thread(repository, **settings) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        np.testing.assert_allclose(step(stub, session_id), reference.step(X), atol=TOLERANCE)
+        assert stub.GetSession(pb.SessionRef(session_id=session_id)).model_version == 1
+
+
+def test_a_replica_takes_a_session_over_onto_its_version_or_refuses_naming_it(tmp_path):
+    both, newer = tmp_path / "both", tmp_path / "newer"
+    v1 = add_version(both, "m", 1, seed=1)
+    add_version(both, "m", 2, seed=2)
+    write_config(both, "m", version_policy={"all": {}}, default_version=1)
+    add_version(newer, "m", 2, seed=2)
+    reference = reference_of(v1)
+    with redis_server(tmp_path) as redis:
+        store = dict(state_store=redis.url, lease_ttl=0.5, lease_wait=5.0)
+        with server_in_thread(both, model_repository=str(both), **store) as first, \
+                grpc.insecure_channel(first.address) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            session_id = stub.CreateSession(pb.CreateSessionRequest()).session_id
+            np.testing.assert_allclose(step(stub, session_id), reference.step(X), atol=TOLERANCE)
+        with server_in_thread(both, model_repository=str(both), **store) as second, \
+                grpc.insecure_channel(second.address) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            np.testing.assert_allclose(step(stub, session_id), reference.step(X), atol=TOLERANCE)
+            assert stub.GetSession(pb.SessionRef(session_id=session_id)).model_version == 1
+        with server_in_thread(newer, model_repository=str(newer), **store) as third, \
+                grpc.insecure_channel(third.address) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                step(pb_grpc.LstmServiceStub(channel), session_id)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "version 1 of model m" in refused.value.details()
