@@ -60,7 +60,7 @@ class Metrics:
                                           registry=registry)
         self.predict_merged = Counter("lstmserve_predict_merged_total",
                                       "Predict requests that shared their model call with others (merged on the "
-                                      "batch axis)", registry=registry)
+                                      "batch axis)", MODEL_LABELS, registry=registry)
         self.model_failures = Counter("lstmserve_model_failures_total", "Model calls that raised",
                                       MODEL_LABELS, registry=registry)
 
@@ -92,11 +92,11 @@ class ModelMetrics:
     def __init__(self, metrics: Metrics, model: str, version: str):
         self._labelled = [metrics.live_sessions, metrics.sessions_created, metrics.sessions_closed,
                           metrics.sessions_expired, metrics.steps_applied, metrics.batch_size,
-                          metrics.queue_wait, metrics.compute_time, metrics.model_failures]
+                          metrics.queue_wait, metrics.compute_time, metrics.model_failures, metrics.predict_merged]
         self._labels = (model, version)
         (self.live_sessions, self.sessions_created, self.sessions_closed, self.sessions_expired,
          self.steps_applied, self.batch_size, self.queue_wait, self.compute_time,
-         self.model_failures) = (metric.labels(model, version) for metric in self._labelled)
+         self.model_failures, self.predict_merged) = (metric.labels(model, version) for metric in self._labelled)
         self.sessions_evicted = metrics.sessions_evicted
         self.limit_refusals = metrics.limit_refusals
         self.state_store_errors = metrics.state_store_errors

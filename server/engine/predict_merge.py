@@ -105,26 +105,28 @@ class PredictMerger:
     async def _run_waiting(self) -> None:
         """Runs calls until nothing waits; what arrives during a call waits for the next one, and merges."""
         while group := take_merge(self._waiting, self._max_rows, self._max_bytes):
-            await self._run_group(group)
+            try:
+                await self._run_group(group)
+            except BaseException as error:
+                _fail(group, Draining("the server stopped before this Predict ran") if isinstance(
+                    error, asyncio.CancelledError) else ModelFailure("Predict runner failed"))
+                raise
         self._runner = None  # in the same step as the emptiness check: no request can slip in between
 
     async def _run_group(self, group: list[PendingPredict]) -> None:
         try:
             with self._trace(group):
                 answers = await self._run_in_model_thread(self._compute_split, group)
-        except asyncio.CancelledError:
-            _fail(group, Draining("the server stopped before this Predict ran"))
-            raise
         except Exception:
             log.exception("model call failed for %d merged Predict requests", len(group))
             self._metrics.model_failures.inc()
             _fail(group, ModelFailure("the model failed on this Predict; retry it"))
             return
-        if len(group) > 1:
-            self._metrics.predict_merged.inc(len(group))
         for pending, answer in zip(group, answers, strict=True):
             if not pending.future.done():
                 pending.future.set_result(answer)
+        if len(group) > 1:
+            self._metrics.predict_merged.inc(len(group))
 
     def _trace(self, group: list[PendingPredict]):
         if self._tracing is None:

@@ -2,6 +2,7 @@
 
 import asyncio
 import collections
+import contextlib
 
 import numpy as np
 import pytest
@@ -64,14 +65,22 @@ async def test_max_rows_of_one_never_merges():
 # -- the engine ----------------------------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def started(**limits):
+    """A started engine over a FakeRuntime, and its metrics' registry."""
+    registry = CollectorRegistry()
+    engine = Engine(FakeRuntime(), limits_with(**limits), Metrics(registry))
+    await engine.start()
+    try:
+        yield engine, registry
+    finally:
+        await engine.stop()
+
+
 @pytest.fixture
 async def engine():
-    runtime = FakeRuntime()
-    metrics = Metrics(CollectorRegistry())
-    engine = Engine(runtime, limits_with(max_batch_size=8, max_predict_batch=6), metrics)
-    await engine.start()
-    yield engine
-    await engine.stop()
+    async with started(max_batch_size=8, max_predict_batch=6) as served:
+        yield served
 
 
 def sequences(seq_len: int, batch: int, value: float) -> np.ndarray:
@@ -93,17 +102,18 @@ async def predicts_behind_a_busy_model(engine, calls: list[tuple]) -> list:
     return await asyncio.gather(*queued, return_exceptions=True)
 
 
-def merged_total(engine) -> float:
-    return engine._metrics.registry.get_sample_value("lstmserve_predict_merged_total")
+def merged_total(registry) -> float:
+    return registry.get_sample_value("lstmserve_predict_merged_total", {"model": "fake", "version": "0"})
 
 
 async def test_predicts_waiting_for_the_model_share_one_call_and_are_split_back(engine):
+    engine, registry = engine
     h0 = np.full((1, 2, 3), 10.0, np.float32)
     calls = [(sequences(4, 1, 1.0),), (sequences(4, 2, 2.0), h0, h0), (sequences(3, 1, 5.0),),
              (sequences(4, 3, 3.0),)]
     (y1, h1, c1), (y2, h2, c2), (y3, _, _), (y4, _, _) = await predicts_behind_a_busy_model(engine, calls)
     assert engine.runtime.batch_sizes == [1, 6, 1]  # 1 + 2 + 3 rows of seq_len 4 merged; seq_len 3 alone
-    assert merged_total(engine) == 3
+    assert merged_total(registry) == 3
     np.testing.assert_allclose(y1[:, 0, 0], [1, 2, 3, 4])
     np.testing.assert_allclose(y2[:, :, 0], [[12, 12], [14, 14], [16, 16], [18, 18]])  # from h0 = 10
     np.testing.assert_allclose(c2[0, :, 0], [14, 14])
@@ -112,6 +122,7 @@ async def test_predicts_waiting_for_the_model_share_one_call_and_are_split_back(
 
 
 async def test_a_failed_call_fails_only_its_own_requests(engine):
+    engine, _ = engine
     poisoned = sequences(4, 1, 1.0)
     poisoned[2, 0, 1] = FAIL_MARKER
     calls = [(sequences(4, 1, 1.0),), (poisoned,), (sequences(2, 1, 1.0),)]
@@ -122,11 +133,6 @@ async def test_a_failed_call_fails_only_its_own_requests(engine):
 
 
 async def test_with_max_predict_batch_one_each_predict_has_its_own_call():
-    runtime = FakeRuntime()
-    engine = Engine(runtime, limits_with(max_predict_batch=1), Metrics(CollectorRegistry()))
-    await engine.start()
-    try:
+    async with started(max_predict_batch=1) as (engine, registry):
         await predicts_behind_a_busy_model(engine, [(sequences(4, 1, 1.0),)] * 3)
-        assert runtime.batch_sizes == [1, 1, 1, 1] and merged_total(engine) == 0
-    finally:
-        await engine.stop()
+        assert engine.runtime.batch_sizes == [1, 1, 1, 1] and merged_total(registry) == 0

@@ -81,7 +81,8 @@ async def one_round(address: str, calls: list[tuple]) -> list:
 
 
 def merged_total(server) -> float:
-    return server.app.metrics.registry.get_sample_value("lstmserve_predict_merged_total")
+    return server.app.metrics.registry.get_sample_value("lstmserve_predict_merged_total",
+                                                        {"model": MODEL, "version": "test"})
 
 
 def test_concurrent_predicts_are_merged_and_each_equals_its_own_reference(server, model):
