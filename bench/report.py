@@ -62,6 +62,7 @@ def targets(results: dict) -> list[dict]:
             5,
             True,
         )
+    _columnar_targets(results, add)
     for row in results.get("predict", []):
         if (row["seq_len"], row["batch"]) == (1000, 64):
             add(
@@ -79,6 +80,13 @@ def targets(results: dict) -> list[dict]:
             False,
         )
     return found
+
+
+def _columnar_targets(results: dict, add) -> None:
+    for row in results.get("columnar", []):
+        if row["sessions"] == 1024:
+            add(f"columnar {row['model']} @1024: server StreamColumns / echo StreamBatch",
+                row["server_over_echo_batch"], 0.6, True)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
