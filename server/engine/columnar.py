@@ -114,7 +114,9 @@ class Columnar:
         flight, waits = Flight(), []
         digest = digests(inputs)
         scheduler, index, flying = self._scheduler, flight.index, flight.sessions
-        room, counted = self._limits.max_queued_requests - scheduler.queued, 0
+        # with a store that takes every new state first, all go through the batch loop, which commits them
+        room = 0 if self._live.commits else self._limits.max_queued_requests - scheduler.queued
+        counted = 0
         for i, session in enumerate(sessions):
             if i in errors:
                 continue
@@ -123,7 +125,7 @@ class Columnar:
                 scheduler.count_queued(len(flying) - counted)
                 counted = len(flying)
                 waits.extend(self._queue(i, session, seqs, digest(i), inputs[i], errors))
-                room = self._limits.max_queued_requests - scheduler.queued
+                room = room and self._limits.max_queued_requests - scheduler.queued
                 continue
             seqs[i] = session.last_assigned_seq = seq or session.last_assigned_seq + 1
             session.in_flight = True
