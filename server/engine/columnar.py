@@ -42,15 +42,15 @@ class Columnar:
     """Runs StepColumns messages; the engine's parts it works with are passed in."""
 
     def __init__(self, runtime: ModelRuntime, limits: EngineLimits, metrics: Metrics, scheduler: Scheduler,
-                 live: LiveSessions, order: ExactlyOnce, admission: Admission):
+                 live: LiveSessions, order: ExactlyOnce, admission: Admission, flights: Flights):
         self._runtime = runtime
+        self._scheduler = scheduler
         self._limits = limits
         self._metrics = metrics
-        self._scheduler = scheduler
         self._live = live
         self._order = order
         self._admission = admission
-        self._flights = Flights(runtime, limits, metrics, scheduler, live.pool)
+        self._flights = flights
         self._tasks: set[asyncio.Task] = set()  # held so that a message's task is not collected half-way
 
     async def submit(self, session_ids: list[str], seqs: list[int], inputs: np.ndarray, owner: str,
@@ -144,10 +144,8 @@ class Columnar:
                ) -> list[tuple[int, asyncio.Future]]:
         """Entry i on the ordinary path: `[(i, future of its StepAnswer)]`, or `[]` with its error kept."""
         try:
-            future = self._flights.waiter(session, seqs[i], digest)
-            if future is None:
-                seqs[i], future = self._order.submit(session, seqs[i], digest, lambda answer, n: Work(
-                    n, answer, inputs=row, digest=digest))
+            seqs[i], future = self._order.submit(session, seqs[i], digest, lambda answer, n: Work(
+                n, answer, inputs=row, digest=digest))
         except EngineError as refusal:
             errors[i] = self._counted(refusal) if isinstance(refusal, LimitExceeded) else refusal
             return []

@@ -13,6 +13,7 @@ from server.engine.admission import Admission, Eviction
 from server.engine.columnar import Columnar
 from server.engine.errors import DRAINING_RETRY_SECONDS, Draining, LimitExceeded, SessionNotFound
 from server.engine.exactly_once import ExactlyOnce
+from server.engine.flights import Flights
 from server.engine.limits import EngineLimits
 from server.engine.live import LiveSessions
 from server.engine.scheduler import Scheduler
@@ -49,8 +50,11 @@ class Engine:
         self._live = LiveSessions(self._pool, store, self._scheduler, self._admission, model, limits.answers_kept,
                                   clock)
         self._sessions = self._live.table
-        self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests)
-        self._columnar = Columnar(runtime, limits, metrics, self._scheduler, self._live, self._order, self._admission)
+        flights = Flights(runtime, limits, metrics, self._scheduler, self._pool)
+        self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests,
+                                  flights.waiter)
+        self._columnar = Columnar(runtime, limits, metrics, self._scheduler, self._live, self._order,
+                                  self._admission, flights)
         self._tasks: list[asyncio.Task] = []
         self._draining = asyncio.Event()
         self._drain_deadline = 0.0  # on the engine's clock, once drain() starts
