@@ -66,6 +66,7 @@ class Plan:
             warmup=0.2,
             duration=0.8,
             multiplexed_streams=(1,),
+            columnar_sessions=(1024,),
             predict_shapes=((100, 64), (1000, 64)),
             predict_calls=1,
             memory_sessions=(10_000,),

@@ -62,6 +62,7 @@ def targets(results: dict) -> list[dict]:
             5,
             True,
         )
+    _columnar_targets(results, add)
     for row in results.get("predict", []):
         if (row["seq_len"], row["batch"]) == (1000, 64):
             add(
@@ -79,6 +80,13 @@ def targets(results: dict) -> list[dict]:
             False,
         )
     return found
+
+
+def _columnar_targets(results: dict, add) -> None:
+    for row in results.get("columnar", []):
+        if row["sessions"] == 1024:
+            add(f"columnar {row['model']} @1024: server StreamColumns / echo StreamBatch",
+                row["server_over_echo_batch"], 0.6, True)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -251,9 +259,10 @@ def write_json(results: dict, path: Path) -> None:
 
 
 def plot(results: dict, path: Path) -> bool:
-    """Throughput and p99 against concurrency, one panel per model and one line per configuration."""
-    closed = results.get("closed", [])
-    if not closed:
+    """Throughput and p99 against concurrency, one panel per model (and one for the columnar scenario) and one line
+    per configuration."""
+    closed, columnar = results.get("closed", []), results.get("columnar", [])
+    if not closed and not columnar:
         return False
     import matplotlib
 
@@ -261,7 +270,8 @@ def plot(results: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(row["model"] for row in closed))
-    figure, axes = plt.subplots(2, len(models), figsize=(4 * len(models), 7), squeeze=False)
+    panels = len(models) + bool(columnar)
+    figure, axes = plt.subplots(2, panels, figsize=(4 * panels, 7), squeeze=False)
     for column, model in enumerate(models):
         rows = [r for r in closed if r["model"] == model]
         for config in (SERVER, ECHO, BATCH_OFF, IN_PROCESS):
@@ -282,7 +292,28 @@ def plot(results: dict, path: Path) -> bool:
             axis.set_xlabel("concurrent sessions (closed loop)")
             axis.grid(True, which="both", alpha=0.3)
             axis.legend(fontsize=8)
+    if columnar:
+        _plot_columnar(axes[0][-1], axes[1][-1], columnar)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
     return True
+
+
+def _plot_columnar(throughput, latency, rows: list[dict]) -> None:
+    """The columnar scenario's configurations against the sessions in one message."""
+    for config in dict.fromkeys(config for row in rows for config in row["configs"]):
+        points = [(r["sessions"], r["configs"][config]) for r in rows if config in r["configs"]]
+        throughput.plot([p[0] for p in points], [p[1]["throughput"] for p in points], marker="o", label=config)
+        if config != IN_PROCESS:
+            latency.plot([p[0] for p in points], [p[1]["p99"] * 1e3 for p in points], marker="o", label=config)
+    throughput.set_title(f"{rows[0]['model']} columnar: throughput")
+    latency.set_title(f"{rows[0]['model']} columnar: p99 per message")
+    throughput.set_ylabel("steps/s")
+    latency.set_ylabel("ms")
+    for axis in (throughput, latency):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sessions in one message")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)

@@ -42,15 +42,15 @@ class Columnar:
     """Runs StepColumns messages; the engine's parts it works with are passed in."""
 
     def __init__(self, runtime: ModelRuntime, limits: EngineLimits, metrics: Metrics, scheduler: Scheduler,
-                 live: LiveSessions, order: ExactlyOnce, admission: Admission):
+                 live: LiveSessions, order: ExactlyOnce, admission: Admission, flights: Flights):
         self._runtime = runtime
+        self._scheduler = scheduler
         self._limits = limits
         self._metrics = metrics
-        self._scheduler = scheduler
         self._live = live
         self._order = order
         self._admission = admission
-        self._flights = Flights(runtime, limits, metrics, scheduler, live.pool)
+        self._flights = flights
         self._tasks: set[asyncio.Task] = set()  # held so that a message's task is not collected half-way
 
     async def submit(self, session_ids: list[str], seqs: list[int], inputs: np.ndarray, owner: str,
@@ -114,7 +114,9 @@ class Columnar:
         flight, waits = Flight(), []
         digest = digests(inputs)
         scheduler, index, flying = self._scheduler, flight.index, flight.sessions
-        room, counted = self._limits.max_queued_requests - scheduler.queued, 0
+        # with a store that takes every new state first, all go through the batch loop, which commits them
+        room = 0 if self._live.commits else self._limits.max_queued_requests - scheduler.queued
+        counted = 0
         for i, session in enumerate(sessions):
             if i in errors:
                 continue
@@ -123,7 +125,7 @@ class Columnar:
                 scheduler.count_queued(len(flying) - counted)
                 counted = len(flying)
                 waits.extend(self._queue(i, session, seqs, digest(i), inputs[i], errors))
-                room = self._limits.max_queued_requests - scheduler.queued
+                room = room and self._limits.max_queued_requests - scheduler.queued
                 continue
             seqs[i] = session.last_assigned_seq = seq or session.last_assigned_seq + 1
             session.in_flight = True
@@ -142,10 +144,8 @@ class Columnar:
                ) -> list[tuple[int, asyncio.Future]]:
         """Entry i on the ordinary path: `[(i, future of its StepAnswer)]`, or `[]` with its error kept."""
         try:
-            future = self._flights.waiter(session, seqs[i], digest)
-            if future is None:
-                seqs[i], future = self._order.submit(session, seqs[i], digest, lambda answer, n: Work(
-                    n, answer, inputs=row, digest=digest))
+            seqs[i], future = self._order.submit(session, seqs[i], digest, lambda answer, n: Work(
+                n, answer, inputs=row, digest=digest))
         except EngineError as refusal:
             errors[i] = self._counted(refusal) if isinstance(refusal, LimitExceeded) else refusal
             return []

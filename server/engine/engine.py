@@ -12,6 +12,7 @@ from server.engine.admission import Admission, Eviction, SharedQuotas
 from server.engine.columnar import Columnar
 from server.engine.errors import DRAINING_RETRY_SECONDS, Draining, LimitExceeded, SessionNotFound
 from server.engine.exactly_once import ExactlyOnce
+from server.engine.flights import Flights
 from server.engine.limits import EngineLimits
 from server.engine.live import LiveSessions
 from server.engine.model_thread import ModelThread
@@ -55,8 +56,11 @@ class Engine:
         self._live = LiveSessions(self._pool, store, self._scheduler, self._admission, model, clock)
         self._sessions = self._live.table
         self._uncount_quotas = self._admission.shared.count_in(self._sessions)
-        self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests)
-        self._columnar = Columnar(runtime, limits, metrics, self._scheduler, self._live, self._order, self._admission)
+        flights = Flights(runtime, limits, metrics, self._scheduler, self._pool)
+        self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests,
+                                  flights.waiter)
+        self._columnar = Columnar(runtime, limits, metrics, self._scheduler, self._live, self._order,
+                                  self._admission, flights)
         self._refusal_counter = _RefusalCounter(metrics)
         self._predicts = PredictMerger(self._scheduler.run_in_model_thread, self._predict_on_host, metrics,
                                        limits.max_predict_batch, tracing=tracing)

@@ -1,6 +1,7 @@
 """The sequence-number rules that make every state-changing request apply exactly once, in order."""
 
 import asyncio
+from collections.abc import Callable
 
 from server.engine.errors import LimitExceeded, SequenceError
 from server.engine.scheduler import Scheduler, StepAnswer
@@ -10,11 +11,13 @@ from server.engine.sessions import Session, SessionTable
 class ExactlyOnce:
     """Number n+1 is applied after n only; a number already applied is answered again, never applied twice."""
 
-    def __init__(self, scheduler: Scheduler, table: SessionTable, answers_kept: int, max_queued_requests: int):
+    def __init__(self, scheduler: Scheduler, table: SessionTable, answers_kept: int, max_queued_requests: int,
+                 in_flight: Callable[[Session, int, bytes], asyncio.Future | None] = lambda *request: None):
         self._scheduler = scheduler
         self._table = table
         self._answers_kept = answers_kept
         self._max_queued_requests = max_queued_requests
+        self._in_flight = in_flight  # (session, seq, digest) -> the answer of a request run outside the queue
 
     def submit(self, session: Session, seq: int, digest: bytes, make_work) -> tuple[int, asyncio.Future]:
         """Queues `make_work(future, seq)` behind the session's others, or answers a retry; seq 0 takes the next
@@ -37,8 +40,9 @@ class ExactlyOnce:
         return seq, future
 
     def _answer_again(self, session: Session, seq: int, digest: bytes, loop) -> asyncio.Future:
-        """A retried request: the queued original's future, or the kept answer. A number reused with other
-        inputs is refused: answering it would hand back another request's outputs."""
+        """A retried request: the queued original's future, the kept answer, or the answer of the original that a
+        columnar message runs now. A number reused with other inputs is refused: answering it would hand back
+        another request's outputs."""
         expected = session.last_assigned_seq + 1
         for work in session.pending or ():
             if work.seq == seq:
@@ -50,6 +54,9 @@ class ExactlyOnce:
             future = loop.create_future()
             future.set_result(StepAnswer(kept.answer, None))
             return future
+        flying = self._in_flight(session, seq, digest)
+        if flying is not None:
+            return flying
         raise SequenceError(f"sequence number {seq} was applied earlier and only the answers of the last "
                             f"{self._answers_kept} requests are kept; expected {expected}", expected)
 

@@ -31,6 +31,11 @@ class LiveSessions:
     def __len__(self) -> int:
         return len(self.table)
 
+    @property
+    def commits(self) -> bool:
+        """Whether new states go to the store before they are acknowledged (the batch loop's commit)."""
+        return self._store.wants_commits
+
     async def find(self, session_id: str, owner: str, accepting: Callable[[], None]) -> Session:
         """`owner`'s session, from the store if it is kept there but not live here yet (`accepting()` raises
         when no session may be taken over now). Another owner's session is reported exactly like one that does

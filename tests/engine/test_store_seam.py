@@ -23,6 +23,7 @@ class FakeStore(MemoryStore):
 
     local = False
     wants_commits = True
+    local = False
 
     def __init__(self):
         self.calls: list[tuple] = []
@@ -142,3 +143,14 @@ async def test_closing_and_stopping_release_and_hand_over(engine_and_store):
     await engine.stop()
     (_, records), = store.of("hand_over")
     assert [r.session_id for r in records] == [kept]
+
+
+async def test_columnar_entries_are_looked_up_in_and_committed_to_the_store(engine_and_store):
+    engine, store = engine_and_store
+    store.stored[STORED_ID] = stored_record(seq=7, h=5.0)
+    sid = (await engine.create_session(owner=OWNER)).session_id
+    answer = await (await engine.step_columns([sid, STORED_ID], [1, 8], np.stack([x(1.0), x(2.0)]), owner=OWNER))
+    assert answer.errors == {} and answer.outputs[:, 0, 0].tolist() == [1.0, 7.0]
+    assert ("load", STORED_ID, OWNER) in store.calls and ("refresh", sid) in store.calls
+    committed = sorted((r.session_id, r.last_applied_seq) for call in store.of("commit") for r in call[1])
+    assert committed == sorted([(sid, 1), (STORED_ID, 8)])
