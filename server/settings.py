@@ -60,6 +60,10 @@ class Settings:
     open_health_and_reflection: bool = _setting(True, "health checks and reflection need no credentials")
     rate_limit: float = _setting(0.0, "requests per second of each principal (0: unlimited)", 0)
     rate_limit_burst: int = _setting(100, "requests a principal may make at once above --rate-limit", 1)
+    gc_freeze: bool = _setting(True, "once started, keep the start-up heap (torch, gRPC, the model) out of every "
+                               "garbage collection: a full collection walked it for 30-120 ms, pausing every stream")
+    gc_threshold: int = _setting(10_000, "allocations between two young-generation garbage collections (Python's "
+                                 "threshold0, 700 by default): each step allocates dozens of objects that die young", 1)
     otlp_endpoint: str = _setting("", "OTLP/gRPC collector that receives traces: http://host:4317 (plaintext) or "
                                   "https://host:4317 (TLS); the standard OTEL_* variables tune the rest. "
                                   "Empty: tracing off")
