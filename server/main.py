@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from server.engine import Engine, EngineLimits, LimitExceeded, Sequences
 from server.metrics import Metrics
 from server.model import ModelContractError, ModelRuntime
-from server.policies import Durability
+from server.policies import Durability, EventLoop
 from server.settings import Settings
 from server.store import (
     MemoryStore,
@@ -231,6 +231,14 @@ def settle_heap(settings: Settings) -> None:
         gc.freeze()
 
 
+def event_loop_factory(choice: EventLoop):
+    """The chosen loop's constructor; uvloop is imported only when chosen."""
+    if choice == EventLoop.UVLOOP:
+        import uvloop
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_args(argv)
     warnings.filterwarnings("ignore", message="`torch.jit.", category=DeprecationWarning)  # TorchScript by design
@@ -238,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+            runner.run(serve(settings))
     except ModelContractError as error:
         log.error("cannot serve the model: %s", error)
         return 2

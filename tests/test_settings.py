@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from server.main import engine_limits, settle_heap
-from server.policies import Durability, FullPolicy
+from server.policies import Durability, EventLoop, FullPolicy
 from server.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -97,3 +97,8 @@ def test_the_heap_is_settled_as_the_gc_settings_say():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_the_event_loop_is_uvloop_unless_asyncio_is_chosen():
+    assert Settings.from_args([], environ={}).event_loop is EventLoop.UVLOOP
+    assert Settings.from_args(["--event-loop", "asyncio"], environ={}).event_loop is EventLoop.ASYNCIO
