@@ -17,3 +17,10 @@ class Durability(enum.StrEnum):
     NONE = "none"
     CHECKPOINT = "checkpoint"
     EVERY_STEP = "every-step"
+
+
+class EventLoop(enum.StrEnum):
+    """The event loop the server runs on."""
+
+    ASYNCIO = "asyncio"  # the standard library's
+    UVLOOP = "uvloop"  # libuv's, through uvloop

@@ -1,12 +1,13 @@
 """Every setting is a flag and an LSTMSERVE_* variable; flags win; bounds are enforced."""
 
+import gc
 import subprocess
 import sys
 
 import pytest
 
-from server.main import engine_limits
-from server.policies import Durability, FullPolicy
+from server.main import engine_limits, settle_heap
+from server.policies import Durability, EventLoop, FullPolicy
 from server.settings import Settings
 
 pytestmark = pytest.mark.unit
@@ -85,3 +86,19 @@ def test_an_otlp_endpoint_without_its_scheme_stops_start_up_saying_which_to_writ
         Settings.from_args(["--otlp-endpoint", "127.0.0.1:4317"], environ={})
     error = capsys.readouterr().err
     assert "http://host:port for plaintext" in error and "https://host:port for TLS" in error, error
+
+
+def test_the_heap_is_settled_as_the_gc_settings_say():
+    before = gc.get_threshold()
+    try:
+        settle_heap(Settings(gc_threshold=1234, gc_freeze=True))
+        assert gc.get_threshold() == (1234, *before[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
+def test_the_event_loop_is_uvloop_unless_asyncio_is_chosen():
+    assert Settings.from_args([], environ={}).event_loop is EventLoop.UVLOOP
+    assert Settings.from_args(["--event-loop", "asyncio"], environ={}).event_loop is EventLoop.ASYNCIO

@@ -17,8 +17,12 @@ class ServerCertificates:
         self._lock = threading.Lock()  # the fetcher runs on a gRPC thread
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(self._initial, self._fetch,
-                                                   require_client_authentication=bool(self._client_ca_file))
+        # Kept for the server's life: the port does not hold the Python object, and once the garbage collector
+        # freed it (a full collection, e.g. main's gc.freeze after start-up) TLS handshakes failed with
+        # "Handshake read failed (Endpoint closing)".
+        self._credentials = grpc.dynamic_ssl_server_credentials(
+            self._initial, self._fetch, require_client_authentication=bool(self._client_ca_file))
+        return self._credentials
 
     def reload(self) -> None:
         """Reads the files again: new connections get them, open connections (and their sessions) go on.
