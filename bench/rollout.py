@@ -19,7 +19,7 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from bench.plan import MODELS
 from bench.report import _ms, _n, _ratio, _table
-from bench.scenarios import Bench, median_of, split
+from bench.scenarios import Bench, median_of, split, summarize
 from server.model.export import build_module, export_to_repository
 
 P99_BOUND = 2.0  # p99 around the switch / steady (issue 13)
@@ -84,14 +84,9 @@ def switch_under_load(bench: Bench, on, repository, name: str, version: int, ses
 
 def window(results: list[dict], start: float, end: float) -> dict:
     """Steps/s and latency percentiles of the answers that arrived in [start, end)."""
-    inside = [(r["latencies"][(r["times"] >= start) & (r["times"] < end)],
-               r["steps"][(r["times"] >= start) & (r["times"] < end)]) for r in results]
-    latencies = np.concatenate([lat for lat, _ in inside])
-    figures = {"throughput": sum(int(steps.sum()) for _, steps in inside) / (end - start),
-               "samples": int(latencies.size)}
-    for key, q in (("p50", 50), ("p99", 99), ("p999", 99.9)):
-        figures[key] = float(np.percentile(latencies, q)) if latencies.size else float("nan")
-    return figures
+    inside = [(r["times"] >= start) & (r["times"] < end) for r in results]
+    return summarize([{"latencies": r["latencies"][i], "steps": int(r["steps"][i].sum()), "dropped": 0}
+                      for r, i in zip(results, inside, strict=True)], end - start)
 
 
 class Switch:
