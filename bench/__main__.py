@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import callers, columnar, durability, report, tracing
+from bench import callers, columnar, durability, report, rollout, tracing
 from bench.plan import MODELS, SCENARIOS, Plan
 from bench.scenarios import Bench
 
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             ("memory", bench.memory),
             ("durability", lambda: durability.run(bench)),
             ("tracing", lambda: tracing.run(bench)),
+            ("rollout", lambda: rollout.run(bench)),
         ) if scenario in plan.scenarios]
         failed = {}
         try:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             **bench.results,
         }
     table = (report.markdown(results) + columnar.markdown(results) + callers.markdown(results)
-             + durability.markdown(results) + tracing.markdown(results))
+             + durability.markdown(results) + tracing.markdown(results) + rollout.markdown(results))
     print(table)
     report.write_json(results, args.out / "results.json")
     (args.out / "table.md").write_text(table)

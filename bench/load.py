@@ -10,6 +10,7 @@ import asyncio
 import collections
 import multiprocessing
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -276,14 +277,17 @@ class LoadPool:
     def size(self) -> int:
         return len(self._conns)
 
-    def run(self, jobs: list[dict]) -> list[dict]:
-        """Runs one job per worker (the first len(jobs) workers) over the same measuring window."""
+    def run(self, jobs: list[dict], started: Callable[[float], None] | None = None) -> list[dict]:
+        """Runs one job per worker (the first len(jobs) workers) over the same measuring window; `started` is
+        told the start time (CLOCK_MONOTONIC) once every worker is ready, e.g. to act at a moment of the run."""
         conns = self._conns[: len(jobs)]
         for conn, job in zip(conns, jobs, strict=True):
             conn.send(job)
         for conn in conns:
             _raise_if_error(conn.recv())
         start_at = time.monotonic() + 0.05
+        if started:
+            started(start_at)
         for conn in conns:
             conn.send(start_at)
         return [_raise_if_error(conn.recv()) for conn in conns]

@@ -15,6 +15,7 @@ import numpy as np
 from lstmserve.v1 import lstm_service_pb2 as pb
 
 from bench.load import Tally, _check, tensor
+from bench.rollout_load import prepare_turnover
 
 _sequence_ids = itertools.count(1 + (os.getpid() << 20))  # unique per worker process and across jobs
 
@@ -163,4 +164,4 @@ async def prepare_oip_stream(stub, job: dict):
 
 
 KINDS = {"predict_callers": prepare_predict_callers, "step_callers": prepare_step_callers,
-         "oip_infer": prepare_oip_infer, "oip_stream": prepare_oip_stream}
+         "oip_infer": prepare_oip_infer, "oip_stream": prepare_oip_stream, "turnover": prepare_turnover}

@@ -11,7 +11,7 @@ MODELS = {
 }
 
 SCENARIOS = ("closed", "open", "multiplexed", "columnar", "predict", "merged", "oip", "memory", "durability",
-             "tracing")
+             "tracing", "rollout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,11 @@ class Plan:
     durability_sessions: tuple[int, ...] = (16, 256)
     tracing_model: str = "small"
     tracing_sessions: tuple[int, ...] = (16, 256)
+    rollout_model: str = "small"
+    rollout_sessions: tuple[int, ...] = (64, 256)
+    rollout_steady: float = 10.0  # seconds of the steady window before the switch window
+    rollout_window: float = 10.0  # seconds around the switch (SIGHUP in its middle)
+    rollout_lifetime: float = 2.0  # seconds each session lives before a new one replaces it
 
     @classmethod
     def quick(cls) -> "Plan":
@@ -72,6 +77,10 @@ class Plan:
             memory_sessions=(10_000,),
             durability_sessions=(64,),
             tracing_sessions=(64,),
+            rollout_sessions=(64,),
+            rollout_steady=3.0,
+            rollout_window=4.0,
+            rollout_lifetime=1.0,
         )
 
     def restricted(self, models: tuple[str, ...] | None, scenarios: tuple[str, ...] | None) -> "Plan":
@@ -79,7 +88,7 @@ class Plan:
         if models:
             changes["models"] = models
             for field in ("open_model", "multiplexed_model", "columnar_model", "predict_model", "merged_model",
-                          "oip_model", "memory_model", "durability_model", "tracing_model"):
+                          "oip_model", "memory_model", "durability_model", "tracing_model", "rollout_model"):
                 if getattr(self, field) not in models:
                     changes[field] = models[-1]
         if scenarios:

@@ -79,6 +79,12 @@ def targets(results: dict) -> list[dict]:
             1.0,
             False,
         )
+    for row in results.get("rollout", []):
+        at = f"rollout {row['model']} @{row['sessions']}"
+        add(f"{at}: p99 around the switch / steady", _ratio(row["configs"]["switch"]["p99"],
+                                                            row["configs"]["steady"]["p99"]), 2, False)
+        add(f"{at}: steps lost (errors + unanswered)", row["lost"], 0, False)
+        add(f"{at}: RSS after the unload / before the load", row["rss_ratio"], 1.1, False)
     return found
 
 

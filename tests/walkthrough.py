@@ -21,13 +21,22 @@ def fenced_block_after(marker: str) -> str:
     return match.group(1)
 
 
+def run_example(name: str, replacements: dict[str, str]) -> tuple[str, dict]:
+    """Runs the README's `name:code` block with each key replaced by its value (e.g. the README's address by
+    a test server's); returns what it printed and its variables."""
+    code = fenced_block_after(f"{name}:code")
+    for old, new in replacements.items():
+        assert old in code, f"the README's {name} example has no {old!r}"
+        code = code.replace(old, new)
+    printed, variables = io.StringIO(), {}
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, f"README {name}", "exec"), variables)
+    return printed.getvalue(), variables
+
+
 def run_walkthrough(address: str) -> str:
     """Runs the walk-through against `address` (its asserts check stepped == whole); returns its output."""
-    code = fenced_block_after("walkthrough:code").replace(README_ADDRESS, address)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, "README walk-through", "exec"), {})
-    return printed.getvalue()
+    return run_example("walkthrough", {README_ADDRESS: address})[0]
 
 
 def main(argv: list[str]) -> int:

@@ -49,3 +49,20 @@ def test_quick_bench_runs_the_merged_predict_and_oip_scenarios(tmp_path):
     assert all(figures["throughput"] > 0 for figures in oip["configs"].values())
     assert "merged / unmerged steps/s" in finished.stdout and "OIP ModelInfer tiny @64 / native Step" in finished.stdout
     assert (tmp_path / "plot-callers.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quick_rollout_bench_switches_versions_and_reports_its_windows(tmp_path):
+    command = [sys.executable, "-m", "bench", "--quick", "--models", "tiny", "--scenarios", "rollout",
+               "--out", str(tmp_path)]
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+
+    [row] = json.loads((tmp_path / "results.json").read_text())["rollout"]
+    assert (row["model"], row["sessions"]) == ("tiny", 64)
+    for window in ("steady", "switch"):
+        assert row["configs"][window]["throughput"] > 0 and row["configs"][window]["samples"] > 0
+    assert row["lost"] == 0, row["errors"]
+    assert 0 < row["ready_after"] < row["unloaded_after"]  # the old version went only after the new one served
+    assert "### Roll-out" in finished.stdout and "rollout tiny @64: p99 around the switch / steady" in finished.stdout
