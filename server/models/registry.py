@@ -3,15 +3,9 @@ ones, made the default, drained and unloaded while traffic flows. The transport 
 serves a request; the engines know nothing of it."""
 
 import asyncio
-import collections
 import dataclasses
-import enum
-import json
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-
-import torch
 
 from server.engine import (
     Draining,
@@ -26,49 +20,26 @@ from server.engine import (
 )
 from server.engine.errors import DRAINING_RETRY_SECONDS
 from server.logsafe import clip
-from server.model import ModelMetadata, ModelRuntime
+from server.model import ModelRuntime
+from server.models.drain import Drains
 from server.models.migration import carry_over
 from server.models.repository import ModelEntry
+from server.models.versions import (
+    LOADING_RETRY_SECONDS,
+    Version,
+    VersionState,
+    VersionStatus,
+    check_carry,
+    file_stamp,
+    load_runtime,
+    named,
+)
 
 log = logging.getLogger(__name__)
 
+__all__ = ["EngineFactory", "ModelRegistry", "VersionState", "VersionStatus"]
+
 EngineFactory = Callable[[ModelRuntime, EngineLimits], Engine]
-RETIRED_SESSIONS_KEPT = 100_000  # ids of sessions ended by a drain timeout, remembered to say why they are gone
-LOADING_RETRY_SECONDS = 1.0
-
-
-class VersionState(enum.Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    DRAINING = "DRAINING"  # no new sessions; its sessions go on until they end or --drain-timeout
-    UNAVAILABLE = "UNAVAILABLE"  # failed to load (the reason says why) or unloaded
-
-
-@dataclasses.dataclass(frozen=True)
-class VersionStatus:
-    name: str
-    version: int
-    state: VersionState
-    reason: str
-    metadata: ModelMetadata | None  # None until loaded, or when the file could not be read
-    live_sessions: int
-    is_default: bool = False  # new sessions and stateless calls get this version
-    failed: bool = False  # UNAVAILABLE because it could not be loaded (not merely unloaded)
-
-
-@dataclasses.dataclass(eq=False)
-class _Version:
-    name: str
-    version: int
-    path: Path
-    stamp: tuple  # the file's (mtime, size) when it was loaded: a failed version is retried once it changes
-    state: VersionState = VersionState.LOADING
-    reason: str = ""
-    engine: Engine | None = None
-    metadata: ModelMetadata | None = None
-    drain_task: asyncio.Task | None = None
-    drain_expired: bool = False
-    failed: bool = False  # it could not be loaded (not merely unloaded)
 
 
 @dataclasses.dataclass(eq=False)
@@ -89,19 +60,18 @@ class ModelRegistry:
         self._limits = limits
         self._device = device
         self._default_model = default_model
-        self._drain_timeout = drain_timeout
         self._poll_interval = poll_interval
         self._locate = locate  # a stored session's model identity, for sessions not live here
         self._models: dict[str, _Model] = {}
-        self._versions: dict[tuple[str, int], _Version] = {}
-        self._by_engine: dict[Engine, _Version] = {}
+        self._versions: dict[tuple[str, int], Version] = {}
+        self._by_engine: dict[Engine, Version] = {}
         self._sequences: dict[Engine, Sequences] = {}  # Open Inference Protocol sequences, per engine
-        self._retired_sessions: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
         self._changing = asyncio.Lock()  # one load, unload or reload at a time
         self._listeners: list[Callable[[], None]] = []
         self._tasks: set[asyncio.Task] = set()
         self._draining = asyncio.Event()
         self._drain_deadline = 0.0
+        self._drains = Drains(drain_timeout, self._spawn, self._unloaded)
 
     # -- what requests are served by ----------------------------------------------------------------
 
@@ -113,22 +83,23 @@ class ModelRegistry:
         v = self._version(model.entry.name, version or model.default, version)
         if v.state is VersionState.READY or (v.engine is not None and not new_work):
             return v.engine
-        raise self._refusal(v)
+        raise v.refusal()
 
     def live_engine(self, session_id: str) -> Engine | None:
         """The engine where the session is live now, if any."""
-        return next((v.engine for v in list(self._versions.values())
-                     if v.engine is not None and v.engine.has_session(session_id)), None)
+        for engine in self._by_engine:  # the loaded versions: a few
+            if engine.has_session(session_id):
+                return engine
+        return None
 
     async def engine_of_session(self, session_id: str) -> Engine:
         """The engine of the version the session began on (or, with state_migration carry, the one it moved to);
         a session ended by its version's drain timeout is refused with FAILED_PRECONDITION naming the version."""
         if (engine := self.live_engine(session_id)) is not None:
-            return self._carried(self._by_engine[engine], session_id)
-        if (retired := self._retired_sessions.get(session_id)) is not None:
-            name, version = retired
-            raise VersionRetired(f"session {clip(session_id)} ran on version {version} of model {name}, which was "
-                                 "retired; its state is gone: open a new session", name, version)
+            v = self._by_engine[engine]
+            return engine if v.state is VersionState.READY else self._carried(v, session_id)
+        if (refusal := self._drains.refusal(session_id)) is not None:
+            raise refusal
         return await self._stored_session_engine(session_id)
 
     def version_of(self, engine: Engine) -> tuple[str, int]:
@@ -143,9 +114,7 @@ class ModelRegistry:
         return self._sequences[engine]
 
     def statuses(self) -> list[VersionStatus]:
-        return [VersionStatus(v.name, v.version, v.state, v.reason, v.metadata,
-                              v.engine.session_count if v.engine else 0,
-                              v.name in self._models and self._models[v.name].default == v.version, v.failed)
+        return [v.status(v.name in self._models and self._models[v.name].default == v.version)
                 for _, v in sorted(self._versions.items())]
 
     def serving(self) -> bool:
@@ -199,7 +168,7 @@ class ModelRegistry:
             self._models[name].unloaded = True
             for v in self._of(name):
                 if v.state is VersionState.READY:
-                    self._retire(v, "unloaded by request")
+                    self._drains.retire(v, "unloaded by request")
             self._choose_default(self._models[name])
         self._changed()
 
@@ -235,30 +204,30 @@ class ModelRegistry:
         wanted = entry.selected
         for version in sorted(wanted):
             v = self._versions.get((entry.name, version))
-            if v is None or (v.state is VersionState.UNAVAILABLE and
-                             (not v.failed or v.stamp != _stamp(entry.versions[version]))):
+            if v is None or v.needs_loading():
                 await self._load_version(entry, version)
         ready = [v for v in self._of(entry.name) if v.state is VersionState.READY and v.version in wanted]
         # a version leaves only once a wanted one serves: a broken new version never takes the old one down
         if ready or not wanted:
             for v in self._of(entry.name):
                 if v.state is VersionState.READY and v.version not in wanted:
-                    self._retire(v, "left the version policy")
+                    self._drains.retire(v, "left the version policy")
         self._choose_default(model)
         if not self._of(entry.name):
             del self._models[entry.name]  # a directory without versions, never served: not a model
 
     async def _load_version(self, entry: ModelEntry, version: int) -> None:
         path = entry.versions[version]
-        v = self._versions[(entry.name, version)] = _Version(entry.name, version, path, _stamp(path))
+        v = self._versions[(entry.name, version)] = Version(entry.name, version, path, file_stamp(path))
         self._changed()
         engine = None
         try:
-            runtime = await asyncio.to_thread(_load_runtime, path, self._device, self._limits.torch_threads)
+            runtime = await asyncio.to_thread(load_runtime, path, self._device, self._limits.torch_threads)
             if entry.renamed:  # the repository names versions: sessions' records carry that identity
                 runtime.metadata = dataclasses.replace(runtime.metadata, name=entry.name, version=str(version))
             v.metadata = runtime.metadata
-            self._check_carry(entry, runtime.metadata)
+            if entry.config.state_migration == "carry":
+                check_carry(self._loaded(entry.name), runtime.metadata)
             engine = self._engines(runtime, dataclasses.replace(self._limits, **entry.config.limits))
             await engine.start()
         except Exception as error:  # noqa: BLE001 - whatever is wrong with a version, it must not stop the rest
@@ -270,65 +239,15 @@ class ModelRegistry:
             return
         v.engine, v.state = engine, VersionState.READY
         self._by_engine[engine] = v
-        engine.on_session_closed(lambda _session_id: self._after_close(v))
+        engine.on_session_closed(lambda session_id: self._drains.after_close(v, session_id))
         log.info("model %s version %d is ready", entry.name, version)
 
-    def _check_carry(self, entry: ModelEntry, metadata: ModelMetadata) -> None:
-        if entry.config.state_migration != "carry":
-            return
-        for v in self._loaded(entry.name):
-            m = v.metadata
-            if (m.num_layers, m.hidden_size) != (metadata.num_layers, metadata.hidden_size):
-                raise ValueError(f"state_migration carry needs the state shape of version {v.version} "
-                                 f"([{m.num_layers}, {m.hidden_size}]), this version's is "
-                                 f"[{metadata.num_layers}, {metadata.hidden_size}]")
-
-    def _retire(self, v: _Version, why: str) -> None:
-        v.state, v.reason = VersionState.DRAINING, why
-        name, version = v.name, v.version
-        v.engine.retire(lambda: VersionRetired(
-            f"version {version} of model {name} is retired ({why}) and takes no new sessions or calls; leave "
-            "the version unset for the current one", name, version))
-        log.info("model %s version %d is draining (%s): %d live sessions", name, version, why,
-                 v.engine.session_count)
-        if v.engine.session_count == 0:
-            self._spawn(self._unload_version(v, why))
-        else:
-            v.drain_task = self._spawn(self._drain_after_timeout(v, why))
-
-    async def _drain_after_timeout(self, v: _Version, why: str) -> None:
-        await asyncio.sleep(self._drain_timeout)
-        v.drain_expired = True
-        if v.engine is None:
-            return
-        ended = await v.engine.end_all(VersionRetired(
-            f"version {v.version} of model {v.name} was retired ({why}) and its sessions ended at the drain "
-            "timeout: open a new session", v.name, v.version))
-        for session_id in ended:
-            self._retired_sessions[session_id] = (v.name, v.version)
-        while len(self._retired_sessions) > RETIRED_SESSIONS_KEPT:
-            self._retired_sessions.popitem(last=False)
-        log.warning("model %s version %d: %d sessions ended at the drain timeout", v.name, v.version, len(ended))
-        await self._unload_version(v, why)
-
-    def _after_close(self, v: _Version) -> None:
-        if v.state is VersionState.DRAINING and v.engine is not None and v.engine.session_count == 0:
-            self._spawn(self._unload_version(v, v.reason))
-
-    async def _unload_version(self, v: _Version, why: str) -> None:
-        engine, v.engine = v.engine, None
-        if engine is None:
-            return  # its last session's close and its drain timeout both got here
-        if v.drain_task is not None and not v.drain_expired:
-            v.drain_task.cancel()
-        v.state, v.reason = VersionState.UNAVAILABLE, f"unloaded ({why})"
-        await engine.stop()
+    def _unloaded(self, v: Version, engine: Engine) -> None:
         del self._by_engine[engine]
         self._sequences.pop(engine, None)
-        log.info("model %s version %d unloaded", v.name, v.version)
         self._changed()
 
-    def _carried(self, v: _Version, session_id: str) -> Engine:
+    def _carried(self, v: Version, session_id: str) -> Engine:
         """With state_migration carry, a retired version's session moves to the default version, when idle."""
         model = self._models.get(v.name)
         if v.state is not VersionState.DRAINING or model is None or \
@@ -344,7 +263,7 @@ class ModelRegistry:
             for v in self._loaded():
                 if v.engine.model_identity == identity:
                     return v.engine
-            name, version = _named(identity)
+            name, version = named(identity)
             raise VersionRetired(f"session {clip(session_id)} runs on version {version} of model {name}, which this "
                                  "server does not serve: open a new session", name, version)
         served = [v for v in self._loaded() if v.state is VersionState.READY]
@@ -362,11 +281,11 @@ class ModelRegistry:
                 raise InvalidInput(f"this server serves several models ({', '.join(sorted(self._models))}): "
                                    "name one in model_name", "model_name")
         model = self._models.get(name)
-        if model is None or not self._of(name):
+        if model is None:
             raise ModelNotFound(f"model {clip(name)} is not served here; ListModels lists the models served")
         return model
 
-    def _version(self, name: str, number: int, asked: int) -> _Version:
+    def _version(self, name: str, number: int, asked: int) -> Version:
         v = self._versions.get((name, number))
         if v is None:
             if asked:
@@ -374,22 +293,16 @@ class ModelRegistry:
             raise ModelUnavailable(f"model {name} has no version ready now", LOADING_RETRY_SECONDS)
         return v
 
-    def _refusal(self, v: _Version) -> Exception:
-        if v.state is VersionState.LOADING:
-            return ModelUnavailable(f"version {v.version} of model {v.name} is loading", LOADING_RETRY_SECONDS)
-        return VersionRetired(f"version {v.version} of model {v.name} is {v.state.value} ({v.reason}); leave the "
-                              "version unset for the current one", v.name, v.version)
-
     def _choose_default(self, model: _Model) -> None:
         name = model.entry.name
         ready = {v.version for v in self._of(name) if v.state is VersionState.READY}
         preferred = model.entry.config.default_version
         model.default = preferred if preferred in ready else max(ready, default=0)
 
-    def _of(self, name: str) -> list[_Version]:
+    def _of(self, name: str) -> list[Version]:
         return [v for (n, _), v in self._versions.items() if n == name]
 
-    def _loaded(self, name: str | None = None) -> list[_Version]:
+    def _loaded(self, name: str | None = None) -> list[Version]:
         return [v for v in self._versions.values() if v.engine is not None and (name is None or v.name == name)]
 
     def _changed(self) -> None:
@@ -410,26 +323,3 @@ class ModelRegistry:
             except OSError as error:
                 log.error("cannot read the model repository: %s", error)
 
-
-def _load_runtime(path: Path, device: str, torch_threads: int) -> ModelRuntime:
-    """On a worker thread, beside the model thread (a load never pauses traffic), with as few torch threads."""
-    torch.set_num_threads(torch_threads)
-    return ModelRuntime.load(path, device)
-
-
-def _named(identity: str) -> tuple[str, int]:
-    """(model name, version number) of a stored model identity (0: a version that is not a number)."""
-    try:
-        fields = json.loads(identity)
-        name, version = str(fields["name"]), str(fields["version"])
-    except (ValueError, KeyError, TypeError):
-        return identity, 0
-    return name, int(version) if version.isdigit() else 0
-
-
-def _stamp(path: Path) -> tuple:
-    try:
-        stat = path.stat()
-    except OSError:
-        return ()
-    return stat.st_mtime_ns, stat.st_size

@@ -2,6 +2,7 @@
 with their reason and never take traffic, while the serving version streams on untouched."""
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -125,3 +126,20 @@ def test_unknown_models_and_versions_are_not_found(tmp_path):
         for operation in (server.app.registry.load, server.app.registry.unload):
             with pytest.raises(ModelNotFound, match="nope"):
                 server.call(operation("nope"))
+
+
+def test_health_is_serving_only_while_every_model_has_a_ready_version(tmp_path):
+    add_version(tmp_path, "a", 1, seed=1)
+    corrupt(tmp_path / "b" / "1" / "model.pt")
+    with server_in_thread(tmp_path, model_repository=str(tmp_path)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert state_name(states(channel)[("b", 1)]) == "UNAVAILABLE"
+        assert pb_grpc.LstmServiceStub(channel).CreateSession(pb.CreateSessionRequest(model_name="a")).model_version
+        add_version(tmp_path, "b", 1, seed=2)  # fixed: its file changed, so it is tried again
+        server.call(server.app.registry.reload())
+        deadline = time.monotonic() + 30  # the health update runs on the server's loop after the change
+        while health.Check(health_pb2.HealthCheckRequest()).status != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health never turned SERVING"
+            time.sleep(0.01)

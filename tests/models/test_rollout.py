@@ -2,7 +2,9 @@
 sessions get the new version, the old one is unloaded once its last session closes (or at the drain timeout)."""
 
 import asyncio
+import gc
 import time
+import weakref
 
 import grpc
 import numpy as np
@@ -126,6 +128,7 @@ def test_at_the_drain_timeout_a_retired_versions_sessions_are_told_to_open_a_new
         leftover = stub.CreateSession(pb.CreateSessionRequest()).session_id
         x = tensors.to_proto(np.ones((1, SIZES[0]), np.float32))
         stub.Step(pb.StepRequest(session_id=leftover, inputs=x))
+        retired = weakref.ref(server.app.registry.engine())
         reference = add_version(tmp_path, "m", 2, seed=2)
         server.call(server.app.registry.reload())
         fresh = stub.CreateSession(pb.CreateSessionRequest())
@@ -138,6 +141,8 @@ def test_at_the_drain_timeout_a_retired_versions_sessions_are_told_to_open_a_new
             stub.Step(pb.StepRequest(session_id=leftover, inputs=x))
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "version 1 of model m" in refused.value.details() and "open a new session" in refused.value.details()
+        server.call(asyncio.to_thread(gc.collect))
+        assert retired() is None  # nothing holds the unloaded version: its memory is returned
         answer = stub.Step(pb.StepRequest(session_id=fresh.session_id, inputs=x))  # others unaffected
         np.testing.assert_allclose(tensors.from_proto(answer.outputs),
                                    Reference(reference, SIZES[2], SIZES[1]).step(np.ones((1, SIZES[0]), np.float32)),

@@ -2,6 +2,7 @@
 snapshot onto their version, taken over by a replica that serves their version (or refused by one that does not);
 the repository polled for new versions."""
 
+import signal
 import time
 
 import grpc
@@ -11,6 +12,7 @@ from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
+from server.testing.processes import lstmserve_process
 from server.testing.redis_server import redis_server
 from tests.integration.reference import TOLERANCE, Reference
 from tests.models.repository_files import SIZES, add_version, state_name, states, write_config
@@ -69,7 +71,7 @@ def test_a_polled_repository_rolls_a_new_version_out_by_itself(tmp_path):
     with server_in_thread(tmp_path, model_repository=str(tmp_path), poll_repository=0.05) as server, \
             grpc.insecure_channel(server.address) as channel:
         add_version(tmp_path, "m", 2, seed=2)
-        wait_for(lambda: states(channel)[("m", 2)].is_default if ("m", 2) in states(channel) else False,
+        wait_for(lambda: ("m", 2) in states(channel) and states(channel)[("m", 2)].is_default,
                  "version 2 to become the default")
         assert pb_grpc.LstmServiceStub(channel).CreateSession(pb.CreateSessionRequest()).model_version == 2
 
@@ -115,3 +117,14 @@ def test_a_replica_takes_a_session_over_onto_its_version_or_refuses_naming_it(tm
                 step(pb_grpc.LstmServiceStub(channel), session_id)
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "version 1 of model m" in refused.value.details()
+
+
+def test_sighup_rolls_out_what_the_repository_holds_now(tmp_path):
+    repository = tmp_path / "models"
+    add_version(repository, "m", 1, seed=1)
+    with lstmserve_process(repository, tmp_path / "server.log", "--model-repository", str(repository)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        add_version(repository, "m", 2, seed=2)
+        server.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: ("m", 2) in states(channel) and states(channel)[("m", 2)].is_default,
+                 "version 2 to become the default")

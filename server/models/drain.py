@@ -1,0 +1,79 @@
+"""Retiring a version: it takes no new work, its sessions go on until the last one ends, then it is unloaded;
+at the drain timeout its remaining sessions end, and are told why when they come back."""
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+
+from server.engine import Engine, VersionRetired
+from server.logsafe import clip
+from server.models.versions import Version, VersionState
+
+log = logging.getLogger(__name__)
+
+RETIRED_SESSIONS_KEPT = 100_000  # ids of sessions ended by a drain timeout, remembered to say why they are gone
+
+
+class Drains:
+    """`spawn(coroutine)` runs background work the registry can cancel; `unloaded(version, engine)` is told
+    when a version's engine has stopped."""
+
+    def __init__(self, timeout: float, spawn: Callable, unloaded: Callable[[Version, Engine], None]):
+        self._timeout = timeout
+        self._spawn = spawn
+        self._unloaded = unloaded
+        self._ended: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
+
+    def retire(self, v: Version, why: str) -> None:
+        v.state, v.reason = VersionState.DRAINING, why
+        name, version = v.name, v.version
+        v.engine.retire(lambda: VersionRetired(
+            f"version {version} of model {name} is retired ({why}) and takes no new sessions or calls; leave "
+            "the version unset for the current one", name, version))
+        log.info("model %s version %d is draining (%s): %d live sessions", name, version, why,
+                 v.engine.session_count)
+        if v.engine.session_count == 0:
+            self._spawn(self.unload(v, why))
+        else:
+            v.drain_task = self._spawn(self._end_at_timeout(v, why))
+
+    def after_close(self, v: Version, session_id: str) -> None:
+        """A session of `v` ended: remembered if the drain timeout ended it; a draining version without sessions
+        is unloaded."""
+        if v.drain_expired:
+            self._ended[session_id] = (v.name, v.version)
+            while len(self._ended) > RETIRED_SESSIONS_KEPT:
+                self._ended.popitem(last=False)
+        if v.state is VersionState.DRAINING and v.engine is not None and v.engine.session_count == 0:
+            self._spawn(self.unload(v, v.reason))
+
+    def refusal(self, session_id: str) -> VersionRetired | None:
+        """Why a session is gone, when a drain timeout ended it."""
+        if (ended := self._ended.get(session_id)) is None:
+            return None
+        name, version = ended
+        return VersionRetired(f"session {clip(session_id)} ran on version {version} of model {name}, which was "
+                              "retired; its state is gone: open a new session", name, version)
+
+    async def unload(self, v: Version, why: str) -> None:
+        engine, v.engine = v.engine, None
+        if engine is None:
+            return  # its last session's close and its drain timeout both got here
+        if v.drain_task is not None and not v.drain_expired:
+            v.drain_task.cancel()
+        v.state, v.reason = VersionState.UNAVAILABLE, f"unloaded ({why})"
+        await engine.stop()
+        log.info("model %s version %d unloaded", v.name, v.version)
+        self._unloaded(v, engine)
+
+    async def _end_at_timeout(self, v: Version, why: str) -> None:
+        await asyncio.sleep(self._timeout)
+        v.drain_expired = True
+        if v.engine is None:
+            return
+        ended = await v.engine.end_all(VersionRetired(  # each one remembered by after_close
+            f"version {v.version} of model {v.name} was retired ({why}) and its sessions ended at the drain "
+            "timeout: open a new session", v.name, v.version))
+        log.warning("model %s version %d: %d sessions ended at the drain timeout", v.name, v.version, len(ended))
+        await self.unload(v, why)
