@@ -20,6 +20,7 @@ from lstmserve.v1 import lstm_service_pb2, lstm_service_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from server.engine import Engine, EngineLimits, LimitExceeded, ModelThread, StateUnavailable
+from server.engine.admission import SharedQuotas
 from server.metrics import Metrics
 from server.model import ModelContractError, ModelMetadata, ModelRuntime
 from server.models.registry import ModelRegistry, VersionState
@@ -83,6 +84,7 @@ class App:
         self._tracing = Tracing(self.tracer_provider.get_tracer("lstmserve")) if self.tracer_provider else None
         await self._open_state_store()
         self._model_thread = ModelThread(s.torch_threads)
+        self._quotas = SharedQuotas(engine_limits(s))  # per-principal limits and max_sessions span models
         self.registry = ModelRegistry(self._scan, self._engine_for, engine_limits(s), s.device, s.default_model,
                                       s.drain_timeout, s.poll_repository, self._locate if self._store else None)
         # versions unloaded after their drain are no longer the server's: UNAVAILABLE counts the failed ones
@@ -140,7 +142,7 @@ class App:
 
     def _engine_for(self, runtime: ModelRuntime, limits: EngineLimits) -> Engine:
         return Engine(runtime, limits, self.metrics, store=self._session_store(runtime.metadata),
-                      tracing=self._tracing, model_thread=self._model_thread)
+                      tracing=self._tracing, model_thread=self._model_thread, quotas=self._quotas)
 
     async def _locate(self, session_id: str) -> str | None:
         """The model identity a session's record in the state store names, if it is there."""

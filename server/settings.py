@@ -36,9 +36,12 @@ class Settings:
     max_batch_size: int = _setting(256, "most sessions advanced by one model call", 1)
     max_batch_delay: float = _setting(0.0, "seconds a batch waits to fill up (0: take what is ready)", 0)
     idle_timeout: float = _setting(600.0, "seconds after which an unused session is closed", 0.01)
-    max_sessions: int = _setting(100_000, "most live sessions; the state pool never grows past this", 1)
-    max_sessions_per_owner: int = _setting(100_000, "most live sessions of one principal (owner)", 1)
-    max_state_bytes: int = _setting(1 << 30, "most bytes of session state (h, c) the state pool may hold", 1)
+    max_sessions: int = _setting(100_000, "most live sessions, every model together; no state pool grows "
+                                 "past this", 1)
+    max_sessions_per_owner: int = _setting(100_000, "most live sessions of one principal (owner), every model "
+                                           "together", 1)
+    max_state_bytes: int = _setting(1 << 30, "most bytes of session state (h, c) the state pool of each "
+                                  "model version may hold", 1)
     full_policy: FullPolicy = _setting(FullPolicy.REFUSE, "at a session limit: refuse new sessions, or evict "
                                        "the least recently used idle one")
     answers_kept: int = _setting(32, "answers of the latest requests kept per session, so retries and "
@@ -67,7 +70,8 @@ class Settings:
     tls_client_ca_file: str = _setting("", "PEM CA(s) that must sign every client's certificate (mTLS)")
     tokens_file: str = _setting("", "lines of '<sha256 hex of a token> <principal>'; turns auth on")
     open_health_and_reflection: bool = _setting(True, "health checks and reflection need no credentials")
-    rate_limit: float = _setting(0.0, "requests per second of each principal (0: unlimited)", 0)
+    rate_limit: float = _setting(0.0, "requests per second of each principal, every model together "
+                                "(0: unlimited)", 0)
     rate_limit_burst: int = _setting(100, "requests a principal may make at once above --rate-limit", 1)
     otlp_endpoint: str = _setting("", "OTLP/gRPC collector that receives traces: http://host:4317 (plaintext) or "
                                   "https://host:4317 (TLS); the standard OTEL_* variables tune the rest. "

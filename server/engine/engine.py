@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from server.engine.admission import Admission, Eviction
+from server.engine.admission import Admission, Eviction, SharedQuotas
 from server.engine.errors import DRAINING_RETRY_SECONDS, Draining, LimitExceeded, SessionNotFound
 from server.engine.exactly_once import ExactlyOnce
 from server.engine.limits import EngineLimits
@@ -35,13 +35,13 @@ class Engine:
 
     def __init__(self, runtime: ModelRuntime, limits: EngineLimits, metrics: Metrics, clock=time.monotonic,
                  store: SessionStore | None = None, tracing: Tracing | None = None,
-                 model_thread: ModelThread | None = None):
+                 model_thread: ModelThread | None = None, quotas: SharedQuotas | None = None):
         self.runtime = runtime
         self.limits = limits
         m = runtime.metadata
         self._metrics = metrics = metrics.for_model(m.name, m.version)
         self._clock = clock
-        self._admission = Admission(limits, m.state_bytes, clock)
+        self._admission = Admission(limits, m.state_bytes, clock, quotas)
         self._pool = StatePool(m.num_layers, m.hidden_size, limits.initial_capacity, self._admission.capacity,
                                device=str(runtime.device))
         store, model = store or MemoryStore(), model_identity(m)
@@ -54,6 +54,7 @@ class Engine:
         self._live = LiveSessions(self._pool, store, self._scheduler, self._admission, model, limits.answers_kept,
                                   clock)
         self._sessions = self._live.table
+        self._uncount_quotas = self._admission.shared.count_in(self._sessions)
         self._order = ExactlyOnce(self._scheduler, self._sessions, limits.answers_kept, limits.max_queued_requests)
         self._tasks: list[asyncio.Task] = []
         self._draining = asyncio.Event()
@@ -102,6 +103,7 @@ class Engine:
         await self._scheduler.stop()
         await self._live.hand_over()
         self._metrics.forget()  # an unloaded version leaves no series behind: labels stay bounded
+        self._uncount_quotas()
         if self._own_thread:
             await asyncio.to_thread(self._own_thread.close)
 

@@ -25,7 +25,8 @@ class Drains:
         self._unloaded = unloaded
         self._ended: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
 
-    def retire(self, v: Version, why: str) -> None:
+    def retire(self, v: Version, why: str, idle_unload: bool = True) -> None:
+        """Not `idle_unload`: kept until the drain timeout even without sessions (some are on their way)."""
         v.state, v.reason = VersionState.DRAINING, why
         name, version = v.name, v.version
         v.engine.retire(lambda: VersionRetired(
@@ -33,7 +34,7 @@ class Drains:
             "the version unset for the current one", name, version))
         log.info("model %s version %d is draining (%s): %d live sessions", name, version, why,
                  v.engine.session_count)
-        if v.engine.session_count == 0:
+        if v.engine.session_count == 0 and idle_unload:
             self._spawn(self.unload(v, why))
         else:
             v.drain_task = self._spawn(self._end_at_timeout(v, why))

@@ -264,12 +264,31 @@ class ModelRegistry:
                 if v.engine.model_identity == identity:
                     return v.engine
             name, version = named(identity)
+            if (engine := await self._load_for_takeover(name, version, identity)) is not None:
+                return engine
             raise VersionRetired(f"session {clip(session_id)} runs on version {version} of model {name}, which this "
                                  "server does not serve: open a new session", name, version)
         served = [v for v in self._loaded() if v.state is VersionState.READY]
         if not served:
             raise SessionNotFound(f"session {clip(session_id)} does not exist", session_id)
         return served[0].engine  # its lookup finds the session in the store, or says it does not exist
+
+    async def _load_for_takeover(self, name: str, version: int, identity: str) -> Engine | None:
+        """A version the repository holds but does not serve (outside its policy), loaded to carry on sessions
+        taken over from another replica: it drains from the start, unloaded once they end."""
+        async with self._changing:
+            entry = (await asyncio.to_thread(self._scan)).get(name)
+            if entry is None or entry.problem or version not in entry.versions:
+                return None
+            v = self._versions.get((name, version))
+            if v is None or v.needs_loading():
+                await self._load_version(entry, version)
+                v = self._versions[(name, version)]
+                if v.state is VersionState.READY and version not in entry.selected:
+                    self._drains.retire(v, "outside the version policy: serves sessions taken over",
+                                        idle_unload=False)
+        self._changed()
+        return v.engine if v.engine is not None and v.engine.model_identity == identity else None
 
     def _model(self, name: str) -> _Model:
         if not name:

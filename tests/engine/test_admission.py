@@ -3,7 +3,7 @@ by bytes, and what refuse and evict decide. Deciding never changes the table: th
 
 import pytest
 
-from server.engine.admission import Admission, Eviction
+from server.engine.admission import Admission, Eviction, SharedQuotas
 from server.engine.errors import LimitExceeded
 from server.engine.sessions import Session, SessionTable
 from tests.limits import limits_with
@@ -133,3 +133,30 @@ def test_each_owner_has_a_rate_limit_of_its_own():
     decide.admit_request("bob")
     clock.now += 1.0
     decide.admit_request("alice")
+
+
+def test_shared_quotas_count_an_owners_sessions_and_the_servers_on_every_model():
+    shared = SharedQuotas(limits_with())
+    one, _ = table("alice", "bob")
+    other, _ = table("alice")
+    shared.count_in(one)
+    stop_counting = shared.count_in(other)
+    on_one = Admission(limits_with(max_sessions=10, max_sessions_per_owner=2), SLOT_BYTES, Clock(), shared)
+    with pytest.raises(LimitExceeded) as refused:
+        on_one.room_for_session("alice", one)
+    assert refused.value.limit == "max_sessions_per_owner" and "already has 2 sessions" in str(refused.value)
+    capped = Admission(limits_with(max_sessions=3), SLOT_BYTES, Clock(), shared)
+    with pytest.raises(LimitExceeded, match="most sessions, 3") as full:
+        capped.room_for_session("carol", one)
+    assert full.value.limit == "max_sessions"
+    stop_counting()
+    assert on_one.room_for_session("alice", one) == [] and capped.room_for_session("carol", one) == []
+
+
+def test_shared_quotas_share_each_owners_rate_limit():
+    shared = SharedQuotas(limits_with(rate_limit=1.0, rate_limit_burst=1), Clock())
+    first, second = (Admission(limits_with(rate_limit=1.0, rate_limit_burst=1), SLOT_BYTES, Clock(), shared)
+                     for _ in range(2))
+    first.admit_request("alice")
+    with pytest.raises(LimitExceeded, match="too many requests"):
+        second.admit_request("alice")

@@ -69,3 +69,18 @@ async def saturate(address: str) -> tuple[int, int]:
         when_small_finished = sum(call.done() for call in large)
         await asyncio.gather(*large)
         return sum(call.done() for call in large), when_small_finished
+
+
+def test_per_principal_limits_span_models(tmp_path):
+    add_version(tmp_path, "a", 1, seed=1)
+    add_version(tmp_path, "b", 1, seed=2)
+    with server_in_thread(tmp_path, model_repository=str(tmp_path), max_sessions_per_owner=2) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        stub.CreateSession(pb.CreateSessionRequest(model_name="a"))
+        stub.CreateSession(pb.CreateSessionRequest(model_name="b"))
+        for name in ("a", "b"):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.CreateSession(pb.CreateSessionRequest(model_name=name))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_sessions_per_owner=2" in refused.value.details()

@@ -92,7 +92,7 @@ def test_a_snapshot_brings_sessions_back_onto_their_version(tmp_path):
         assert stub.GetSession(pb.SessionRef(session_id=session_id)).model_version == 1
 
 
-def test_a_replica_takes_a_session_over_onto_its_version_or_refuses_naming_it(tmp_path):
+def test_a_replica_takes_a_session_over_onto_its_version_loading_it_if_need_be_or_refuses_naming_it(tmp_path):
     both, newer = tmp_path / "both", tmp_path / "newer"
     v1 = add_version(both, "m", 1, seed=1)
     add_version(both, "m", 2, seed=2)
@@ -117,6 +117,15 @@ def test_a_replica_takes_a_session_over_onto_its_version_or_refuses_naming_it(tm
                 step(pb_grpc.LstmServiceStub(channel), session_id)
             assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "version 1 of model m" in refused.value.details()
+        write_config(both, "m")  # latest 1: version 1 is on disk but not served
+        with server_in_thread(both, model_repository=str(both), **store) as fourth, \
+                grpc.insecure_channel(fourth.address) as channel:
+            stub = pb_grpc.LstmServiceStub(channel)
+            assert ("m", 1) not in states(channel)
+            np.testing.assert_allclose(step(stub, session_id), reference.step(X), atol=TOLERANCE)
+            assert state_name(states(channel)[("m", 1)]) == "DRAINING"  # loaded for it, serving nothing new
+            stub.CloseSession(pb.SessionRef(session_id=session_id))
+            wait_for(lambda: state_name(states(channel)[("m", 1)]) == "UNAVAILABLE", "version 1 to be unloaded")
 
 
 def test_sighup_rolls_out_what_the_repository_holds_now(tmp_path):
