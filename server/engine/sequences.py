@@ -42,6 +42,11 @@ class Sequences:
         """Whether the sequence is live here: started, not ended, not expired."""
         return (owner, sequence_id) in self._live
 
+    def session_of(self, sequence_id: SequenceId, owner: str = "") -> str | None:
+        """The id of the engine session behind a live sequence."""
+        live = self._live.get((owner, sequence_id))
+        return live.session_id if live else None
+
     def end(self, sequence_id: SequenceId, owner: str = "") -> None:
         """Ends the sequence if it is live here, once its queued requests are answered (a START elsewhere, on
         another version of the model, replaced it)."""

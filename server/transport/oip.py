@@ -130,16 +130,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Queues the request's work now, so requests on one stream keep their order; returns its future."""
         name, version, owner = request.model_name, request.model_version, current_principal()
         call = convert.decode_request(request)
-        h0, c0 = call.inputs.get("H0"), call.inputs.get("C0")
         if call.sequence_id is None:
             engine = self._models.engine(name, version)
-            pending = asyncio.ensure_future(self._predict(engine, call.inputs["INPUT"], h0, c0))
+            pending = asyncio.ensure_future(self._predict(engine, call.inputs["INPUT"], call.inputs.get("H0"),
+                                                          call.inputs.get("C0")))
         else:
-            sequences = self._models.sequences(name, version, call.sequence_id, owner, call.start)
-            engine = sequences.engine
-            pending = await sequences.step(
-                call.sequence_id, call.inputs["INPUT"], call.start, call.end, h0, c0,
-                with_state=any(name in convert.STATE_OUTPUTS for name in call.outputs), owner=owner)
+            engine, pending = await self._models.sequence_step(name, version, call, owner)
         return dataclasses.replace(call, version=engine.describe().metadata.version), pending
 
     @staticmethod

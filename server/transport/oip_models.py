@@ -2,24 +2,49 @@
 engine that serves it, sequences pinned to the version of their START, the repository index, and load and
 unload with Triton's semantics. No protobuf here: oip.py converts."""
 
-from server.engine import Engine, ModelNotFound, Sequences
+import asyncio
+import collections
+
+from server.engine import Engine, EngineError, ModelNotFound, Sequences, VersionRetired
 from server.logsafe import clip
 from server.models.registry import ModelRegistry, VersionState, VersionStatus
-from server.transport.oip_convert import LoadFailed, UnknownModel
+from server.transport.oip_convert import STATE_OUTPUTS, InferCall, LoadFailed, UnknownModel
 
 SERVING = (VersionState.READY, VersionState.DRAINING)  # states whose engine still answers its sequences
+# Sequences started and not ended by their client, remembered (session id by owner and sequence id) to tell a
+# client whose sequence a drain timeout ended why it is gone; the oldest are forgotten first.
+UNENDED_KEPT = 100_000
 
 
 class OipModels:
     def __init__(self, registry: ModelRegistry):
         self._registry = registry
+        self._unended: collections.OrderedDict[tuple, str] = collections.OrderedDict()
 
     def engine(self, name: str, version: str = "", new_work: bool = True) -> Engine:
         """The engine of `name` at `version` (empty: the model's current version). `new_work`: a stateless call
         or a START, which a draining version refuses; else (metadata, statistics) a draining version's too."""
         return self._registry.engine(name, self._number(name, version), new_work)
 
-    def sequences(self, name: str, version: str, sequence_id, owner: str, start: bool) -> Sequences:
+    async def sequence_step(self, name: str, version: str, call: InferCall, owner: str
+                            ) -> tuple[Engine, asyncio.Future]:
+        """Queues a sequence request on the version that serves it; returns that version's engine and the
+        request's answer (a future)."""
+        key = (owner, call.sequence_id)
+        sequences = await self._sequences(name, version, call.sequence_id, owner, call.start)
+        answer = await sequences.step(call.sequence_id, call.inputs["INPUT"], call.start, call.end,
+                                      call.inputs.get("H0"), call.inputs.get("C0"), owner=owner,
+                                      with_state=any(output in STATE_OUTPUTS for output in call.outputs))
+        if call.end:
+            self._unended.pop(key, None)
+        elif call.start:
+            self._unended[key] = sequences.session_of(call.sequence_id, owner)
+            self._unended.move_to_end(key)
+            while len(self._unended) > UNENDED_KEPT:
+                self._unended.popitem(last=False)
+        return sequences.engine, answer
+
+    async def _sequences(self, name: str, version: str, sequence_id, owner: str, start: bool) -> Sequences:
         """Where a sequence's request goes. START: the version asked for, or the current one; a live sequence
         with that id on another version of the model ends there, as a START on a live id ends it anywhere.
         Every other request: the version its sequence started on, whatever the current version is now."""
@@ -33,8 +58,19 @@ class OipModels:
         for engine in candidates:
             if self._registry.sequences(engine).active(sequence_id, owner):
                 return self._registry.sequences(engine)
+        if (session_id := self._unended.get((owner, sequence_id))) is not None:
+            await self._refuse_if_retired(session_id)
         # not live on any version: the current version's sequences say so ("send sequence_start=true")
         return self._registry.sequences(self.engine(name, version, new_work=False))
+
+    async def _refuse_if_retired(self, session_id: str) -> None:
+        """FAILED_PRECONDITION naming the version, when its drain timeout ended the sequence's session."""
+        try:
+            await self._registry.engine_of_session(session_id)
+        except VersionRetired:
+            raise
+        except EngineError:
+            pass  # gone otherwise (expired): the answer for a sequence that is not active says what to do
 
     def ready(self, name: str, version: str) -> bool:
         """Whether the version (empty: the model's current version) takes new sequences and calls."""

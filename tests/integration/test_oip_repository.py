@@ -179,3 +179,17 @@ def test_a_start_moves_a_live_sequence_id_to_the_version_it_asks_for(repository,
         # the START on version 2 ended the sequence on version 1, and the END freed the new one
         wait_for(lambda: {s.version: s.live_sessions for s in server.app.registry.statuses()} == {1: 0, 2: 0},
                  "both sequences' sessions freed")
+
+
+def test_a_sequence_ended_by_the_drain_timeout_is_told_which_version_retired(repository, triton):
+    xs = chunks(2, seed=5)
+    with server_in_thread("", model_repository=str(repository), drain_timeout=0.5) as server:
+        triton.call("infer_versioned", server.address, MODEL, [step(21, xs[0], start=True),
+                                                               step(22, xs[0], start=True, end=True)])
+        add_demo_version(repository, 2)
+        assert client(triton, server, "load_model", MODEL) is None
+        wait_for(lambda: index(triton, server)["1"][0] == "UNAVAILABLE", "version 1 unloaded at the drain timeout")
+        leftover, ended = triton.call("infer_versioned", server.address, MODEL, [step(21, xs[1]), step(22, xs[1])])
+    assert leftover.status == FAILED_PRECONDITION
+    assert "version 1 of model tutorial-lstm" in leftover.message and "open a new session" in leftover.message
+    assert ended.status == NOT_FOUND and "sequence_start=true" in ended.message  # ended by its client: as before
