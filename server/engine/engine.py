@@ -115,8 +115,9 @@ class Engine:
         if self._own_thread:
             await asyncio.to_thread(self._own_thread.close)
 
-    def retire(self, refusal: Callable[[], Exception]) -> None:
-        """From now on new sessions and stateless calls are refused with `refusal()`; live sessions go on."""
+    def retire(self, refusal: Callable[[], Exception] | None) -> None:
+        """From now on new sessions and stateless calls are refused with `refusal()`; live sessions go on.
+        None takes new work again (a version rolled back to while it drained)."""
         self._retired = refusal
 
     @property

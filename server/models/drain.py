@@ -39,6 +39,19 @@ class Drains:
         else:
             v.drain_task = self._spawn(self._end_at_timeout(v, why))
 
+    def revive(self, v: Version) -> bool:
+        """A draining version the policy wants again (a roll-back) serves again, sessions and all; False when it
+        is too late (its drain timeout has ended its sessions, or it is unloaded): it is loaded anew."""
+        if v.state is not VersionState.DRAINING or v.engine is None or v.drain_expired:
+            return False
+        if v.drain_task is not None:
+            v.drain_task.cancel()
+            v.drain_task = None
+        v.state, v.reason = VersionState.READY, ""
+        v.engine.retire(None)
+        log.info("model %s version %d serves again (back in the version policy)", v.name, v.version)
+        return True
+
     def after_close(self, v: Version, session_id: str) -> None:
         """A session of `v` ended: remembered if the drain timeout ended it; a draining version without sessions
         is unloaded."""

@@ -225,6 +225,8 @@ class ModelRegistry:
         wanted = entry.selected
         for version in sorted(wanted):
             v = self._versions.get((entry.name, version))
+            if v is not None and self._drains.revive(v):
+                continue
             if v is None or v.needs_loading():
                 await self._load_version(entry, version)
         ready = [v for v in self._of(entry.name) if v.state is VersionState.READY and v.version in wanted]

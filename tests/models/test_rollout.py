@@ -147,3 +147,22 @@ def test_at_the_drain_timeout_a_retired_versions_sessions_are_told_to_open_a_new
         np.testing.assert_allclose(tensors.from_proto(answer.outputs),
                                    Reference(reference, SIZES[2], SIZES[1]).step(np.ones((1, SIZES[0]), np.float32)),
                                    atol=TOLERANCE)
+
+
+def test_a_draining_version_the_policy_wants_again_serves_again_with_its_sessions(tmp_path):
+    reference_module = add_version(tmp_path, "m", 1, seed=1)
+    with server_in_thread(tmp_path, model_repository=str(tmp_path), drain_timeout=120) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        live = stub.CreateSession(pb.CreateSessionRequest()).session_id
+        xs = np.random.default_rng(3).standard_normal((2, 1, SIZES[0])).astype(np.float32)
+        first = stub.Step(pb.StepRequest(session_id=live, inputs=tensors.to_proto(xs[0])))
+        server.call(server.app.registry.unload("m"))
+        assert state_name(states(channel)[("m", 1)]) == "DRAINING"
+        server.call(server.app.registry.load("m"))  # a roll-back: the draining version is wanted again
+        assert state_name(states(channel)[("m", 1)]) == "READY"
+        second = stub.Step(pb.StepRequest(session_id=live, inputs=tensors.to_proto(xs[1])))
+        outputs = np.concatenate([tensors.from_proto(first.outputs), tensors.from_proto(second.outputs)])
+        np.testing.assert_allclose(outputs, Reference(reference_module, SIZES[2], SIZES[1]).step(xs[:, 0]),
+                                   atol=TOLERANCE)
+        assert stub.CreateSession(pb.CreateSessionRequest()).model_version == 1
