@@ -8,6 +8,8 @@ import threading
 
 import torch
 
+from server.engine.errors import Draining
+
 
 class Lane:
     """One engine's place in the model thread's queue: its calls run in the order it makes them."""
@@ -48,11 +50,19 @@ class ModelThread:
                 self._wakeup.notify()
 
     def close(self) -> None:
-        """Lets the call in progress finish, then ends the thread; calls still queued are not run."""
+        """Lets the call in progress finish, then ends the thread; calls still queued are not run: their callers
+        get Draining, so none waits forever."""
         with self._wakeup:
             self._closing = True
             self._wakeup.notify()
         self._thread.join()
+        while self._ready:
+            lane = self._ready.popleft()
+            while lane.jobs:
+                _, _, loop, future = lane.jobs.popleft()
+                with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits any more
+                    loop.call_soon_threadsafe(_settle, future, None,
+                                              Draining("the server stopped before this model call ran"))
 
     def _serve(self) -> None:
         # OpenMP's thread count is a per-thread setting, so it is set here: a model thread left at the default

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from server.engine.errors import Draining
 from server.engine.model_thread import ModelThread
 
 pytestmark = pytest.mark.unit
@@ -45,3 +46,20 @@ async def test_a_closed_thread_takes_no_more_calls(model_thread):
     await asyncio.to_thread(model_thread.close)
     with pytest.raises(RuntimeError, match="closed"):
         await lane.run(sum, [1])
+
+
+async def test_calls_still_queued_at_close_are_refused_not_left_waiting(model_thread):
+    lane = model_thread.lane()
+    started, gate = threading.Event(), threading.Event()
+    running = asyncio.ensure_future(lane.run(lambda: started.set() or gate.wait() and "finished"))
+    await asyncio.to_thread(started.wait)
+    queued = asyncio.ensure_future(lane.run(sum, [1]))
+    await asyncio.sleep(0)  # queued behind the running call
+    closing = asyncio.ensure_future(asyncio.to_thread(model_thread.close))
+    while not model_thread._closing:  # the gate opens only once close() has begun, or the thread takes `queued`
+        await asyncio.sleep(0.001)
+    gate.set()
+    await closing
+    assert await running == "finished"  # the call in progress finishes
+    with pytest.raises(Draining):
+        await asyncio.wait_for(queued, 5)
