@@ -14,6 +14,8 @@ import numpy as np
 from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
+from server.policies import EventLoop
+
 
 class EchoServicer(pb_grpc.LstmServiceServicer):
     def __init__(self, output_size: int):
@@ -70,7 +72,9 @@ async def serve(output_size: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-size", type=int, required=True)
-    asyncio.run(serve(parser.parse_args().output_size))
+    # the server's default event loop (--event-loop): the same transport on the same loop, minus the server
+    with asyncio.Runner(loop_factory=EventLoop.UVLOOP.factory()) as runner:
+        runner.run(serve(parser.parse_args().output_size))
 
 
 if __name__ == "__main__":

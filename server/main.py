@@ -26,7 +26,7 @@ from server.metrics import Metrics
 from server.model import ModelContractError, ModelMetadata, ModelRuntime
 from server.models.registry import ModelRegistry, VersionState
 from server.models.repository import ModelEntry, scan, single_file
-from server.policies import Durability, EventLoop
+from server.policies import Durability
 from server.settings import Settings
 from server.store import (
     MemoryStore,
@@ -290,14 +290,6 @@ def settle_heap(settings: Settings) -> None:
         gc.freeze()
 
 
-def event_loop_factory(choice: EventLoop):
-    """The chosen loop's constructor; uvloop is imported only when chosen."""
-    if choice == EventLoop.UVLOOP:
-        import uvloop
-        return uvloop.new_event_loop
-    return asyncio.new_event_loop
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_args(argv)
     warnings.filterwarnings("ignore", message="`torch.jit.", category=DeprecationWarning)  # TorchScript by design
@@ -305,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        with asyncio.Runner(loop_factory=event_loop_factory(settings.event_loop)) as runner:
+        with asyncio.Runner(loop_factory=settings.event_loop.factory()) as runner:
             runner.run(serve(settings))
     except ModelContractError as error:
         log.error("cannot serve the model: %s", error)

@@ -1,6 +1,7 @@
 """The settings that choose a behaviour rather than a size, one enum each: the settings parse them, the engine and
 the store act on them. Imports nothing of the server, so anything may import it."""
 
+import asyncio
 import enum
 
 
@@ -24,3 +25,10 @@ class EventLoop(enum.StrEnum):
 
     ASYNCIO = "asyncio"  # the standard library's
     UVLOOP = "uvloop"  # libuv's, through uvloop
+
+    def factory(self):
+        """The loop's constructor; uvloop is imported only when chosen."""
+        if self is EventLoop.UVLOOP:
+            import uvloop
+            return uvloop.new_event_loop
+        return asyncio.new_event_loop
