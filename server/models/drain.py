@@ -87,9 +87,11 @@ class Drains:
 
 async def return_memory() -> None:
     """Hands an unloaded version's memory back to the operating system. Its engine lives in reference cycles
-    (tasks and callbacks that point back at it), which only a full collection frees, and those can be rare;
-    then glibc keeps the freed weights and state pool in its arenas unless asked to trim them (measured with
-    the large model: RSS stayed at both versions' until both were done)."""
+    (tasks and callbacks that point back at it), which only a full collection frees, and those can be rare; the
+    collection waits one turn of the event loop, until the loop has let go of the engine's cancelled tasks.
+    Then glibc would keep the freed weights and state pool in its arenas unless asked to trim them (measured
+    with the large model: RSS stayed at both versions' level after the unload)."""
+    await asyncio.sleep(0)
     gc.collect()
     if _MALLOC_TRIM is not None:
         await asyncio.to_thread(_MALLOC_TRIM, 0)  # ctypes releases the GIL: the event loop goes on meanwhile

@@ -3,6 +3,7 @@ sessions get the new version, the old one is unloaded once its last session clos
 
 import asyncio
 import time
+import weakref
 
 import grpc
 import numpy as np
@@ -142,3 +143,22 @@ def test_at_the_drain_timeout_a_retired_versions_sessions_are_told_to_open_a_new
         np.testing.assert_allclose(tensors.from_proto(answer.outputs),
                                    Reference(reference, SIZES[2], SIZES[1]).step(np.ones((1, SIZES[0]), np.float32)),
                                    atol=TOLERANCE)
+
+
+def test_an_unloaded_versions_engine_is_freed(tmp_path):
+    """Its weights and state pool go with it: nothing keeps the engine alive once the version is unloaded."""
+    add_version(tmp_path, "m", 1, seed=1)
+    with server_in_thread(tmp_path, model_repository=str(tmp_path)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        old_engine = weakref.ref(server.app.registry.engine())
+        stub = pb_grpc.LstmServiceStub(channel)
+        session = stub.CreateSession(pb.CreateSessionRequest()).session_id
+        add_version(tmp_path, "m", 2, seed=2)
+        server.call(server.app.registry.reload())
+        assert old_engine() is not None  # draining: its session goes on
+        stub.CloseSession(pb.SessionRef(session_id=session))
+        deadline = time.monotonic() + 30
+        while old_engine() is not None:
+            assert time.monotonic() < deadline, "version 1's engine is still referenced after its unload"
+            time.sleep(0.02)
+        assert state_name(states(channel)[("m", 1)]) == "UNAVAILABLE"
