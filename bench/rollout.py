@@ -107,6 +107,7 @@ class Switch:
         self._thread.join(timeout)
         if self._thread.is_alive() or np.isnan(self.unloaded):
             raise RuntimeError(f"version {self._version - 1} was not unloaded within {timeout:.0f} s of the run")
+        self.rss["after"] = self._on.rss_bytes()  # at the end of the run: the unload has finished by then
 
     def _run(self, moment: float) -> None:
         time.sleep(max(0.0, moment - time.monotonic()))
@@ -123,7 +124,7 @@ class Switch:
                 if np.isnan(self.ready) and new is not None and new.state == pb.ModelVersionStatus.READY:
                     self.ready, self.rss["both"] = now, self._on.rss_bytes()
                 if old.state == pb.ModelVersionStatus.UNAVAILABLE:
-                    self.unloaded, self.rss["after"] = now, self._on.rss_bytes()
+                    self.unloaded = now  # marked as the unload starts: its memory goes when the engine has stopped
                 time.sleep(0.05)
 
 

@@ -3,6 +3,8 @@ at the drain timeout its remaining sessions end, and are told why when they come
 
 import asyncio
 import collections
+import ctypes
+import gc
 import logging
 from collections.abc import Callable
 
@@ -12,6 +14,8 @@ from server.models.versions import Version, VersionState
 
 log = logging.getLogger(__name__)
 
+# glibc's malloc_trim, absent elsewhere (musl, macOS): there freed memory goes back as that allocator decides
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 RETIRED_SESSIONS_KEPT = 100_000  # ids of sessions ended by a drain timeout, remembered to say why they are gone
 
 
@@ -80,6 +84,8 @@ class Drains:
         await engine.stop()
         log.info("model %s version %d unloaded", v.name, v.version)
         self._unloaded(v, engine)
+        del engine
+        await return_memory()
 
     async def _end_at_timeout(self, v: Version, why: str) -> None:
         await asyncio.sleep(self._timeout)
@@ -91,3 +97,15 @@ class Drains:
             "timeout: open a new session", v.name, v.version))
         log.warning("model %s version %d: %d sessions ended at the drain timeout", v.name, v.version, len(ended))
         await self.unload(v, why)
+
+
+async def return_memory() -> None:
+    """Hands an unloaded version's memory back to the operating system. Its engine lives in reference cycles
+    (tasks and callbacks that point back at it), which only a full collection frees, and those can be rare; the
+    collection waits one turn of the event loop, until the loop has let go of the engine's cancelled tasks.
+    Then glibc would keep the freed weights and state pool in its arenas unless asked to trim them (measured
+    with the large model: RSS stayed at both versions' level after the unload)."""
+    await asyncio.sleep(0)
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        await asyncio.to_thread(_MALLOC_TRIM, 0)  # ctypes releases the GIL: the event loop goes on meanwhile

@@ -166,3 +166,22 @@ def test_a_draining_version_the_policy_wants_again_serves_again_with_its_session
         np.testing.assert_allclose(outputs, Reference(reference_module, SIZES[2], SIZES[1]).step(xs[:, 0]),
                                    atol=TOLERANCE)
         assert stub.CreateSession(pb.CreateSessionRequest()).model_version == 1
+
+
+def test_an_unloaded_versions_engine_is_freed(tmp_path):
+    """Its weights and state pool go with it: nothing keeps the engine alive once the version is unloaded."""
+    add_version(tmp_path, "m", 1, seed=1)
+    with server_in_thread(tmp_path, model_repository=str(tmp_path)) as server, \
+            grpc.insecure_channel(server.address) as channel:
+        old_engine = weakref.ref(server.app.registry.engine())
+        stub = pb_grpc.LstmServiceStub(channel)
+        session = stub.CreateSession(pb.CreateSessionRequest()).session_id
+        add_version(tmp_path, "m", 2, seed=2)
+        server.call(server.app.registry.reload())
+        assert old_engine() is not None  # draining: its session goes on
+        stub.CloseSession(pb.SessionRef(session_id=session))
+        deadline = time.monotonic() + 30
+        while old_engine() is not None:
+            assert time.monotonic() < deadline, "version 1's engine is still referenced after its unload"
+            time.sleep(0.02)
+        assert state_name(states(channel)[("m", 1)]) == "UNAVAILABLE"
