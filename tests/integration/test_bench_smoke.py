@@ -10,15 +10,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def quick_bench(out: Path, scenarios: str, *options: str) -> tuple[dict, str]:
+    """Runs `bench --quick` on the tiny model; returns its results.json and what it printed."""
+    command = [sys.executable, "-m", "bench", "--quick", "--models", "tiny", "--scenarios", scenarios, *options,
+               "--out", str(out)]
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    return json.loads((out / "results.json").read_text()), finished.stdout
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_quick_bench_writes_results_table_and_plot(tmp_path):
-    command = [sys.executable, "-m", "bench", "--quick", "--models", "tiny", "--scenarios", "closed",
-               "--concurrency", "16", "--out", str(tmp_path)]
-    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr
-
-    results = json.loads((tmp_path / "results.json").read_text())
+    results, printed = quick_bench(tmp_path, "closed", "--concurrency", "16")
     assert {"machine", "plan", "closed", "targets"} <= results.keys()
     [row] = results["closed"]
     assert (row["model"], row["sessions"]) == ("tiny", 16)
@@ -29,40 +33,31 @@ def test_quick_bench_writes_results_table_and_plot(tmp_path):
         assert figures["throughput"] > 0 and figures["samples"] > 0
         assert 0 < figures["p50"] <= figures["p99"] <= figures["p999"]
     assert row["configs"]["in-process"]["throughput"] > 0
-    assert "| tiny | 16 |" in finished.stdout  # the table
+    assert "| tiny | 16 |" in printed  # the table
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_quick_bench_runs_the_merged_predict_and_oip_scenarios(tmp_path):
-    command = [sys.executable, "-m", "bench", "--quick", "--models", "tiny", "--scenarios", "merged,oip",
-               "--out", str(tmp_path)]
-    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr
-
-    results = json.loads((tmp_path / "results.json").read_text())
+    results, printed = quick_bench(tmp_path, "merged,oip")
     [merged] = results["merged"]
     assert merged["configs"]["merged"]["throughput"] > 0 and merged["configs"]["in-process"]["throughput"] > 0
     [oip] = results["oip"]
     assert set(oip["configs"]) == {"OIP ModelStreamInfer", "native Stream", "OIP ModelInfer", "native Step"}
     assert all(figures["throughput"] > 0 for figures in oip["configs"].values())
-    assert "merged / unmerged steps/s" in finished.stdout and "OIP ModelInfer tiny @64 / native Step" in finished.stdout
+    assert "merged / unmerged steps/s" in printed and "OIP ModelInfer tiny @64 / native Step" in printed
     assert (tmp_path / "plot-callers.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_quick_rollout_bench_switches_versions_and_reports_its_windows(tmp_path):
-    command = [sys.executable, "-m", "bench", "--quick", "--models", "tiny", "--scenarios", "rollout",
-               "--out", str(tmp_path)]
-    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stderr
-
-    [row] = json.loads((tmp_path / "results.json").read_text())["rollout"]
+    results, printed = quick_bench(tmp_path, "rollout")
+    [row] = results["rollout"]
     assert (row["model"], row["sessions"]) == ("tiny", 64)
     for window in ("steady", "switch"):
         assert row["configs"][window]["throughput"] > 0 and row["configs"][window]["samples"] > 0
     assert row["lost"] == 0, row["errors"]
     assert 0 < row["ready_after"] < row["unloaded_after"]  # the old version went only after the new one served
-    assert "### Roll-out" in finished.stdout and "rollout tiny @64: p99 around the switch / steady" in finished.stdout
+    assert "### Roll-out" in printed and "rollout tiny @64: p99 around the switch / steady" in printed
