@@ -47,7 +47,7 @@ class ExactlyOnce:
         for work in session.pending or ():
             if work.seq == seq:
                 check_same_inputs(seq, work.digest, digest, expected)
-                return asyncio.shield(work.future)
+                return work.retried()
         kept = self._scheduler.kept.answer_of(session, seq)
         if kept is not None:
             check_same_inputs(seq, kept.digest, digest, expected)

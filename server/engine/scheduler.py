@@ -169,10 +169,10 @@ class Scheduler:
             session.steps_applied += work.steps
             session.last_applied_seq = work.seq
             self._queued -= 1
-            if not work.future.done():
+            if not work.future.done() or work.retries:
                 state = (h_n[:, i].cpu().numpy().copy(), c_n[:, i].cpu().numpy().copy()) if work.with_state \
                     else None
-                work.future.set_result(StepAnswer(None if answers is None else answers[i], state))
+                work.answer(StepAnswer(None if answers is None else answers[i], state))
             self._after_flight(session)
         for session, error in zip(batch, errors or ()):
             if error is not None:
@@ -242,7 +242,7 @@ class Scheduler:
         session.in_flight = False
         failed = session.pending.popleft()
         self._queued -= 1
-        _fail(failed.future, error)
+        failed.answer(error)
         self.fail_pending(session, error if isinstance(error, StateUnavailable) else SequenceError(
             f"request {failed.seq} failed before this one; resend from sequence number {failed.seq}", failed.seq))
         session.last_assigned_seq = session.last_applied_seq
@@ -255,7 +255,7 @@ class Scheduler:
             return
         keep = [session.pending.popleft()] if session.in_flight else []
         while session.pending:
-            _fail(session.pending.popleft().future, error)
+            session.pending.popleft().answer(error)
             self._queued -= 1
         session.pending.extend(keep)
         if session in self._ready:
@@ -275,11 +275,6 @@ _UNTRACED = contextlib.nullcontext()
 
 def _engine_error(error: StoreUnavailable) -> StateUnavailable:
     return StateUnavailable(str(error), error.retry_after)
-
-
-def _fail(future: asyncio.Future, error: Exception) -> None:
-    if not future.done():
-        future.set_exception(error)
 
 
 def _slots(sessions: list[Session]) -> torch.Tensor:

@@ -55,10 +55,29 @@ class Work:
     enqueued_at: float = 0.0
     digest: bytes | None = None  # of the inputs, see inputs_digest
     trace: object = None  # with tracing on, the span context of the RPC that queued it (see server.tracing)
+    retries: list[asyncio.Future] | None = None  # the futures of retries sent while it waits, see retried
 
     @property
     def steps(self) -> int:
         return 0 if self.inputs is None else self.inputs.shape[0]
+
+    def retried(self) -> asyncio.Future:
+        """A future of this request's answer for a retry of it. Not `future` itself, nor a shield of it: the caller
+        that awaits `future` cancels it when it is cancelled (a Stream handler whose client went away), and the
+        retry of that request, a settling unary Step, then waited forever although the request still ran."""
+        retry = asyncio.get_running_loop().create_future()
+        self.retries = [*(self.retries or ()), retry]
+        return retry
+
+    def answer(self, answer) -> None:
+        """Settles the request's future and its retries' with `answer`, or an exception standing in for it."""
+        for future in (self.future, *(self.retries or ())):
+            if future.done():
+                continue
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
 
 
 @dataclasses.dataclass(slots=True, eq=False)

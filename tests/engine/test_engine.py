@@ -216,3 +216,27 @@ async def test_idle_sessions_expire():
             await engine.get_session(sid)
     finally:
         await engine.stop()
+
+
+async def test_a_retry_is_answered_when_the_original_caller_went_away(engine):
+    """A stream handler cancelled while it awaits an answer cancels that future (a task's cancel cancels what it
+    awaits): retries of the request, sent before or after, are still answered when it runs. They waited forever,
+    the request applied but its answer given to nobody (an abandoned Stream, settled by a unary Step)."""
+    sid = (await engine.create_session()).session_id
+    engine.runtime.gate.clear()  # hold the model: every request below is queued or in flight meanwhile
+    originals = [(await engine.step(sid, x(v), seq))[1] for seq, v in ((1, 1), (2, 2), (3, 3))]
+    early = (await engine.step(sid, x(2), seq=2))[1]
+    handlers = [asyncio.create_task(_answer_of(future)) for future in originals[:2]]
+    await asyncio.sleep(0)  # the handlers await the answers
+    for handler in handlers:
+        handler.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
+    late = [(await engine.step(sid, x(v), seq))[1] for seq, v in ((1, 1), (2, 2))]
+    engine.runtime.gate.set()
+    answers = await asyncio.wait_for(asyncio.gather(early, *late, originals[2]), 10)  # a bound, not a timing
+    assert [float(a.outputs[0, 0]) for a in answers] == [3.0, 1.0, 3.0, 6.0]
+    assert (await engine.get_session(sid)).steps_applied == 3
+
+
+async def _answer_of(future: asyncio.Future):
+    return await future
