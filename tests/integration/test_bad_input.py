@@ -195,8 +195,9 @@ def test_refused_60_megabyte_session_ids_leave_no_memory_behind(demo_model, tmp_
     """Each refused request's memory is freed once it is answered, not when the cycle collector next runs:
     before, the server grew by 100-250 MB a request, 1 GB (Step) to 3.4 GB (Stream) over where it started,
     falling back at each collection (a sawtooth). Its highest resident size is compared with its own after two
-    such requests, so the buffers gRPC and the allocator keep are counted in the start; it now wanders up to
-    about 140 MB above it."""
+    such requests, so the buffers gRPC and the allocator keep are counted in the start; it wanders up to about
+    260 MB above it on a loaded machine (glibc keeps freed arenas; a heap scan finds no reference to an id), then
+    levels off: a request whose id were kept would add 60 MB each, 600 MB over the last ten."""
     session_id = "x" * 60_000_000
     with lstmserve_process(demo_model, tmp_path / "server.log") as server, LstmClient(server.address) as client:
         for _ in range(2):
@@ -207,7 +208,8 @@ def test_refused_60_megabyte_session_ids_leave_no_memory_behind(demo_model, tmp_
             refuse_huge_session_id(client, rpc, session_id)
             client.info()  # answered after the refusal, which lets the refused request's handler finish first
             after_each.append(round(resident_megabytes(server.process.pid)))
-        assert max(after_each) - start < 250, f"from {start:.0f} MB: {after_each}"
+        assert max(after_each) - start < 400, f"from {start:.0f} MB: {after_each}"
+        assert max(after_each[-10:]) - max(after_each[:15]) < 120, f"still growing: {after_each}"
 
 
 def test_closed_session_is_not_found(client):
