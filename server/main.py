@@ -146,13 +146,13 @@ class App:
         return Engine(runtime, limits, self.metrics, store=self._session_store(runtime.metadata),
                       tracing=self._tracing, model_thread=self._model_thread, quotas=self._quotas)
 
-    async def _locate(self, session_id: str) -> str | None:
-        """The model identity a session's record in the state store names, if it is there."""
+    async def _locate(self, session_id: str, owner: str) -> str | None:
+        """The model identity a session's record in the state store names, if it is there and `owner`'s."""
         try:
             record = await self._store.load(session_id)
         except StoreUnavailable as error:
             raise StateUnavailable(str(error), error.retry_after) from error
-        return None if record is None else record.model
+        return None if record is None or record.owner != owner else record.model
 
     def _auth_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         s = self.settings

@@ -56,14 +56,14 @@ class ModelRegistry:
 
     def __init__(self, scan: Callable[[], dict[str, ModelEntry]], engines: EngineFactory, limits: EngineLimits,
                  device: str = "cpu", default_model: str = "", drain_timeout: float = 300.0,
-                 poll_interval: float = 0.0, locate: Callable[[str], Awaitable[str | None]] | None = None):
+                 poll_interval: float = 0.0, locate: Callable[[str, str], Awaitable[str | None]] | None = None):
         self._scan = scan  # the repository as it is on disk now (blocking: called on a worker thread)
         self._engines = engines
         self._limits = limits
         self._device = device
         self._default_model = default_model
         self._poll_interval = poll_interval
-        self._locate = locate  # a stored session's model identity, for sessions not live here
+        self._locate = locate  # a stored session's model identity when `owner` owns it, for sessions not live here
         self._models: dict[str, _Model] = {}
         self._versions: dict[tuple[str, int], Version] = {}
         self._by_engine: dict[Engine, Version] = {}
@@ -94,7 +94,7 @@ class ModelRegistry:
                 return engine
         return None
 
-    async def engine_of_session(self, session_id: str) -> Engine:
+    async def engine_of_session(self, session_id: str, owner: str = "") -> Engine:
         """The engine of the version the session began on (or, with state_migration carry, the one it moved to);
         a session ended by its version's drain timeout is refused with FAILED_PRECONDITION naming the version."""
         if (engine := self.live_engine(session_id)) is not None:
@@ -102,7 +102,7 @@ class ModelRegistry:
             return engine if v.state is VersionState.READY else self._carried(v, session_id)
         if (refusal := self._drains.refusal(session_id)) is not None:
             raise refusal
-        return await self._stored_session_engine(session_id)
+        return await self._stored_session_engine(session_id, owner)
 
     async def step_columns(self, session_ids: list[str], seqs: list[int], inputs, owner: str = ""):
         """Engine.step_columns for a message whose sessions may live on several versions (see columns.py)."""
@@ -114,7 +114,7 @@ class ModelRegistry:
         refused: dict[int, Exception] = {}
         for i, session_id in enumerate(session_ids):
             try:
-                parts.setdefault(await self.engine_of_session(session_id), []).append(i)
+                parts.setdefault(await self.engine_of_session(session_id, owner), []).append(i)
             except EngineError as refusal:
                 refused[i] = refusal
         return await step_split(parts, refused, session_ids, seqs, inputs, owner)
@@ -279,9 +279,10 @@ class ModelRegistry:
         target = self._versions[(v.name, model.default)].engine
         return target if carry_over(v.engine, target, session_id) else v.engine
 
-    async def _stored_session_engine(self, session_id: str) -> Engine:
-        """A session not live here: the engine of the version its stored record names, which takes it over."""
-        identity = await self._locate(session_id) if self._locate else None
+    async def _stored_session_engine(self, session_id: str, owner: str) -> Engine:
+        """A session not live here: the engine of the version its stored record names, which takes it over.
+        Another owner's record names nothing: its version is not told to whoever guessed its id."""
+        identity = await self._locate(session_id, owner) if self._locate else None
         if identity is not None:
             for v in self._loaded():
                 if v.engine.model_identity == identity:

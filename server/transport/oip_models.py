@@ -59,14 +59,14 @@ class OipModels:
             if self._registry.sequences(engine).active(sequence_id, owner):
                 return self._registry.sequences(engine)
         if (session_id := self._unended.get((owner, sequence_id))) is not None:
-            await self._refuse_if_retired(session_id)
+            await self._refuse_if_retired(session_id, owner)
         # not live on any version: the current version's sequences say so ("send sequence_start=true")
         return self._registry.sequences(self.engine(name, version, new_work=False))
 
-    async def _refuse_if_retired(self, session_id: str) -> None:
+    async def _refuse_if_retired(self, session_id: str, owner: str) -> None:
         """FAILED_PRECONDITION naming the version, when its drain timeout ended the sequence's session."""
         try:
-            await self._registry.engine_of_session(session_id)
+            await self._registry.engine_of_session(session_id, owner)
         except VersionRetired:
             raise
         except EngineError:

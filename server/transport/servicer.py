@@ -111,13 +111,13 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @unary_with_details
     async def GetSession(self, request, context):
-        engine = await self._registry.engine_of_session(request.session_id)
+        engine = await self._registry.engine_of_session(request.session_id, current_principal())
         return session_info(await engine.get_session(request.session_id, owner=current_principal()),
                             self._registry.version_of(engine))
 
     @unary_with_details
     async def GetState(self, request, context):
-        engine = await self._registry.engine_of_session(request.session_id)
+        engine = await self._registry.engine_of_session(request.session_id, current_principal())
         seq, h, c = await engine.get_state(request.session_id, owner=current_principal())
         return pb.SessionState(session_id=request.session_id, last_sequence_number=seq,
                                h=tensors.to_proto(h), c=tensors.to_proto(c))
@@ -125,7 +125,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
     @unary_with_details
     async def ResetSession(self, request, context):
         owner = current_principal()
-        engine = await self._registry.engine_of_session(request.session_id)
+        engine = await self._registry.engine_of_session(request.session_id, current_principal())
         _, done = await engine.reset(request.session_id, optional_tensor(request, "h"),
                                      optional_tensor(request, "c"), request.sequence_number, owner=owner)
         await done
@@ -134,7 +134,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @unary_with_details
     async def CloseSession(self, request, context):
-        engine = await self._registry.engine_of_session(request.session_id)
+        engine = await self._registry.engine_of_session(request.session_id, current_principal())
         await engine.close_session(request.session_id, owner=current_principal())
         return pb.CloseSessionResponse()
 
@@ -145,7 +145,7 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         inputs = tensors.from_proto(request.inputs, name="inputs")
         owner = current_principal()
         if request.WhichOneof("target") != "new_session":
-            engine = await self._registry.engine_of_session(request.session_id)
+            engine = await self._registry.engine_of_session(request.session_id, owner)
             return request.session_id, *await engine.step(request.session_id, inputs, request.sequence_number,
                                                            owner=owner)
         new = request.new_session

@@ -12,8 +12,10 @@ from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
+from client import Credentials, LstmClient, LstmError
 from server.testing.processes import lstmserve_process
 from server.testing.redis_server import redis_server
+from tests.certs import make_pki
 from tests.integration.reference import TOLERANCE, Reference
 from tests.models.repository_files import SIZES, add_version, state_name, states, write_config
 from tests.servers import server_in_thread
@@ -137,3 +139,31 @@ def test_sighup_rolls_out_what_the_repository_holds_now(tmp_path):
         server.process.send_signal(signal.SIGHUP)
         wait_for(lambda: ("m", 2) in states(channel) and states(channel)[("m", 2)].is_default,
                  "version 2 to become the default")
+
+
+def test_a_stored_session_of_another_principal_names_no_version(tmp_path):
+    """A replica without the session's version tells its owner which version it needs, and anyone else only that
+    the session does not exist: a guessed id must not reveal the model a session runs on."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    add_version(old, "m", 1, seed=1)
+    add_version(new, "m", 2, seed=2)
+    pki = make_pki(tmp_path)
+    secure = dict(tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.server.key),
+                  tokens_file=str(pki.tokens_file))
+
+    def client(server, name: str) -> LstmClient:
+        return LstmClient(server.address, credentials=Credentials(root_certificates=str(pki.ca.cert),
+                                                                  token=pki.tokens[name]))
+
+    with redis_server(tmp_path) as redis:
+        store = dict(state_store=redis.url, lease_ttl=0.5, lease_wait=5.0, **secure)
+        with server_in_thread(old, model_repository=str(old), **store) as first, client(first, "alice") as alice:
+            session_id = alice.session().id
+        with server_in_thread(new, model_repository=str(new), **store) as second:
+            for name, code, said in (("bob", "NOT_FOUND", "does not exist"), ("alice", "FAILED_PRECONDITION",
+                                                                               "version 1 of model m")):
+                with client(second, name) as someone, pytest.raises(LstmError) as refused:
+                    someone.session(session_id=session_id).info()
+                assert refused.value.code().name == code and said in refused.value.details()
+                if name == "bob":
+                    assert "version" not in refused.value.details()
