@@ -63,6 +63,12 @@ def machine() -> dict:
     }
 
 
+def tables(results: dict) -> str:
+    """Every scenario's tables, one blank line apart."""
+    parts = (module.markdown(results) for module in (report, columnar, callers, durability, tracing, rollout))
+    return "\n\n".join(part.strip("\n") for part in parts if part.strip()) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = build_plan(args)
@@ -102,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             "failed": failed,
             **bench.results,
         }
-    table = (report.markdown(results) + columnar.markdown(results) + callers.markdown(results)
-             + durability.markdown(results) + tracing.markdown(results) + rollout.markdown(results))
+    table = tables(results)
     print(table)
     report.write_json(results, args.out / "results.json")
     (args.out / "table.md").write_text(table)
