@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -78,7 +79,7 @@ class App:
         self._authenticator: Authenticator | None = None
         self.tracer_provider = None  # an SDK TracerProvider of this App's own while tracing is on
 
-    async def start(self) -> None:
+    async def start(self, before_listening: Callable[[], None] | None = None) -> None:
         """Loads and warms up the models, then opens the port; health turns SERVING last."""
         s = self.settings
         self._start_metrics_http()
@@ -115,6 +116,8 @@ class App:
             self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.port}")
+        if before_listening:
+            before_listening()
         await self._server.start()
         await self._set_health()
         self.registry.on_change(lambda: asyncio.get_running_loop().create_task(self._set_health()))
@@ -272,8 +275,9 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, app.reload)
     try:
-        await app.start()
-        settle_heap(settings)
+        # settled before the port opens: a full collection beside the first TLS handshakes failed some of them
+        # ("Handshake read failed") on a loaded machine
+        await app.start(before_listening=lambda: settle_heap(settings))
         await stopping.wait()
         log.info("signal received; draining")
     finally:
@@ -281,7 +285,7 @@ async def serve(settings: Settings) -> None:
 
 
 def settle_heap(settings: Settings) -> None:
-    """Once the model is loaded and warm and the port open: the objects made so far live as long as the process,
+    """Once the model is loaded and warm: the objects made so far live as long as the process,
     so collecting them again and again only pauses the event loop (gc.callbacks under the bench's 256 streams:
     full collections of 30-120 ms of CPU every few seconds, each one delaying every stream's answer)."""
     gc.set_threshold(settings.gc_threshold, *gc.get_threshold()[1:])
