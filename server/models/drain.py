@@ -8,7 +8,7 @@ import gc
 import logging
 from collections.abc import Callable
 
-from server.engine import Engine, VersionRetired
+from server.engine import ColumnsAnswer, Engine, SessionNotFound, VersionRetired
 from server.logsafe import clip
 from server.models.versions import Version, VersionState
 
@@ -73,6 +73,18 @@ class Drains:
         name, version = ended
         return VersionRetired(f"session {clip(session_id)} ran on version {version} of model {name}, which was "
                               "retired; its state is gone: open a new session", name, version)
+
+    @property
+    def ended_any(self) -> bool:
+        return bool(self._ended)
+
+    async def name_ended(self, answer: asyncio.Future, session_ids: list[str]) -> ColumnsAnswer:
+        """A columnar answer in which an entry refused as unknown whose session a drain timeout ended is told so."""
+        result = await answer
+        for i, error in result.errors.items():
+            if isinstance(error, SessionNotFound) and (refusal := self.refusal(session_ids[i])) is not None:
+                result.errors[i] = refusal
+        return result
 
     async def unload(self, v: Version, why: str) -> None:
         engine, v.engine = v.engine, None

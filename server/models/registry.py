@@ -109,7 +109,9 @@ class ModelRegistry:
         if len(self._by_engine) == 1:
             (engine, v), = self._by_engine.items()
             if v.state is VersionState.READY:  # one version: every session is its, or unknown to it
-                return await engine.step_columns(session_ids, seqs, inputs, owner=owner)
+                answer = await engine.step_columns(session_ids, seqs, inputs, owner=owner)
+                return asyncio.ensure_future(self._drains.name_ended(answer, session_ids)) \
+                    if self._drains.ended_any else answer
         parts: dict[Engine, list[int]] = {}
         refused: dict[int, Exception] = {}
         for i, session_id in enumerate(session_ids):

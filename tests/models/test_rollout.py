@@ -141,6 +141,10 @@ def test_at_the_drain_timeout_a_retired_versions_sessions_are_told_to_open_a_new
             stub.Step(pb.StepRequest(session_id=leftover, inputs=x))
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "version 1 of model m" in refused.value.details() and "open a new session" in refused.value.details()
+        columns = pb.StepColumns(session_ids=[leftover], inputs=tensors.to_proto(np.ones((1, 1, SIZES[0]), np.float32)))
+        (in_band,) = list(stub.StreamColumns(iter([columns]), timeout=30))  # one version left: its fast path
+        assert in_band.errors[0].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert "version 1 of model m" in in_band.errors[0].error.message
         server.call(asyncio.to_thread(gc.collect))
         assert retired() is None  # nothing holds the unloaded version: its memory is returned
         answer = stub.Step(pb.StepRequest(session_id=fresh.session_id, inputs=x))  # others unaffected
