@@ -1,7 +1,7 @@
 """Engine limits for tests that build an Engine themselves: the settings' defaults, changed where a test says."""
 
+from server.app import engine_limits
 from server.engine import EngineLimits
-from server.main import engine_limits
 from server.settings import Settings
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
 
-from server.main import App
+from server.app import App
 from server.settings import Settings
 
 

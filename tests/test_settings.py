@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from server.main import engine_limits, settle_heap
+from server.app import engine_limits
+from server.main import settle_heap
 from server.policies import Durability, EventLoop, FullPolicy
 from server.settings import Settings
 

@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-# server/main.py's start-up line; the metrics port is `None` when metrics are off.
+# server/app.py's start-up line; the metrics port is `None` when metrics are off.
 SERVING = r"serving model .* on 127\.0\.0\.1:(\d+) \(.*metrics on port (\d+|None)\)"
 
 

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.main import SERVICE_NAME
+from server.app import SERVICE_NAME
 from server.settings import ENV_PREFIX, Settings
 
 pytestmark = pytest.mark.unit
