@@ -10,31 +10,28 @@ from collections.abc import Awaitable, Callable
 from server.engine import (
     Draining,
     Engine,
-    EngineError,
     EngineLimits,
     InvalidInput,
     ModelNotFound,
     ModelUnavailable,
     Sequences,
-    SessionNotFound,
-    VersionRetired,
 )
 from server.engine.errors import DRAINING_RETRY_SECONDS
 from server.logsafe import clip
 from server.model import ModelRuntime
-from server.models.columns import step_split
 from server.models.drain import Drains
-from server.models.migration import carry_over
 from server.models.repository import ModelEntry
+from server.models.sessions import SessionRouter
 from server.models.versions import (
     LOADING_RETRY_SECONDS,
+    Model,
     Version,
     VersionState,
     VersionStatus,
     check_carry,
     file_stamp,
     load_runtime,
-    named,
+    loaded,
 )
 
 log = logging.getLogger(__name__)
@@ -42,13 +39,6 @@ log = logging.getLogger(__name__)
 __all__ = ["EngineFactory", "ModelRegistry", "VersionState", "VersionStatus"]
 
 EngineFactory = Callable[[ModelRuntime, EngineLimits], Engine]
-
-
-@dataclasses.dataclass(eq=False)
-class _Model:
-    entry: ModelEntry
-    default: int = 0  # the version new sessions and stateless calls get; 0: none ready
-    unloaded: bool = False  # unload() was asked: reload() leaves it alone until load() is
 
 
 class ModelRegistry:
@@ -63,8 +53,7 @@ class ModelRegistry:
         self._device = device
         self._default_model = default_model
         self._poll_interval = poll_interval
-        self._locate = locate  # a stored session's model identity when `owner` owns it, for sessions not live here
-        self._models: dict[str, _Model] = {}
+        self._models: dict[str, Model] = {}
         self._versions: dict[tuple[str, int], Version] = {}
         self._by_engine: dict[Engine, Version] = {}
         self._sequences: dict[Engine, Sequences] = {}  # Open Inference Protocol sequences, per engine
@@ -74,6 +63,9 @@ class ModelRegistry:
         self._draining = asyncio.Event()
         self._drain_deadline = 0.0
         self._drains = Drains(drain_timeout, self._spawn, self._unloaded)
+        # `locate`: a stored session's model identity when `owner` owns it, for sessions not live here
+        self._sessions = SessionRouter(self._models, self._versions, self._by_engine, self._drains, locate,
+                                       self._load_for_takeover)
 
     # -- what requests are served by ----------------------------------------------------------------
 
@@ -89,37 +81,15 @@ class ModelRegistry:
 
     def live_engine(self, session_id: str) -> Engine | None:
         """The engine where the session is live now, if any."""
-        for engine in self._by_engine:  # the loaded versions: a few
-            if engine.has_session(session_id):
-                return engine
-        return None
+        return self._sessions.live_engine(session_id)
 
     async def engine_of_session(self, session_id: str, owner: str = "") -> Engine:
-        """The engine of the version the session began on (or, with state_migration carry, the one it moved to);
-        a session ended by its version's drain timeout is refused with FAILED_PRECONDITION naming the version."""
-        if (engine := self.live_engine(session_id)) is not None:
-            v = self._by_engine[engine]
-            return engine if v.state is VersionState.READY else self._carried(v, session_id)
-        if (refusal := self._drains.refusal(session_id)) is not None:
-            raise refusal
-        return await self._stored_session_engine(session_id, owner)
+        """The engine a request of an existing session goes to (see sessions.py)."""
+        return await self._sessions.engine_of_session(session_id, owner)
 
     async def step_columns(self, session_ids: list[str], seqs: list[int], inputs, owner: str = ""):
         """Engine.step_columns for a message whose sessions may live on several versions (see columns.py)."""
-        if len(self._by_engine) == 1:
-            (engine, v), = self._by_engine.items()
-            if v.state is VersionState.READY:  # one version: every session is its, or unknown to it
-                answer = await engine.step_columns(session_ids, seqs, inputs, owner=owner)
-                return asyncio.ensure_future(self._drains.name_ended(answer, session_ids)) \
-                    if self._drains.ended_any else answer
-        parts: dict[Engine, list[int]] = {}
-        refused: dict[int, Exception] = {}
-        for i, session_id in enumerate(session_ids):
-            try:
-                parts.setdefault(await self.engine_of_session(session_id, owner), []).append(i)
-            except EngineError as refusal:
-                refused[i] = refusal
-        return await step_split(parts, refused, session_ids, seqs, inputs, owner)
+        return await self._sessions.step_columns(session_ids, seqs, inputs, owner)
 
     def largest_output_size(self) -> int:
         """The largest output of the loaded versions: what a message's answer is sized by before it is routed."""
@@ -220,7 +190,7 @@ class ModelRegistry:
     # -- internals ----------------------------------------------------------------------------------
 
     async def _apply(self, entry: ModelEntry) -> None:
-        model = self._models.setdefault(entry.name, _Model(entry))
+        model = self._models.setdefault(entry.name, Model(entry))
         if entry.problem:
             return  # logged by the repository; the model keeps serving what it serves
         model.entry = entry
@@ -272,33 +242,6 @@ class ModelRegistry:
         self._sequences.pop(engine, None)
         self._changed()
 
-    def _carried(self, v: Version, session_id: str) -> Engine:
-        """With state_migration carry, a retired version's session moves to the default version, when idle."""
-        model = self._models.get(v.name)
-        if v.state is not VersionState.DRAINING or model is None or \
-                model.entry.config.state_migration != "carry" or not model.default:
-            return v.engine
-        target = self._versions[(v.name, model.default)].engine
-        return target if carry_over(v.engine, target, session_id) else v.engine
-
-    async def _stored_session_engine(self, session_id: str, owner: str) -> Engine:
-        """A session not live here: the engine of the version its stored record names, which takes it over.
-        Another owner's record names nothing: its version is not told to whoever guessed its id."""
-        identity = await self._locate(session_id, owner) if self._locate else None
-        if identity is not None:
-            for v in self._loaded():
-                if v.engine.model_identity == identity:
-                    return v.engine
-            name, version = named(identity)
-            if (engine := await self._load_for_takeover(name, version, identity)) is not None:
-                return engine
-            raise VersionRetired(f"session {clip(session_id)} runs on version {version} of model {name}, which this "
-                                 "server does not serve: open a new session", name, version)
-        served = [v for v in self._loaded() if v.state is VersionState.READY]
-        if not served:
-            raise SessionNotFound(f"session {clip(session_id)} does not exist", session_id)
-        return served[0].engine  # its lookup finds the session in the store, or says it does not exist
-
     async def _load_for_takeover(self, name: str, version: int, identity: str) -> Engine | None:
         """A version the repository holds but does not serve (outside its policy), loaded to carry on sessions
         taken over from another replica: it drains from the start, unloaded once they end."""
@@ -316,7 +259,7 @@ class ModelRegistry:
         self._changed()
         return v.engine if v.engine is not None and v.engine.model_identity == identity else None
 
-    def _model(self, name: str) -> _Model:
+    def _model(self, name: str) -> Model:
         if not name:
             if self._default_model:
                 name = self._default_model
@@ -338,7 +281,7 @@ class ModelRegistry:
             raise ModelUnavailable(f"model {name} has no version ready now", LOADING_RETRY_SECONDS)
         return v
 
-    def _choose_default(self, model: _Model) -> None:
+    def _choose_default(self, model: Model) -> None:
         name = model.entry.name
         ready = {v.version for v in self._of(name) if v.state is VersionState.READY}
         preferred = model.entry.config.default_version
@@ -348,7 +291,7 @@ class ModelRegistry:
         return [v for (n, _), v in self._versions.items() if n == name]
 
     def _loaded(self, name: str | None = None) -> list[Version]:
-        return [v for v in self._versions.values() if v.engine is not None and (name is None or v.name == name)]
+        return loaded(self._versions, name)
 
     def _changed(self) -> None:
         for listener in self._listeners:

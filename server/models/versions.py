@@ -1,4 +1,5 @@
-"""One model version as the registry keeps it (its state, why, its engine) and the loading of its file."""
+"""One model and one model version as the registry keeps them (a version's state, why, its engine) and the loading
+of a version's file."""
 
 import dataclasses
 import enum
@@ -9,6 +10,7 @@ import torch
 
 from server.engine import Engine, ModelUnavailable, VersionRetired
 from server.model import ModelMetadata, ModelRuntime
+from server.models.repository import ModelEntry
 
 LOADING_RETRY_SECONDS = 1.0
 
@@ -30,6 +32,13 @@ class VersionStatus:
     live_sessions: int
     is_default: bool = False  # new sessions and stateless calls get this version
     failed: bool = False  # UNAVAILABLE because it could not be loaded (not merely unloaded)
+
+
+@dataclasses.dataclass(eq=False)
+class Model:
+    entry: ModelEntry
+    default: int = 0  # the version new sessions and stateless calls get; 0: none ready
+    unloaded: bool = False  # unload() was asked: reload() leaves it alone until load() is
 
 
 @dataclasses.dataclass(eq=False)
@@ -60,6 +69,11 @@ class Version:
     def needs_loading(self) -> bool:
         """Unloaded, or failed and its file has changed since."""
         return self.state is VersionState.UNAVAILABLE and (not self.failed or self.stamp != file_stamp(self.path))
+
+
+def loaded(versions: dict[tuple[str, int], Version], name: str | None = None) -> list[Version]:
+    """The versions with an engine (serving or draining), of the model `name` or of every model."""
+    return [v for v in versions.values() if v.engine is not None and (name is None or v.name == name)]
 
 
 def load_runtime(path: Path, device: str, torch_threads: int) -> ModelRuntime:
