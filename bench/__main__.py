@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import callers, columnar, durability, report, rollout, tracing
+from bench import callers, columnar, durability, plots, report, rollout, tracing
 from bench.plan import MODELS, SCENARIOS, Plan
 from bench.scenarios import Bench
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     report.write_json(results, args.out / "results.json")
     (args.out / "table.md").write_text(table)
-    if report.plot(results, args.out / "plot.png"):
+    if plots.plot(results, args.out / "plot.png"):
         print(f"plot: {args.out / 'plot.png'}", file=sys.stderr)
     if callers.plot(results, args.out / "plot-callers.png"):
         print(f"plot: {args.out / 'plot-callers.png'}", file=sys.stderr)

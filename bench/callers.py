@@ -6,8 +6,8 @@ import collections
 
 from bench.inproc import InProcessModel
 from bench.plan import MODELS
-from bench.report import _ms, _n, _ratio, _table
 from bench.scenarios import Bench, median_of
+from bench.tables import _ms, _n, _ratio, _table
 
 MERGED, UNMERGED = "merged", "unmerged (max_predict_batch 1)"
 ONE_CALLER = "one caller"

@@ -7,8 +7,8 @@ import statistics
 
 from bench.inproc import InProcessModel
 from bench.plan import MODELS
-from bench.report import _ms, _n, _ratio, _table
 from bench.scenarios import IN_PROCESS, Bench, median_of
+from bench.tables import _ms, _n, _ratio, _table
 
 # config -> (which server, the load's kind)
 CONFIGS = {"echo StreamBatch": ("echo", "batch"), "echo StreamColumns": ("echo", "columns"),
@@ -41,7 +41,7 @@ def run(bench: Bench) -> None:
     for row in rows:
         batch = max(1, round(row["formed_batch"]))
         row["configs"][IN_PROCESS] = {"throughput": model.steps_per_second(1, batch), "batch": batch}
-        c = row["configs"]  # the target, read by report.targets
+        c = row["configs"]  # the target, read by bench/targets.py
         row["server_over_echo_batch"] = _ratio(c["server StreamColumns"]["throughput"],
                                                c["echo StreamBatch"]["throughput"])
         bench.progress(f"columnar {name} {row['sessions']} sessions in-process at batch {batch}: "

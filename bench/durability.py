@@ -4,8 +4,8 @@ import collections
 import contextlib
 
 from bench.plan import MODELS
-from bench.report import configs_table
 from bench.scenarios import Bench, median_of
+from bench.tables import configs_table
 from server.testing.redis_server import redis_server
 
 MODES = ("none", "checkpoint", "every-step")

@@ -18,8 +18,8 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from bench.plan import MODELS
-from bench.report import _ms, _n, _ratio, _table
 from bench.scenarios import Bench, median_of, split, summarize
+from bench.tables import _ms, _n, _ratio, _table
 from server.model.export import build_module, export_to_repository
 
 P99_BOUND = 2.0  # p99 around the switch / steady (issue 13)

@@ -10,8 +10,8 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from bench.plan import MODELS
-from bench.report import configs_table
 from bench.scenarios import Bench, median_of
+from bench.tables import configs_table
 
 MODES = ("off", "on")
 
