@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from bench import callers, columnar, durability, plots, report, rollout, tracing
+from bench import callers, columnar, durability, memory, plots, predict, report, rollout, streaming, tracing
+from bench.harness import Bench
 from bench.plan import MODELS, SCENARIOS, Plan
-from bench.scenarios import Bench
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -76,16 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     at_start = machine()
     with tempfile.TemporaryDirectory(prefix="lstmserve-bench-") as workdir:
         bench = Bench(plan, Path(workdir))
-        runs = [(f"closed {name}", lambda name=name: bench.closed(name))
+        runs = [(f"closed {name}", lambda name=name: streaming.closed(bench, name))
                 for name in plan.models if "closed" in plan.scenarios]
         runs += [(scenario, run) for scenario, run in (
-            ("open", bench.open_loop),
-            ("multiplexed", bench.multiplexed),
+            ("open", lambda: streaming.open_loop(bench)),
+            ("multiplexed", lambda: streaming.multiplexed(bench)),
             ("columnar", lambda: columnar.run(bench)),
-            ("predict", bench.predict),
+            ("predict", lambda: predict.run(bench)),
             ("merged", lambda: callers.merged(bench)),
             ("oip", lambda: callers.oip(bench)),
-            ("memory", bench.memory),
+            ("memory", lambda: memory.run(bench)),
             ("durability", lambda: durability.run(bench)),
             ("tracing", lambda: tracing.run(bench)),
             ("rollout", lambda: rollout.run(bench)),

@@ -4,9 +4,9 @@ unmodified `tritonclient` asyncio client (against the native API at the same num
 
 import collections
 
+from bench.harness import Bench, median_of
 from bench.inproc import InProcessModel
 from bench.plan import MODELS
-from bench.scenarios import Bench, median_of
 from bench.tables import _ms, _n, _ratio, _table
 
 MERGED, UNMERGED = "merged", "unmerged (max_predict_batch 1)"

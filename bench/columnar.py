@@ -5,9 +5,9 @@ own StreamColumns (the columnar transport limit), and the model in-process at th
 import collections
 import statistics
 
+from bench.harness import IN_PROCESS, Bench, median_of
 from bench.inproc import InProcessModel
 from bench.plan import MODELS
-from bench.scenarios import IN_PROCESS, Bench, median_of
 from bench.tables import _ms, _n, _ratio, _table
 
 # config -> (which server, the load's kind)

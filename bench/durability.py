@@ -3,8 +3,8 @@
 import collections
 import contextlib
 
+from bench.harness import Bench, median_of
 from bench.plan import MODELS
-from bench.scenarios import Bench, median_of
 from bench.tables import configs_table
 from server.testing.redis_server import redis_server
 

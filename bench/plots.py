@@ -3,7 +3,7 @@ scenario."""
 
 from pathlib import Path
 
-from bench.scenarios import BATCH_OFF, ECHO, IN_PROCESS, SERVER
+from bench.harness import BATCH_OFF, ECHO, IN_PROCESS, SERVER
 
 
 def plot(results: dict, path: Path) -> bool:

@@ -4,7 +4,7 @@ target's verdict, and the run's JSON."""
 import json
 from pathlib import Path
 
-from bench.scenarios import BATCH_OFF, ECHO, IN_PROCESS, SERVER
+from bench.harness import BATCH_OFF, ECHO, IN_PROCESS, SERVER
 from bench.tables import _ms, _n, _ratio, _table
 from bench.targets import targets
 

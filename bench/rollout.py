@@ -17,8 +17,8 @@ import numpy as np
 from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
+from bench.harness import Bench, median_of, split, summarize
 from bench.plan import MODELS
-from bench.scenarios import Bench, median_of, split, summarize
 from bench.tables import _ms, _n, _ratio, _table
 from server.model.export import build_module, export_to_repository
 

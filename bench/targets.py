@@ -1,7 +1,7 @@
 """The targets of issue 3 (and of the later issues' scenarios) that a run measured: each one's ratio, bound and
 whether it is met."""
 
-from bench.scenarios import BATCH_OFF, ECHO, IN_PROCESS, SERVER
+from bench.harness import BATCH_OFF, ECHO, IN_PROCESS, SERVER
 from bench.tables import _ratio
 
 

@@ -9,8 +9,8 @@ from concurrent import futures
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from bench.harness import Bench, median_of
 from bench.plan import MODELS
-from bench.scenarios import Bench, median_of
 from bench.tables import configs_table
 
 MODES = ("off", "on")
