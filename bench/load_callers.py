@@ -1,8 +1,8 @@
-"""Load kinds of issue 12 beside bench/load.py's: concurrent callers of a unary RPC, native or Open Inference
+"""Load kinds of issue 12 beside bench/load_streams.py's: concurrent callers of a unary RPC, native or Open Inference
 Protocol, and OIP sequences streamed with the unmodified `tritonclient` asyncio client.
 
 Each `prepare_*` takes the worker's native stub and the job, prepares (sessions, sequences, streams) and
-returns `run(start, end)`, as the `Worker._prepare_*` methods do. Every caller loops: send, wait for the
+returns `run(start, end)`, as bench/load_streams.py's do. Every caller loops: send, wait for the
 answer, send again; an answer counts when it arrives inside the measuring window.
 """
 
@@ -14,8 +14,8 @@ import time
 import numpy as np
 from lstmserve.v1 import lstm_service_pb2 as pb
 
-from bench.load import Tally, _check, tensor
 from bench.rollout_load import prepare_turnover
+from bench.tally import Tally, check_answer, tensor
 
 _sequence_ids = itertools.count(1 + (os.getpid() << 20))  # unique per worker process and across jobs
 
@@ -74,7 +74,7 @@ async def prepare_step_callers(stub, job: dict):
         request = pb.StepRequest(session_id=session_id, inputs=inputs)  # seq 0: the server numbers them
 
         async def step() -> int:
-            return _check(await stub.Step(request))
+            return check_answer(await stub.Step(request))
         return step
 
     return _callers([call(info.session_id) for info in infos])

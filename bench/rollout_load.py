@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 from lstmserve.v1 import lstm_service_pb2 as pb
 
-from bench.load import tensor
+from bench.tally import tensor
 
 
 class Timeline:
