@@ -110,12 +110,13 @@ class Settings:
             default = _parse(field, environ[env], parser) if env in environ else field.default
             flag = "--" + field.name.replace("_", "-")
             choices = _choices(field)
+            described = field.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
             if field.type is bool:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                    help=f"{field.metadata['help']} [{env}]")
+                                    help=f"{described} [{env}]")
             else:
                 parser.add_argument(flag, type=str if choices else field.type, default=default, choices=choices,
-                                    help=f"{field.metadata['help']} (default: {field.default}) [{env}]")
+                                    help=f"{described} (default: {field.default}) [{env}]")
         values = vars(parser.parse_args(argv))
         for field in dataclasses.fields(cls):
             minimum = field.metadata["minimum"]

@@ -1,5 +1,6 @@
 """Every setting is a flag and an LSTMSERVE_* variable; flags win; bounds are enforced."""
 
+import dataclasses
 import gc
 import subprocess
 import sys
@@ -103,3 +104,12 @@ def test_the_heap_is_settled_as_the_gc_settings_say():
 def test_the_event_loop_is_uvloop_unless_asyncio_is_chosen():
     assert Settings.from_args([], environ={}).event_loop is EventLoop.UVLOOP
     assert Settings.from_args(["--event-loop", "asyncio"], environ={}).event_loop is EventLoop.ASYNCIO
+
+
+def test_help_lists_every_setting_with_its_variable(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        Settings.from_args(["--help"], environ={})
+    assert stopped.value.code == 0
+    described = capsys.readouterr().out
+    for field in dataclasses.fields(Settings):
+        assert f"--{field.name.replace('_', '-')}" in described and f"LSTMSERVE_{field.name.upper()}" in described
