@@ -1,9 +1,10 @@
 """Per-model series: labelled by model and version while that version is loaded, gone once it is unloaded."""
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from server.metrics import Metrics
+from server.metrics import Metrics, observe_all
 
 pytestmark = pytest.mark.unit
 
@@ -66,3 +67,18 @@ def test_model_versions_counts_each_state_of_each_model_at_scrape_time(metrics):
     versions[1] = ("a", "READY")  # the drained version's place taken: read again at the next scrape
     del versions[3]
     assert counts()[("a", "READY")] == 3 and ("b", "READY") not in counts()
+
+
+def test_observe_all_records_what_observe_records_one_by_one():
+    amounts = np.array([0.0, 0.0001, 0.00011, 0.003, 0.003, 0.7, 9.99, 10.0, 42.0, 1e9])  # bounds, between, past
+    one_by_one, at_once = (Metrics(CollectorRegistry()) for _ in range(2))
+    for amount in amounts:
+        one_by_one.queue_wait.labels("m", "1").observe(amount)
+    observe_all(at_once.queue_wait.labels("m", "1"), amounts)
+    assert exposition(at_once) == exposition(one_by_one)
+    assert 'lstmserve_queue_wait_seconds_bucket{le="0.0001",model="m",version="1"} 2.0' in exposition(at_once)
+
+
+def exposition(metrics: Metrics) -> list[str]:
+    """The scrape's lines but the series' creation times, which differ between two registries."""
+    return [line for line in generate_latest(metrics.registry).decode().splitlines() if "_created" not in line]

@@ -16,7 +16,7 @@ from server.engine.errors import Draining, ModelFailure, SequenceError, SessionN
 from server.engine.model_thread import Lane
 from server.engine.sessions import Session, Work, record_of
 from server.engine.state_pool import StatePool
-from server.metrics import ModelMetrics
+from server.metrics import ModelMetrics, observe_all
 from server.model import ModelRuntime
 from server.store import KeptAnswer, SessionStore, StoreUnavailable
 from server.tracing import Tracing
@@ -126,8 +126,8 @@ class Scheduler:
         for session in batch:
             session.in_flight = True
         started = time.perf_counter()
-        for work in works:
-            self._metrics.queue_wait.observe(started - work.enqueued_at)
+        observe_all(self._metrics.queue_wait,
+                    started - np.fromiter((work.enqueued_at for work in works), np.float64, len(works)))
         slots = _slots(batch)
         x = torch.from_numpy(np.stack([w.inputs for w in works], axis=1))
         h, c = self._pool.gather(slots)

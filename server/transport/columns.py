@@ -37,7 +37,7 @@ class ColumnsStream:
 
     async def answer(self, request_iterator) -> AsyncIterator[pb.StepColumnsResponse]:
         async for answer in read_ahead(request_iterator, self._submit, self._window, self._registry.draining,
-                                       self._registry.draining_refusal):
+                                       self._registry.draining_refusal, awaited=lambda answer: answer):
             yield _response(await answer)
 
     async def _submit(self, message: pb.StepColumns):

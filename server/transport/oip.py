@@ -108,7 +108,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     @streaming
     async def ModelStreamInfer(self, request_iterator, context):
         submitted = read_ahead(request_iterator, self._submit_in_band, self._stream_window,
-                               self._registry.draining, self._registry.draining_refusal)
+                               self._registry.draining, self._registry.draining_refusal,
+                               awaited=lambda submitted: submitted[2])
         async for request, call, pending in submitted:
             try:
                 response = await self._answer(request, call, pending)

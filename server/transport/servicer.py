@@ -74,7 +74,8 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
     async def Stream(self, request_iterator, context):
         async for submitted in read_ahead(request_iterator, self._submit_step_in_band, self._stream_window,
                                           self._registry.draining, self._registry.draining_refusal,
-                                          abandon=lambda submitted: _abandoned((submitted,))):
+                                          abandon=lambda submitted: _abandoned((submitted,)),
+                                          awaited=lambda submitted: submitted[2]):
             yield await _answer_in_band(pb.StepResponse(), *submitted)
 
     @streaming_with_details

@@ -19,7 +19,8 @@ def refused(error: Exception) -> asyncio.Future:
 
 async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awaitable], window: int,
                      draining: asyncio.Event, refusal: Callable[[str], Draining] = Draining,
-                     abandon: Callable[[Any], None] | None = None) -> AsyncIterator:
+                     abandon: Callable[[Any], None] | None = None,
+                     awaited: Callable[[Any], Any] = lambda item: None) -> AsyncIterator:
     """Yields `await submit(request)` for each request in order while reading up to `window` requests ahead.
 
     `submit` queues the request's work and returns without waiting for its answer, and requests are
@@ -28,7 +29,8 @@ async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awai
     yields what it took, and ends the stream with Draining (UNAVAILABLE, made by `refusal`, e.g. the
     engine's, which says how long to wait), so the client resumes elsewhere instead of waiting for the
     shutdown grace to run out. `abandon` is called with each submitted item never handed out, when the stream
-    ends early (the client went away, the server stopped).
+    ends early (the client went away, the server stopped). `awaited(item)`: the future the consumer awaits first
+    when it takes the item (its answer), if any.
 
     Per request this costs a deque append and pop and at most one wake-up of the side that waits: a queue
     and a semaphore per stream cost several futures and callbacks per message (see _Pipeline).
@@ -39,7 +41,8 @@ async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awai
         try:
             async for request in request_iterator:
                 await pipeline.room()
-                pipeline.put(await submit(request))
+                item = await submit(request)
+                pipeline.put(item, awaited(item))
         finally:
             pipeline.close()
 
@@ -86,10 +89,21 @@ class _Pipeline:
             self._reader = asyncio.get_running_loop().create_future()
             await self._reader
 
-    def put(self, item) -> None:
+    def put(self, item, awaited=None) -> None:
+        """`awaited`: the future the consumer awaits first when it takes `item`. A consumer waiting for an item is
+        woken only once that is done: a client that waits for each answer before it sends the next request would
+        otherwise wake the consumer twice per message, once for the item and once for its answer."""
         self._items.append(item)
         self._held += 1
-        _wake(self._consumer)
+        if self._consumer is None or self._consumer.done():
+            return
+        if isinstance(awaited, asyncio.Future) and not awaited.done():
+            awaited.add_done_callback(self._wake_consumer)
+        else:
+            self._consumer.set_result(None)
+
+    def _wake_consumer(self, _=None) -> None:
+        _wake(self._consumer)  # a wake-up that finds no item (the consumer took it meanwhile) waits again
 
     async def take(self):
         """The next item, or _ENDED once the reader closed and every item was taken."""

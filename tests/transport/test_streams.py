@@ -123,3 +123,31 @@ async def test_leaving_the_stream_early_stops_reading_it():
     stream.send(1)
     await settle()
     assert (stream.read, submit.submitted) == (1, [0])
+
+
+async def test_a_waiting_consumer_gets_an_item_once_the_answer_it_awaits_is_done():
+    loop = asyncio.get_running_loop()
+    answers = {1: loop.create_future(), 2: loop.create_future()}
+
+    async def submit(request):
+        return request, answers[request]
+
+    stream, taken = ClientStream(1), []
+    pipeline = read_ahead(stream, submit, 4, asyncio.Event(), awaited=lambda item: item[1])
+    consumer = asyncio.create_task(take_all(pipeline, taken))
+    while stream.read < 1:
+        await asyncio.sleep(0)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert taken == []  # read and submitted, but its answer is not there yet
+    answers[1].set_result("one")
+    stream.send(2)
+    while len(taken) < 1:
+        await asyncio.sleep(0)
+    assert taken[0][0] == 1 and taken[0][1].result() == "one"
+    answers[2].set_exception(RuntimeError("refused"))  # a failed answer hands its item out too
+    while len(taken) < 2:
+        await asyncio.sleep(0)
+    stream.close()
+    await consumer
+    assert [request for request, _ in taken] == [1, 2] and isinstance(taken[1][1].exception(), RuntimeError)
