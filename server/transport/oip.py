@@ -3,7 +3,6 @@ encode. No model or session logic here: sequences live in the engine (`server.en
 version serves a request is oip_models' business."""
 
 import asyncio
-import dataclasses
 import importlib.metadata
 
 from inference import grpc_service_pb2 as pb
@@ -137,7 +136,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                                                           call.inputs.get("C0")))
         else:
             engine, pending = await self._models.sequence_step(name, version, call, owner)
-        return dataclasses.replace(call, version=engine.describe().metadata.version), pending
+        call.version = engine.describe().metadata.version
+        return call, pending
 
     @staticmethod
     async def _predict(engine: Engine, inputs, h0, c0) -> StepAnswer:

@@ -54,6 +54,8 @@ class OipModels:
                 if other is not engine:
                     self._registry.sequences(other).end(sequence_id, owner)
             return self._registry.sequences(engine)
+        if not version and (current := self._current_sequences(name)) and current.active(sequence_id, owner):
+            return current  # the common case, found without listing the model's versions
         candidates = [self.engine(name, version, new_work=False)] if version else self._serving(name)
         for engine in candidates:
             if self._registry.sequences(engine).active(sequence_id, owner):
@@ -62,6 +64,13 @@ class OipModels:
             await self._refuse_if_retired(session_id, owner)
         # not live on any version: the current version's sequences say so ("send sequence_start=true")
         return self._registry.sequences(self.engine(name, version, new_work=False))
+
+    def _current_sequences(self, name: str) -> Sequences | None:
+        """The sequences of the model's current version; None when it has none (or no such model)."""
+        try:
+            return self._registry.sequences(self._registry.engine(name, 0, new_work=False)) if name else None
+        except EngineError:
+            return None
 
     async def _refuse_if_retired(self, session_id: str, owner: str) -> None:
         """FAILED_PRECONDITION naming the version, when its drain timeout ended the sequence's session."""
