@@ -1,5 +1,5 @@
 """The limits the engine works within. Their defaults and meanings live in server/settings.py only; the
-composition root (server/main.py) builds this from the settings."""
+composition root (server/app.py) builds this from the settings."""
 
 import dataclasses
 
