@@ -207,9 +207,19 @@ class ModelRegistry:
             for v in self._of(entry.name):
                 if v.state is VersionState.READY and v.version not in wanted:
                     self._drains.retire(v, "left the version policy")
+        self._forget_deleted(entry)
         self._choose_default(model)
         if not self._of(entry.name):
             del self._models[entry.name]  # a directory without versions, never served: not a model
+
+    def _forget_deleted(self, entry: ModelEntry) -> None:
+        """Versions without an engine (failed or unloaded) whose file left the repository: nothing of them is left
+        to serve or retry, and kept they would be listed (and alerted on, when failed) for ever. A version that
+        still holds an engine drains as any version leaving the policy, and is forgotten at a read after that."""
+        for v in self._of(entry.name):
+            if v.state is VersionState.UNAVAILABLE and v.version not in entry.versions:
+                del self._versions[(v.name, v.version)]
+                log.info("model %s version %d is forgotten: its file left the repository", v.name, v.version)
 
     async def _load_version(self, entry: ModelEntry, version: int) -> None:
         path = entry.versions[version]

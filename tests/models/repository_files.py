@@ -21,6 +21,12 @@ def add_version(repository: Path, name: str, version: int, seed: int, sizes: tup
     return torch.jit.load(str(path))
 
 
+def corrupt(path: Path) -> None:
+    """Writes a version file that is not TorchScript: the version fails to load."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not a TorchScript file")
+
+
 def write_config(repository: Path, name: str, **config) -> None:
     (repository / name).mkdir(parents=True, exist_ok=True)
     (repository / name / "config.json").write_text(json.dumps(config))

@@ -17,7 +17,7 @@ from torch import nn
 from server.engine import ModelNotFound
 from server.model.metadata import METADATA_FILE, ModelMetadata
 from tests.integration.reference import TOLERANCE, Reference
-from tests.models.repository_files import SIZES, add_version, state_name, states, write_config
+from tests.models.repository_files import SIZES, add_version, corrupt, state_name, states, write_config
 from tests.servers import server_in_thread
 
 pytestmark = pytest.mark.integration
@@ -42,11 +42,6 @@ def save(module: nn.Module, path, input_size: int = SIZES[0]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = ModelMetadata("m", "3", input_size, SIZES[1], 1, SIZES[1])
     torch.jit.save(torch.jit.script(module.eval()), str(path), _extra_files={METADATA_FILE: metadata.to_json()})
-
-
-def corrupt(path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"not a TorchScript file")
 
 
 BROKEN = [
