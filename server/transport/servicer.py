@@ -23,7 +23,7 @@ from server.transport.messages import (
     optional_tensor,
     session_info,
 )
-from server.transport.streams import read_ahead
+from server.transport.streams import read_ahead, retrieved
 
 # StreamBatch entries submitted or answered between two yields to the event loop: a message of
 # max_batch_entries must not hold up other clients' calls for its whole duration.
@@ -74,7 +74,6 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
     async def Stream(self, request_iterator, context):
         async for submitted in read_ahead(request_iterator, self._submit_step_in_band, self._stream_window,
                                           self._registry.draining, self._registry.draining_refusal,
-                                          abandon=lambda submitted: _abandoned((submitted,)),
                                           awaited=lambda submitted: submitted[2]):
             yield await _answer_in_band(pb.StepResponse(), *submitted)
 
@@ -243,16 +242,11 @@ def _fields_of(message: str, *fields: str):
 
 
 def _abandoned(submitted: Iterable) -> None:
-    """A stream that ends early never awaits its last answers: their errors are not worth a log line (asyncio
-    logs a future's exception that nobody retrieved). On Stream only the few never handed out get a callback."""
+    """A StreamBatch message's answers, which its handler may never await all of (the client went away, the server
+    stopped): their errors are not worth a log line (asyncio logs a future's exception that nobody retrieved)."""
     for _, _, answer in submitted:
         if isinstance(answer, asyncio.Future):
-            answer.add_done_callback(_observe)
-
-
-def _observe(answer: asyncio.Future) -> None:
-    if not answer.cancelled():
-        answer.exception()
+            answer.add_done_callback(retrieved)
 
 
 async def _in_slices(items: Iterable) -> AsyncIterator:

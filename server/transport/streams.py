@@ -19,7 +19,6 @@ def refused(error: Exception) -> asyncio.Future:
 
 async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awaitable], window: int,
                      draining: asyncio.Event, refusal: Callable[[str], Draining] = Draining,
-                     abandon: Callable[[Any], None] | None = None,
                      awaited: Callable[[Any], Any] = lambda item: None) -> AsyncIterator:
     """Yields `await submit(request)` for each request in order while reading up to `window` requests ahead.
 
@@ -28,9 +27,9 @@ async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awai
     batched instead of answered one round trip at a time. Once `draining` is set it stops reading,
     yields what it took, and ends the stream with Draining (UNAVAILABLE, made by `refusal`, e.g. the
     engine's, which says how long to wait), so the client resumes elsewhere instead of waiting for the
-    shutdown grace to run out. `abandon` is called with each submitted item never handed out, when the stream
-    ends early (the client went away, the server stopped). `awaited(item)`: the future the consumer awaits first
-    when it takes the item (its answer), if any.
+    shutdown grace to run out. `awaited(item)`: the future the consumer awaits first when it takes the item (its
+    answer), if any; when the stream ends early (the client went away, the server stopped) nobody awaits those of
+    the items never handed out, and their errors are retrieved so that asyncio does not log them.
 
     Per request this costs a deque append and pop and at most one wake-up of the side that waits: a queue
     and a semaphore per stream cost several futures and callbacks per message (see _Pipeline).
@@ -62,11 +61,16 @@ async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awai
     finally:
         reader.cancel()
         watcher.cancel()
-        if abandon is not None:
-            pipeline.abandon(abandon)
+        pipeline.abandon(awaited)
 
 
 _ENDED = object()
+
+
+def retrieved(answer: asyncio.Future) -> None:
+    """A done-callback for an answer nobody awaits: asyncio logs a future's exception that nobody retrieved."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 class _Pipeline:
@@ -122,9 +126,12 @@ class _Pipeline:
         self._closed = True
         _wake(self._consumer)
 
-    def abandon(self, abandon: Callable[[Any], None]) -> None:
+    def abandon(self, awaited: Callable[[Any], Any]) -> None:
+        """Drops the items never handed out. Their answers are no longer awaited, not cancelled: the consumer waits
+        on its own future, so a request whose client went away runs on, and an error it ends with is retrieved."""
         while self._items:
-            abandon(self._items.popleft())
+            if isinstance(answer := awaited(self._items.popleft()), asyncio.Future):
+                answer.add_done_callback(retrieved)
 
 
 def _wake(waiter: asyncio.Future | None) -> None:

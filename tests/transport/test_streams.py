@@ -1,6 +1,7 @@
 """read_ahead, the pipelining under every streaming servicer: order, the read-ahead window, draining, failures."""
 
 import asyncio
+import gc
 
 import pytest
 
@@ -151,3 +152,25 @@ async def test_a_waiting_consumer_gets_an_item_once_the_answer_it_awaits_is_done
     stream.close()
     await consumer
     assert [request for request, _ in taken] == [1, 2] and isinstance(taken[1][1].exception(), RuntimeError)
+
+
+async def test_a_stream_that_ends_while_its_consumer_waits_leaves_the_answer_running_and_its_error_retrieved():
+    loop = asyncio.get_running_loop()
+    answers, logged = {1: loop.create_future()}, []
+    loop.set_exception_handler(lambda _, context: logged.append(context["message"]))
+
+    async def submit(request):
+        return request, answers[request]
+
+    consumer = asyncio.create_task(take_all(read_ahead(ClientStream(1), submit, 4, asyncio.Event(),
+                                                       awaited=lambda item: item[1]), []))
+    await settle()
+    consumer.cancel()  # the client went away while its request ran
+    await settle()
+    answer = answers.pop(1)
+    assert not answer.cancelled()  # the consumer waited on its own future: the request runs on
+    answer.set_exception(RuntimeError("the model failed"))
+    del answer, consumer  # the cancelled task's traceback holds the generator's frame, and so the answer
+    await settle()
+    gc.collect()
+    assert logged == []
