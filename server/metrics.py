@@ -59,6 +59,9 @@ class Metrics:
         self.state_store_errors = Counter("lstmserve_state_store_errors_total",
                                           "State store operations that failed (unreachable or timed out)",
                                           registry=registry)
+        self.checkpoint_writes_in_flight = Gauge(
+            "lstmserve_checkpoint_writes_in_flight",
+            "Checkpoint writes sent to the state store in the background and not yet answered", registry=registry)
         self.predict_merged = Counter("lstmserve_predict_merged_total",
                                       "Predict requests that shared their model call with others (merged on the "
                                       "batch axis)", MODEL_LABELS, registry=registry)

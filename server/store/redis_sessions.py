@@ -150,9 +150,16 @@ class RedisSessionStore:
         return self._leases.pop(session_id, None)
 
     def _in_background(self, write) -> None:
+        """Counted in flight from before the step that made it due is acknowledged until the store answers: a
+        kill -9 meanwhile may lose the steps it carries (docs/state-store.md)."""
         task = asyncio.ensure_future(write)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._metrics.checkpoint_writes_in_flight.inc()
+        task.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        self._metrics.checkpoint_writes_in_flight.dec()
 
     async def _write(self, records: list[SessionRecord], raise_errors: bool = False) -> list[StoreUnavailable | None]:
         """Per record: None when stored (or a newer state of ours is), else the error to answer with."""
