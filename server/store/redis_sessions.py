@@ -40,6 +40,7 @@ class RedisSessionStore:
         self._leases: dict[str, Lease] = {}
         self._renewed: dict[str, float] = {}
         self._written: dict[str, int] = {}  # session id -> steps_applied of its last record written
+        self._writing: dict[str, int] = {}  # session id -> steps_applied of its checkpoint in flight
         self._last_checkpoint = clock()
         self._reading: dict[str, asyncio.Future] = {}  # session id -> its record being read
         self._taking: dict[str, asyncio.Future] = {}  # session id -> its owner taking it over
@@ -94,10 +95,26 @@ class RedisSessionStore:
     async def commit(self, records: list[SessionRecord]) -> list[StoreUnavailable | None]:
         if self.durability is Durability.EVERY_STEP:
             return await self._write(records)
-        due = [r for r in records if r.steps_applied - self._written.get(r.session_id, 0) >= self._checkpoint_every]
+        due = [r for r in records if r.steps_applied - self._checkpointed(r.session_id) >= self._checkpoint_every]
         if due:  # written in the background: checkpoint mode acknowledges without waiting for the store
-            self._in_background(self._write(due))
+            self._writing.update((r.session_id, r.steps_applied) for r in due)
+            self._in_background(self._write_checkpoints(due))
         return [None] * len(records)
+
+    def _checkpointed(self, session_id: str) -> int:
+        """The steps of the session's latest checkpoint, written or in flight: a write in flight counts, or every step
+        while the store is slow to answer would start another write of the same session, and a checkpoint mode
+        under load would write as often as every-step mode, just when the store has least room for it."""
+        return max(self._written.get(session_id, 0), self._writing.get(session_id, 0))
+
+    async def _write_checkpoints(self, records: list[SessionRecord]) -> None:
+        """A failed checkpoint no longer counts: the session's next step makes it due again."""
+        try:
+            await self._write(records)
+        finally:
+            for record in records:
+                if self._writing.get(record.session_id) == record.steps_applied:
+                    del self._writing[record.session_id]
 
     async def release(self, session_id: str, delete: bool) -> None:
         lease = self._forget(session_id)
@@ -147,6 +164,7 @@ class RedisSessionStore:
     def _forget(self, session_id: str) -> Lease | None:
         self._renewed.pop(session_id, None)
         self._written.pop(session_id, None)
+        self._writing.pop(session_id, None)
         return self._leases.pop(session_id, None)
 
     def _in_background(self, write) -> None:
