@@ -192,14 +192,24 @@ class Scheduler:
                             [w.digest for w in works], answers)
 
     async def _store_commit(self, batch: list[Session], works: list[Work], h_n, c_n, answers) -> list:
-        """Per session None, or the engine error its request is answered with instead."""
+        """Per session None, or the engine error its request is answered with instead. Records are built only for
+        the sessions the store takes now (checkpoint mode: a few of them), each one a copy of the state and the
+        kept answers."""
+        due = [i for i, (session, work) in enumerate(zip(batch, works))
+               if self._store.takes(session.id, session.steps_applied + work.steps)]
+        errors: list = [None] * len(batch)
+        if not due:
+            return errors
         h, c = h_n.cpu().numpy(), c_n.cpu().numpy()
         records = []
-        for i, (session, work) in enumerate(zip(batch, works)):
+        for i in due:
+            session, work = batch[i], works[i]
             latest = KeptAnswer(work.seq, None if answers is None else answers[i], work.digest)
             records.append(record_of(session, self._model, h[:, i], c[:, i], self.kept.answers_of(session, latest),
                                      latest, work.steps))
-        return [None if error is None else _engine_error(error) for error in await self._store.commit(records)]
+        for i, error in zip(due, await self._store.commit(records), strict=True):
+            errors[i] = None if error is None else _engine_error(error)
+        return errors
 
     def release(self, slot: int) -> None:
         """Frees a closed session's slot: its state's and its kept answers'."""

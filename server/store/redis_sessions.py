@@ -92,10 +92,14 @@ class RedisSessionStore:
         self._hold(await self._guard(self.redis.acquire(record.session_id)), written=-1)
         await self._write([record], raise_errors=True)
 
+    def takes(self, session_id: str, steps_applied: int) -> bool:
+        return self.durability is Durability.EVERY_STEP or \
+            steps_applied - self._checkpointed(session_id) >= self._checkpoint_every
+
     async def commit(self, records: list[SessionRecord]) -> list[StoreUnavailable | None]:
         if self.durability is Durability.EVERY_STEP:
             return await self._write(records)
-        due = [r for r in records if r.steps_applied - self._checkpointed(r.session_id) >= self._checkpoint_every]
+        due = [r for r in records if self.takes(r.session_id, r.steps_applied)]
         if due:  # written in the background: checkpoint mode acknowledges without waiting for the store
             self._writing.update((r.session_id, r.steps_applied) for r in due)
             self._in_background(self._write_checkpoints(due))

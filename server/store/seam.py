@@ -67,6 +67,10 @@ class SessionStore(Protocol):
     def wants_commits(self) -> bool:
         """Whether commit() needs records at all (building them is skipped when not)."""
 
+    def takes(self, session_id: str, steps_applied: int) -> bool:
+        """Whether commit() takes the session's record once it has applied `steps_applied` steps: only those
+        records are built and passed (a record copies the state and the kept answers)."""
+
     async def release(self, session_id: str, delete: bool) -> None:
         """This process stops holding the session; `delete` ends it everywhere (closed, expired, evicted)."""
 
@@ -98,6 +102,9 @@ class MemoryStore:
 
     async def commit(self, records: list[SessionRecord]) -> list[StoreUnavailable | None]:
         return [None] * len(records)
+
+    def takes(self, session_id: str, steps_applied: int) -> bool:
+        return False
 
     async def release(self, session_id: str, delete: bool) -> None:
         pass

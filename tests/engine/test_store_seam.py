@@ -30,6 +30,10 @@ class FakeStore(MemoryStore):
         self.stored: dict[str, SessionRecord] = {}
         self.commit_error: StoreUnavailable | None = None
         self.gone: set[str] = set()
+        self.every = 1  # takes the record of every `every`-th step, as checkpoint mode does
+
+    def takes(self, session_id, steps_applied):
+        return steps_applied % self.every == 0
 
     async def load(self, session_id, owner):
         self.calls.append(("load", session_id, owner))
@@ -95,6 +99,15 @@ async def test_each_committed_step_carries_its_state_and_kept_answers(engine_and
     assert [r.last_applied_seq for r in records] == [1, 2, 3]
     assert [[kept.seq for kept in r.answers] for r in records] == [[1], [1, 2], [2, 3]]  # answers_kept=2
     assert float(records[-1].h[0, 0]) == 6.0 and float(records[-1].answers[-1].answer[0, 0]) == 6.0
+
+
+async def test_only_the_records_the_store_takes_are_built_and_committed(engine_and_store):
+    engine, store = engine_and_store
+    store.every = 2
+    sid = (await engine.create_session(owner=OWNER)).session_id
+    outputs = [(await (await engine.step(sid, x(1.0), seq=seq, owner=OWNER))[1]).outputs for seq in range(1, 5)]
+    assert [float(o[0, 0]) for o in outputs] == [1.0, 2.0, 3.0, 4.0]  # every step applied and answered
+    assert [(r.steps_applied, float(r.h[0, 0])) for call in store.of("commit") for r in call[1]] == [(2, 2.0), (4, 4.0)]
 
 
 async def test_a_commit_the_store_refuses_is_unavailable_and_changes_nothing(engine_and_store):

@@ -47,10 +47,11 @@ def redis_url(tmp_path_factory):
 async def checkpointing(redis_url):
     redis = HeldWrites(redis_url, "replica-a", lease_ttl=5.0, state_ttl=60, lease_wait=0.1)
     await redis._redis.flushdb()
-    store = RedisSessionStore(redis, Durability.CHECKPOINT, "m@1", EVERY, 3600.0, Metrics(CollectorRegistry()))
+    registry = CollectorRegistry()
+    store = RedisSessionStore(redis, Durability.CHECKPOINT, "m@1", EVERY, 3600.0, Metrics(registry))
     await store.created(record(0))
     redis.writes.clear()
-    yield store, redis
+    yield store, redis, registry
     redis.gate.set()
     await redis.close()
 
@@ -65,8 +66,15 @@ async def settled() -> None:
         await asyncio.sleep(0)
 
 
+async def answered(registry: CollectorRegistry) -> None:
+    """Until the store has answered every background write (they run on after commit() returns)."""
+    async with asyncio.timeout(10):
+        while registry.get_sample_value("lstmserve_checkpoint_writes_in_flight"):
+            await asyncio.sleep(0.01)
+
+
 async def test_a_checkpoint_in_flight_counts_so_a_slow_store_is_not_written_every_step(checkpointing):
-    store, redis = checkpointing
+    store, redis, registry = checkpointing
     redis.gate.clear()  # the store is slow: the write at step 5 is not answered yet
     for steps in range(1, 10):
         assert await store.commit([record(steps)]) == [None]  # acknowledged without waiting
@@ -77,11 +85,12 @@ async def test_a_checkpoint_in_flight_counts_so_a_slow_store_is_not_written_ever
         await store.commit([record(steps)])
         await settled()
     assert redis.writes == [EVERY, 2 * EVERY]
+    await answered(registry)
     assert (await redis.load(SID)).steps_applied == 2 * EVERY
 
 
 async def test_a_failed_checkpoint_is_due_again_at_the_next_step(checkpointing):
-    store, redis = checkpointing
+    store, redis, registry = checkpointing
     redis.failing = True
     for steps in range(1, 7):
         await store.commit([record(steps)])
@@ -91,4 +100,5 @@ async def test_a_failed_checkpoint_is_due_again_at_the_next_step(checkpointing):
     await store.commit([record(7)])
     await settled()
     assert redis.writes == [EVERY, EVERY + 1, EVERY + 2]
+    await answered(registry)
     assert (await redis.load(SID)).steps_applied == EVERY + 2
