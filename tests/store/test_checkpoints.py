@@ -11,7 +11,6 @@ from server.metrics import Metrics
 from server.policies import Durability
 from server.store import RedisStateStore, SessionRecord, StoreUnavailable
 from server.store.redis_sessions import RedisSessionStore
-from server.testing.redis_server import redis_server
 
 pytestmark = pytest.mark.integration
 
@@ -35,12 +34,6 @@ class HeldWrites(RedisStateStore):
         if self.failing:
             raise StoreUnavailable("the test's store is down")
         return await super().save(writes)
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server.url
 
 
 @pytest.fixture

@@ -4,17 +4,10 @@ import numpy as np
 import pytest
 
 from server.store import KeptAnswer, Lease, RedisStateStore, SessionRecord, StoreUnavailable
-from server.testing.redis_server import redis_server
 
 pytestmark = pytest.mark.integration
 
 SID = "AAAAAAAAAAAAAAAAAAAAAA"
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server.url
 
 
 @pytest.fixture

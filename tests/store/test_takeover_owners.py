@@ -9,19 +9,12 @@ from prometheus_client import CollectorRegistry
 from server.engine import Engine, SessionNotFound
 from server.metrics import Metrics
 from server.store import Durability, RedisSessionStore, RedisStateStore, model_identity
-from server.testing.redis_server import redis_server
 from tests.fakes import FakeRuntime
 from tests.limits import limits_with
 
 pytestmark = pytest.mark.integration
 
 SESSIONS = 24
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server.url
 
 
 async def replica(redis_url: str, name: str) -> Engine:
