@@ -141,4 +141,3 @@ def observe_all(histogram: Histogram, amounts: np.ndarray) -> None:
     histogram._sum.inc(float(amounts.sum()))
     for bucket in np.flatnonzero(counts):
         histogram._buckets[bucket].inc(int(counts[bucket]))
-
