@@ -74,9 +74,11 @@ class Drains:
         return VersionRetired(f"session {clip(session_id)} ran on version {version} of model {name}, which was "
                               "retired; its state is gone: open a new session", name, version)
 
-    @property
-    def ended_any(self) -> bool:
-        return bool(self._ended)
+    def ended_among(self, session_ids: list[str]) -> bool:
+        """Whether a drain timeout ended any of these sessions: only then does a columnar answer need naming (an id
+        is never reused, so one not ended now is refused, if at all, as unknown or by its own drain's error)."""
+        ended = self._ended
+        return bool(ended) and any(session_id in ended for session_id in session_ids)
 
     async def name_ended(self, answer: asyncio.Future, session_ids: list[str]) -> ColumnsAnswer:
         """A columnar answer in which an entry refused as unknown whose session a drain timeout ended is told so."""

@@ -53,7 +53,7 @@ class SessionRouter:
             if v.state is VersionState.READY:  # one version: every session is its, or unknown to it
                 answer = await engine.step_columns(session_ids, seqs, inputs, owner=owner)
                 return asyncio.ensure_future(self._drains.name_ended(answer, session_ids)) \
-                    if self._drains.ended_any else answer
+                    if self._drains.ended_among(session_ids) else answer
         parts: dict[Engine, list[int]] = {}
         refused: dict[int, Exception] = {}
         for i, session_id in enumerate(session_ids):
