@@ -10,17 +10,17 @@ import torch
 
 from server.engine.admission import Admission, Eviction, SharedQuotas
 from server.engine.columnar import Columnar
-from server.engine.errors import DRAINING_RETRY_SECONDS, Draining, LimitExceeded, SessionNotFound
+from server.engine.errors import DRAINING_RETRY_SECONDS, Draining, SessionNotFound
 from server.engine.exactly_once import ExactlyOnce
 from server.engine.flights import Flights
-from server.engine.limits import EngineLimits
+from server.engine.limits import EngineLimits, RefusalCounter
 from server.engine.live import LiveSessions
 from server.engine.model_thread import ModelThread
-from server.engine.predict_merge import PredictMerger
+from server.engine.predicts import Predicts
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import Session, Work, inputs_digest
 from server.engine.state_pool import StatePool
-from server.engine.validation import check_at_most, check_tensor
+from server.engine.validation import check_at_most, check_tensor, initial_state
 from server.engine.views import ModelDescription, SessionView
 from server.logsafe import fingerprint
 from server.metrics import Metrics
@@ -61,9 +61,9 @@ class Engine:
                                   flights.waiter)
         self._columnar = Columnar(runtime, limits, metrics, self._scheduler, self._live, self._order,
                                   self._admission, flights)
-        self._refusal_counter = _RefusalCounter(metrics)
-        self._predicts = PredictMerger(self._scheduler.run_in_model_thread, self._predict_on_host, metrics,
-                                       limits.max_predict_batch, tracing=tracing)
+        self._refusal_counter = RefusalCounter(metrics)
+        self._predicts = Predicts(runtime, limits, metrics, self._scheduler.run_in_model_thread,
+                                  self._refusal_counter, tracing)
         self._tasks: list[asyncio.Task] = []
         self._draining = asyncio.Event()
         self._drain_deadline = 0.0  # on the engine's clock, once drain() starts
@@ -235,25 +235,10 @@ class Engine:
 
     async def predict(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                       owner: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)`. Concurrent calls
-        of equal seq_len share model calls (see predict_merge)."""
+        """Runs whole sequences `inputs[seq_len, batch, input]`; returns `(outputs, h_n, c_n)` (see predicts.py)."""
         self._check_accepting(new_work=True)
         self._admit(owner)
-        m = self.runtime.metadata
-        check_tensor("inputs", inputs, (None, None, m.input_size), self.limits.allow_nonfinite)
-        with self._counting_refusals():
-            check_at_most("inputs' seq_len", inputs.shape[0], self.limits.max_sequence_length,
-                          "max_sequence_length")
-            check_at_most("inputs' batch", inputs.shape[1], self.limits.max_batch_size, "max_batch_size")
-        h, c = self._initial_state(h0, c0, (m.num_layers, inputs.shape[1], m.hidden_size), names=("h0", "c0"))
-        x = torch.from_numpy(np.array(inputs, dtype=np.float32))
-        seq_len, batch = inputs.shape[:2]
-        nbytes = 4 * (x.numel() + seq_len * batch * m.output_size + 4 * h.numel())  # inputs, outputs, states
-        return await self._predicts.predict(x, h, c, nbytes)
-
-    def _predict_on_host(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
-        """On the model thread: the call and the copies of its results to host memory."""
-        return tuple(t.cpu().numpy() for t in self.runtime.run(x, h, c))
+        return await self._predicts.predict(inputs, h0, c0)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -273,21 +258,13 @@ class Engine:
         with self._counting_refusals():
             self._admission.admit_request(owner)
 
-    def _counting_refusals(self) -> "_RefusalCounter":
+    def _counting_refusals(self) -> RefusalCounter:
         return self._refusal_counter
 
-    def _initial_state(self, h: np.ndarray | None, c: np.ndarray | None, shape: tuple | None = None,
+    def _initial_state(self, h: np.ndarray | None, c: np.ndarray | None,
                        names: tuple[str, str] = ("h", "c")) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(h, c)` as float32 tensors of `shape` (one session's by default), zeros where not given."""
-        shape = shape or self._pool.slot_shape
-        state = []
-        for name, given in zip(names, (h, c)):
-            if given is None:
-                state.append(torch.zeros(shape, device=self.runtime.device))
-            else:
-                check_tensor(name, given, shape, self.limits.allow_nonfinite)
-                state.append(torch.from_numpy(np.array(given, dtype=np.float32)))
-        return state[0], state[1]
+        """One session's `(h, c)`, zeros where not given."""
+        return initial_state(h, c, self._pool.slot_shape, self.runtime.device, self.limits.allow_nonfinite, names)
 
     def _check_accepting(self, new_work: bool = False) -> None:
         """Refuses while draining; `new_work` (a new session, a stateless call) is refused once retired too."""
@@ -310,21 +287,3 @@ class Engine:
                 await self._live.end(session, SessionNotFound(f"session {session.id} expired", session.id))
                 self._metrics.sessions_expired.inc()
                 log.debug("session %s expired", fingerprint(session.id))
-
-
-class _RefusalCounter:
-    """`with`: counts a LimitExceeded passing through by its limit. A class, not a generator context manager:
-    a streamed step enters it three times, and a generator's setup cost ~1 us each time (py-spy, issue 12)."""
-
-    __slots__ = ("_metrics",)
-
-    def __init__(self, metrics: Metrics):
-        self._metrics = metrics
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, traceback) -> bool:
-        if isinstance(error, LimitExceeded):
-            self._metrics.limit_refusals.labels(error.limit).inc()
-        return False

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import torch
 
 from server.engine.errors import InvalidInput, LimitExceeded
 
@@ -32,6 +33,20 @@ def check_at_most(name: str, value: int, limit: int, setting: str) -> None:
     if value > limit:
         raise LimitExceeded(
             f"{name} is {value}, more than the server's {setting} of {limit}; split the request", setting)
+
+
+def initial_state(h: np.ndarray | None, c: np.ndarray | None, shape: tuple, device: torch.device,
+                  allow_nonfinite: bool, names: tuple[str, str] = ("h", "c")) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(h, c)` as float32 tensors of `shape`, zeros (on `device`) where not given; `names` are their request
+    fields."""
+    state = []
+    for name, given in zip(names, (h, c)):
+        if given is None:
+            state.append(torch.zeros(shape, device=device))
+        else:
+            check_tensor(name, given, shape, allow_nonfinite)
+            state.append(torch.from_numpy(np.array(given, dtype=np.float32)))
+    return state[0], state[1]
 
 
 def _shape_matches(shape: tuple, expected: tuple) -> bool:
