@@ -89,7 +89,10 @@ class RedisSessionStore:
         return record
 
     async def created(self, record: SessionRecord) -> None:
-        self._hold(await self._guard(self.redis.acquire(record.session_id)), written=-1)
+        """The lease is taken anew: a session carried from another engine of this process is held by this replica
+        already, under a fence whose writes still in flight (the other engine's, naming its model) must not land
+        over this record."""
+        self._hold(await self._guard(self.redis.acquire(record.session_id, anew=True)), written=-1)
         await self._write([record], raise_errors=True)
 
     def takes(self, session_id: str, steps_applied: int) -> bool:
