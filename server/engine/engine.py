@@ -134,14 +134,16 @@ class Engine:
         session = self._sessions.find(session_id)
         return None if session is None or session.busy else self._live.record(session)
 
-    def adopt(self, record: SessionRecord) -> None:
-        """Makes a session from another engine live here, as it was (its id, owner, numbering and answers)."""
-        self._live.take([record])
+    async def adopt(self, record: SessionRecord) -> None:
+        """Makes a session from another engine live here, as it was (its id, owner, numbering and answers), and
+        stored under this engine's model."""
+        await self._live.take(record)
 
-    def let_go(self, session_id: str) -> None:
+    async def let_go(self, session_id: str) -> None:
         """Forgets a session that another engine has adopted; the store keeps it (under its new engine)."""
         if session := self._sessions.find(session_id):
-            self._live.close(session, SessionNotFound(f"session {session_id} moved to another version", session_id))
+            await self._live.let_go(session, SessionNotFound(f"session {session_id} moved to another version",
+                                                             session_id))
 
     async def end_all(self, error: Exception) -> list[str]:
         """Ends every live session; their queued requests fail with `error`. Returns their ids."""

@@ -76,16 +76,25 @@ class LiveSessions:
 
     async def open(self, owner: str, h: torch.Tensor, c: torch.Tensor) -> Session:
         """A new session, handed to the store before it is acknowledged."""
-        slot = self.pool.allocate(h, c)
-        session = self.table.add(slot, owner)
+        session = self.table.add(self.pool.allocate(h, c), owner)
+        await self._created(session)
+        return session
+
+    async def take(self, record: SessionRecord) -> None:
+        """Makes a session of another engine of this process live here, stored under this engine's model before
+        it takes a request here: a replica that takes it over after a crash takes it onto this engine's model."""
+        self._import([record])
+        await self._created(self.table.find(record.session_id))
+
+    async def _created(self, session: Session) -> None:
+        """Hands a session new here to the store; it is not live here when the store cannot take it."""
         try:
             with store_errors():
                 await self._store.created(self.record(session))
         except Exception:
             self.table.remove(session)
-            self.pool.release(slot)
+            self.pool.release(session.slot)
             raise
-        return session
 
     def close(self, session: Session, error: Exception) -> None:
         """Ends a session here; its queued requests fail with `error`."""
@@ -103,6 +112,11 @@ class LiveSessions:
         self.close(session, error)
         await self._store.release(session.id, delete=True)
 
+    async def let_go(self, session: Session, error: Exception) -> None:
+        """Ends a session here only: another engine of this process took it, and its claim in the store."""
+        self.close(session, error)
+        await self._store.release(session.id, delete=False)
+
     async def end_all(self, error: Exception) -> list[str]:
         """Ends every session everywhere; all are gone here before the first is released from the store."""
         ended = list(self.table)
@@ -119,10 +133,6 @@ class LiveSessions:
         h, c = self.pool.read(session.slot)
         return record_of(session, self._model, h.cpu().numpy(), c.cpu().numpy(),
                          self._scheduler.kept.answers_of(session))
-
-    def take(self, records: list[SessionRecord]) -> None:
-        """Makes sessions of another engine live here, all or none."""
-        self._import(records)
 
     def restore(self) -> None:
         self._store.restore(self._import)

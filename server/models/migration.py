@@ -10,17 +10,18 @@ from server.logsafe import fingerprint
 log = logging.getLogger(__name__)
 
 
-def carry_over(source: Engine, target: Engine, session_id: str) -> bool:
-    """Moves an idle session from `source` to `target`; False (it stays) when it is busy or `target` has no room.
-    All of it between two awaits: no request can run on the session in between."""
+async def carry_over(source: Engine, target: Engine, session_id: str) -> bool:
+    """Moves an idle session from `source` to `target`, stored under `target`'s model before it is let go of;
+    False (it stays) when it is busy, `target` has no room or the store cannot take it. The caller keeps the
+    session's other requests waiting meanwhile (SessionRouter)."""
     record = source.idle_record(session_id)
     if record is None:
         return False
     try:
-        target.adopt(record)
+        await target.adopt(record)
     except EngineError as error:
         log.warning("session %s stays on its retired version: %s", fingerprint(session_id), error)
         return False
-    source.let_go(session_id)
+    await source.let_go(session_id)
     log.debug("session %s carried over to the current version", fingerprint(session_id))
     return True

@@ -28,6 +28,7 @@ class SessionRouter:
         self._drains = drains
         self._locate = locate
         self._load_for_takeover = load_for_takeover
+        self._carrying: dict[str, asyncio.Future] = {}  # session id -> its carry over in progress
 
     def live_engine(self, session_id: str) -> Engine | None:
         """The engine where the session is live now, if any."""
@@ -39,9 +40,11 @@ class SessionRouter:
     async def engine_of_session(self, session_id: str, owner: str = "") -> Engine:
         """The engine of the version the session began on (or, with state_migration carry, the one it moved to);
         a session ended by its version's drain timeout is refused with FAILED_PRECONDITION naming the version."""
+        if (carrying := self._carrying.get(session_id)) is not None:
+            await asyncio.shield(carrying)  # meanwhile it is live on both engines: its requests wait for the move
         if (engine := self.live_engine(session_id)) is not None:
             v = self._by_engine[engine]
-            return engine if v.state is VersionState.READY else self._carried(v, session_id)
+            return engine if v.state is VersionState.READY else await self._carried(v, session_id)
         if (refusal := self._drains.refusal(session_id)) is not None:
             raise refusal
         return await self._stored_session_engine(session_id, owner)
@@ -63,14 +66,16 @@ class SessionRouter:
                 refused[i] = refusal
         return await step_split(parts, refused, session_ids, seqs, inputs, owner)
 
-    def _carried(self, v: Version, session_id: str) -> Engine:
+    async def _carried(self, v: Version, session_id: str) -> Engine:
         """With state_migration carry, a retired version's session moves to the default version, when idle."""
         model = self._models.get(v.name)
         if v.state is not VersionState.DRAINING or model is None or \
                 model.entry.config.state_migration != "carry" or not model.default:
             return v.engine
         target = self._versions[(v.name, model.default)].engine
-        return target if carry_over(v.engine, target, session_id) else v.engine
+        carrying = self._carrying[session_id] = asyncio.ensure_future(carry_over(v.engine, target, session_id))
+        carrying.add_done_callback(lambda _: self._carrying.pop(session_id, None))
+        return target if await asyncio.shield(carrying) else v.engine
 
     async def _stored_session_engine(self, session_id: str, owner: str) -> Engine:
         """A session not live here: the engine of the version its stored record names, which takes it over.

@@ -39,7 +39,7 @@ class RedisSessionStore:
         self._clock = clock
         self._leases: dict[str, Lease] = {}
         self._renewed: dict[str, float] = {}
-        self._written: dict[str, int] = {}  # session id -> steps_applied of its last record written
+        self._written: dict[str, int] = {}  # session id -> steps_applied of its newest record written
         self._writing: dict[str, int] = {}  # session id -> steps_applied of its checkpoint in flight
         self._last_checkpoint = clock()
         self._reading: dict[str, asyncio.Future] = {}  # session id -> its record being read
@@ -89,7 +89,10 @@ class RedisSessionStore:
         return record
 
     async def created(self, record: SessionRecord) -> None:
-        self._hold(await self._guard(self.redis.acquire(record.session_id)), written=-1)
+        """The lease is taken anew: a session carried from another engine of this process is held by this replica
+        already, under a fence whose writes still in flight (the other engine's, naming its model) must not land
+        over this record."""
+        self._hold(await self._guard(self.redis.acquire(record.session_id, anew=True)), written=-1)
         await self._write([record], raise_errors=True)
 
     def takes(self, session_id: str, steps_applied: int) -> bool:
@@ -197,7 +200,9 @@ class RedisSessionStore:
         for record in records:
             result = by_id.get(record.session_id, 0)  # no lease: given up meanwhile, as good as fenced out
             if result == 1:
-                self._written[record.session_id] = record.steps_applied
+                # writes of one session may be in flight together, and answered in another order than Redis ran
+                # them: an older one answered last must not make the session look due again
+                self._written[record.session_id] = max(record.steps_applied, self._written.get(record.session_id, -1))
                 self._renewed[record.session_id] = self._clock()  # a write extends the lease too
                 errors.append(None)
             elif result == -1:

@@ -13,13 +13,14 @@ from server.store.seam import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-# KEYS: lease, fence counter. ARGV: replica, lease ttl ms, key ttl ms.
-# Returns {1, fence} when this replica now holds the lease, {0, remaining ms} when another one does.
+# KEYS: lease, fence counter. ARGV: replica, lease ttl ms, key ttl ms, "1" for a new fence even if this replica
+# holds the lease already. Returns {1, fence} when this replica now holds the lease, {0, remaining ms} when another
+# one does.
 _ACQUIRE = """
 local holder = redis.call('HGET', KEYS[1], 'holder')
 if holder and holder ~= ARGV[1] then return {0, redis.call('PTTL', KEYS[1])} end
 local fence = redis.call('HGET', KEYS[1], 'fence')
-if not holder then
+if not holder or ARGV[4] == '1' then
   fence = redis.call('INCR', KEYS[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
   redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'fence', fence)
@@ -95,13 +96,14 @@ class RedisStateStore:
         except RedisError:
             return False
 
-    async def acquire(self, session_id: str) -> Lease:
-        """Takes the session's lease, waiting up to `lease_wait` for another replica's to be freed or expire."""
+    async def acquire(self, session_id: str, anew: bool = False) -> Lease:
+        """Takes the session's lease, waiting up to `lease_wait` for another replica's to be freed or expire.
+        `anew`: with a new fence even if this replica holds it, so that writes under the old one are fenced out."""
         _, lease_key, fence_key = _keys(session_id)
         deadline = time.monotonic() + self._lease_wait
         while True:
             granted, value = await self._call(self._acquire, [lease_key, fence_key],
-                                              [self.replica, self._lease_ms, self._state_ms])
+                                              [self.replica, self._lease_ms, self._state_ms, "1" if anew else "0"])
             if granted:
                 return Lease(session_id, int(value))
             left = deadline - time.monotonic()

@@ -57,7 +57,8 @@ class SessionStore(Protocol):
         SessionGone if the session ended elsewhere."""
 
     async def created(self, record: SessionRecord) -> None:
-        """A new session: claimed and written before it is acknowledged."""
+        """A session new to this engine (opened, or carried over from another version's engine of this process):
+        claimed and written, naming this engine's model, before it is acknowledged or takes a request here."""
 
     async def commit(self, records: list[SessionRecord]) -> list[StoreUnavailable | None]:
         """A batch's new states, before their requests are answered: per record None (may be acknowledged) or

@@ -108,7 +108,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(self, request_iterator, context):
         submitted = read_ahead(request_iterator, self._submit_in_band, self._stream_window,
                                self._registry.draining, self._registry.draining_refusal,
-                               awaited=lambda submitted: submitted[2])
+                               awaited=lambda submitted: submitted[2], cancellable=_stateless)
         async for request, call, pending in submitted:
             try:
                 response = await self._answer(request, call, pending)
@@ -156,3 +156,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         available = dict(zip(convert.OUTPUTS, (answer.outputs, *(answer.state or ())), strict=False))
         return convert.encode_response(request, call.version,
                                        {name: available[name] for name in call.outputs})
+
+
+def _stateless(submitted: tuple) -> bool:
+    """Whether a submitted request is a stateless Predict (not a sequence's step), which nothing needs once its
+    client has gone: cancelling it frees its model call, and fails none of the Predicts merged with it."""
+    _, call, _ = submitted
+    return call is not None and call.sequence_id is None

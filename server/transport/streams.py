@@ -19,7 +19,8 @@ def refused(error: Exception) -> asyncio.Future:
 
 async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awaitable], window: int,
                      draining: asyncio.Event, refusal: Callable[[str], Draining] = Draining,
-                     awaited: Callable[[Any], Any] = lambda item: None) -> AsyncIterator:
+                     awaited: Callable[[Any], Any] = lambda item: None,
+                     cancellable: Callable[[Any], bool] = lambda item: False) -> AsyncIterator:
     """Yields `await submit(request)` for each request in order while reading up to `window` requests ahead.
 
     `submit` queues the request's work and returns without waiting for its answer, and requests are
@@ -29,7 +30,9 @@ async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awai
     engine's, which says how long to wait), so the client resumes elsewhere instead of waiting for the
     shutdown grace to run out. `awaited(item)`: the future the consumer awaits first when it takes the item (its
     answer), if any; when the stream ends early (the client went away, the server stopped) nobody awaits those of
-    the items never handed out, and their errors are retrieved so that asyncio does not log them.
+    the items never handed out, and their errors are retrieved so that asyncio does not log them. Those answers run
+    on (a session's step still applies, and is kept for a retry), but where `cancellable(item)` says that nothing of
+    the item's work outlives its answer (a stateless call): that one is cancelled, its client having left.
 
     Per request this costs a deque append and pop and at most one wake-up of the side that waits: a queue
     and a semaphore per stream cost several futures and callbacks per message (see _Pipeline).
@@ -61,7 +64,7 @@ async def read_ahead(request_iterator: AsyncIterator, submit: Callable[..., Awai
     finally:
         reader.cancel()
         watcher.cancel()
-        pipeline.abandon(awaited)
+        pipeline.abandon(awaited, cancellable)
 
 
 _ENDED = object()
@@ -126,11 +129,15 @@ class _Pipeline:
         self._closed = True
         _wake(self._consumer)
 
-    def abandon(self, awaited: Callable[[Any], Any]) -> None:
-        """Drops the items never handed out. Their answers are no longer awaited, not cancelled: the consumer waits
-        on its own future, so a request whose client went away runs on, and an error it ends with is retrieved."""
+    def abandon(self, awaited: Callable[[Any], Any], cancellable: Callable[[Any], bool]) -> None:
+        """Drops the items never handed out, the head one included: the consumer waits on its own future, so its
+        being cancelled cancels no answer. Those that are `cancellable` are cancelled here; the others run on.
+        Either way an error they end with is retrieved."""
         while self._items:
-            if isinstance(answer := awaited(self._items.popleft()), asyncio.Future):
+            item = self._items.popleft()
+            if isinstance(answer := awaited(item), asyncio.Future):
+                if cancellable(item):
+                    answer.cancel()
                 answer.add_done_callback(retrieved)
 
 

@@ -136,3 +136,22 @@ async def test_with_max_predict_batch_one_each_predict_has_its_own_call():
     async with started(max_predict_batch=1) as (engine, registry):
         await predicts_behind_a_busy_model(engine, [(sequences(4, 1, 1.0),)] * 3)
         assert engine.runtime.batch_sizes == [1, 1, 1, 1] and merged_total(registry) == 0
+
+
+async def test_a_cancelled_predict_fails_none_of_the_predicts_merged_with_it(engine):
+    """Cancelled while it waits, it leaves the next call; cancelled while its merged call runs, its share is
+    dropped: either way the others are answered (a stream's Predict is cancelled when its client goes away)."""
+    engine, _ = engine
+    engine.runtime.gate.clear()
+    running = [asyncio.ensure_future(engine.predict(sequences(4, 1, value))) for value in (1.0, 2.0, 3.0)]
+    await asyncio.sleep(0.05)  # merged into one call, held on the model thread
+    waiting = [asyncio.ensure_future(engine.predict(sequences(4, 1, value))) for value in (4.0, 5.0, 6.0)]
+    await asyncio.sleep(0.05)
+    running[1].cancel()
+    waiting[1].cancel()
+    engine.runtime.gate.set()
+    answers = await asyncio.gather(*running, *waiting, return_exceptions=True)
+    assert engine.runtime.batch_sizes == [3, 2]
+    assert isinstance(answers[1], asyncio.CancelledError) and isinstance(answers[4], asyncio.CancelledError)
+    for (outputs, _, _), value in zip([answers[i] for i in (0, 2, 3, 5)], (1.0, 3.0, 4.0, 6.0), strict=True):
+        np.testing.assert_allclose(outputs[:, 0, 0], value * np.arange(1, 5))

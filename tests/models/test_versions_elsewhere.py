@@ -2,6 +2,7 @@
 snapshot onto their version, taken over by a replica that serves their version (or refused by one that does not);
 the repository polled for new versions."""
 
+import asyncio
 import signal
 import time
 
@@ -13,6 +14,9 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import Credentials, LstmClient, LstmError
+from server.models.versions import named
+from server.policies import Durability
+from server.store import RedisStateStore, SessionRecord
 from server.testing.processes import lstmserve_process
 from server.testing.redis_server import redis_server
 from tests.certs import make_pki
@@ -55,6 +59,38 @@ def test_with_state_migration_carry_a_session_moves_to_the_new_version_at_its_ne
         np.testing.assert_allclose(step(stub, session_id), reference_of(v2, before.state).step(X), atol=TOLERANCE)
         assert stub.GetSession(pb.SessionRef(session_id=session_id)).model_version == 2
         wait_for(lambda: state_name(states(channel)[("m", 1)]) == "UNAVAILABLE", "version 1 to be unloaded")
+
+
+def stored_record(url: str, session_id: str) -> SessionRecord | None:
+    async def load():
+        store = RedisStateStore(url, "test-reader", lease_ttl=1.0, state_ttl=60, lease_wait=0.1)
+        try:
+            return await store.load(session_id)
+        finally:
+            await store.close()
+    return asyncio.run(load())
+
+
+def test_with_carry_and_a_state_store_the_stored_record_names_the_new_version_as_it_moves(tmp_path):
+    """Checkpoints far apart: no step writes the session after its creation, so the record names version 2 only if
+    the carry wrote it, and a replica taking the session over after a crash would take it onto version 2."""
+    repository = tmp_path / "models"
+    v1 = add_version(repository, "m", 1, seed=1)
+    write_config(repository, "m", state_migration="carry")
+    checkpoints = dict(durability=Durability.CHECKPOINT, checkpoint_every=1000, checkpoint_interval=3600.0)
+    with redis_server(tmp_path) as redis, \
+            server_in_thread(repository, model_repository=str(repository), state_store=redis.url, **checkpoints) \
+            as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        session_id = stub.CreateSession(pb.CreateSessionRequest()).session_id
+        before = reference_of(v1)
+        np.testing.assert_allclose(step(stub, session_id), before.step(X), atol=TOLERANCE)
+        assert named(stored_record(redis.url, session_id).model) == ("m", 1)
+        v2 = add_version(repository, "m", 2, seed=2)
+        server.call(server.app.registry.reload())
+        np.testing.assert_allclose(step(stub, session_id), reference_of(v2, before.state).step(X), atol=TOLERANCE)
+        record = stored_record(redis.url, session_id)
+        assert (named(record.model), record.last_applied_seq) == (("m", 2), 1)  # the state carried, as it was
 
 
 def test_with_carry_a_version_of_another_state_shape_is_refused(tmp_path):

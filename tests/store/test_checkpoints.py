@@ -19,7 +19,8 @@ EVERY = 5
 
 
 class HeldWrites(RedisStateStore):
-    """The real store, with each write waiting until the test lets it go (or fails it)."""
+    """The real store, with each write waiting until the test lets it go (or fails it); one write, named by the
+    steps of its first record, can also be held before it reaches Redis or after, with its answer."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -27,13 +28,21 @@ class HeldWrites(RedisStateStore):
         self.gate = asyncio.Event()
         self.gate.set()
         self.failing = False
+        self.held_before: dict[int, asyncio.Event] = {}
+        self.held_after: dict[int, asyncio.Event] = {}
 
     async def save(self, writes):
+        steps = writes[0][0].steps_applied
         self.writes.extend(record.steps_applied for record, _ in writes)
         await self.gate.wait()
         if self.failing:
             raise StoreUnavailable("the test's store is down")
-        return await super().save(writes)
+        if steps in self.held_before:
+            await self.held_before[steps].wait()
+        answers = await super().save(writes)
+        if steps in self.held_after:
+            await self.held_after[steps].wait()
+        return answers
 
 
 @pytest.fixture
@@ -59,10 +68,10 @@ async def settled() -> None:
         await asyncio.sleep(0)
 
 
-async def answered(registry: CollectorRegistry) -> None:
-    """Until the store has answered every background write (they run on after commit() returns)."""
+async def answered(registry: CollectorRegistry, but: int = 0) -> None:
+    """Until the store has answered every background write but `but` (they run on after commit() returns)."""
     async with asyncio.timeout(10):
-        while registry.get_sample_value("lstmserve_checkpoint_writes_in_flight"):
+        while registry.get_sample_value("lstmserve_checkpoint_writes_in_flight") > but:
             await asyncio.sleep(0.01)
 
 
@@ -95,3 +104,35 @@ async def test_a_failed_checkpoint_is_due_again_at_the_next_step(checkpointing):
     assert redis.writes == [EVERY, EVERY + 1, EVERY + 2]
     await answered(registry)
     assert (await redis.load(SID)).steps_applied == EVERY + 2
+
+
+async def commit_steps(store: RedisSessionStore, steps: range) -> None:
+    for step in steps:
+        await store.commit([record(step)])
+        await settled()
+
+
+async def test_an_older_checkpoint_answered_last_does_not_make_the_session_due_again(checkpointing):
+    store, redis, registry = checkpointing
+    redis.held_after[EVERY] = asyncio.Event()  # step 5's write is stored, its answer comes after step 10's
+    await commit_steps(store, range(1, 2 * EVERY + 1))
+    assert redis.writes == [EVERY, 2 * EVERY]
+    await answered(registry, but=1)  # step 10's
+    redis.held_after[EVERY].set()
+    await answered(registry)
+    await commit_steps(store, range(2 * EVERY + 1, 2 * EVERY + 2))
+    assert redis.writes == [EVERY, 2 * EVERY]  # step 11 is 1 past the last write, not 6
+    assert (await redis.load(SID)).steps_applied == 2 * EVERY
+
+
+async def test_an_older_checkpoint_landing_last_leaves_the_newer_one_stored(checkpointing):
+    store, redis, registry = checkpointing
+    redis.held_before[EVERY] = asyncio.Event()  # step 5's write reaches Redis after step 10's
+    await commit_steps(store, range(1, 2 * EVERY + 1))
+    assert redis.writes == [EVERY, 2 * EVERY]
+    await answered(registry, but=1)  # step 10's
+    redis.held_before[EVERY].set()
+    await answered(registry)
+    assert (await redis.load(SID)).steps_applied == 2 * EVERY  # refused by the compare on the sequence number
+    await commit_steps(store, range(2 * EVERY + 1, 2 * EVERY + 2))
+    assert redis.writes == [EVERY, 2 * EVERY]

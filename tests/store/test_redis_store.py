@@ -74,6 +74,16 @@ async def test_compare_and_set_refuses_an_older_sequence_number(stores):
     assert (await a.load(SID)).last_applied_seq == 4
 
 
+async def test_a_lease_taken_anew_by_its_holder_fences_out_writes_under_its_old_fence(stores):
+    a, _ = stores
+    old = await a.acquire(SID)
+    new = await a.acquire(SID, anew=True)  # a session carried to another engine of the same replica
+    assert new.fence > old.fence
+    assert await a.save([(record(1), new)]) == [1]
+    assert await a.save([(record(1, -1.0), old)]) == [0]  # the same sequence number: only the fence tells
+    np.testing.assert_array_equal((await a.load(SID)).h, np.zeros((1, 3)))
+
+
 async def test_release_with_delete_removes_the_session_but_only_for_the_holder(stores):
     a, b = stores
     lease = await a.acquire(SID)

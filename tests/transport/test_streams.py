@@ -174,3 +174,19 @@ async def test_a_stream_that_ends_while_its_consumer_waits_leaves_the_answer_run
     await settle()
     gc.collect()
     assert logged == []
+
+
+async def test_a_stream_that_ends_early_cancels_the_cancellable_answers_and_leaves_the_others_running():
+    loop = asyncio.get_running_loop()
+    answers = {request: loop.create_future() for request in (1, 2, 3)}
+
+    async def submit(request):
+        return request, answers[request]
+
+    consumer = asyncio.create_task(take_all(read_ahead(ClientStream(1, 2, 3), submit, 4, asyncio.Event(),
+                                                       awaited=lambda item: item[1],
+                                                       cancellable=lambda item: item[0] != 2), []))
+    await settle()
+    consumer.cancel()  # the client went away while the head request (1) ran
+    await settle()
+    assert [answers[request].cancelled() for request in (1, 2, 3)] == [True, False, True]
