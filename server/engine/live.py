@@ -66,8 +66,11 @@ class LiveSessions:
         """`find` of each id, its refusal (an EngineError) in place of a session that cannot be had. With a local
         store: one pass over the table, awaiting nothing. Else one `find` each, but for the indices in `skip`."""
         if not self._store.local:
-            return [None if i in skip else await _found_or_error(self.find(session_id, owner, accepting))
-                    for i, session_id in enumerate(session_ids)]
+            found = [None if i in skip else await _found_or_error(self.find(session_id, owner, accepting))
+                     for i, session_id in enumerate(session_ids)]
+            # a session found early may have been closed (its slot freed) while a later one was awaited
+            return [_not_found(session_ids[i]) if type(s) is Session and self.table.find(s.id) is not s else s
+                    for i, s in enumerate(found)]
         found = self.table.find_many(session_ids)
         for i, session in enumerate(found):
             if session is None or (type(session) is Session and session.owner != owner):

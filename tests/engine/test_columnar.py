@@ -11,6 +11,7 @@ from server.engine import Engine, InvalidInput, LimitExceeded, ModelFailure, Seq
 from server.engine.flights import digests
 from server.engine.sessions import inputs_digest
 from server.metrics import Metrics
+from server.store import MemoryStore
 from tests.fakes import FAIL_MARKER, FakeRuntime
 from tests.limits import limits_with
 
@@ -151,3 +152,40 @@ async def test_a_caller_that_goes_away_does_not_stop_its_message(engine):
     retried = await answered(engine, ids, columns(1, 2), [1, 1])  # the client's retry finds it applied
     assert retried.errors == {} and retried.outputs[:, 0, 0].tolist() == [1.0, 2.0]
     assert [(await engine.get_state(sid))[0] for sid in ids] == [1, 1] and engine.queued_requests == 0
+
+
+class HeldRefreshStore(MemoryStore):
+    """A store kept elsewhere (every find asks it) whose refresh of the ids in `held` waits until they are set."""
+
+    local = False
+
+    def __init__(self):
+        super().__init__()
+        self.held: dict[str, asyncio.Event] = {}
+
+    async def refresh(self, session_id):
+        if session_id in self.held:
+            await self.held[session_id].wait()
+        return None
+
+
+async def test_a_session_closed_while_the_message_awaits_the_store_for_another_is_refused_and_its_slot_spared():
+    store = HeldRefreshStore()
+    engine = Engine(FakeRuntime(), limits_with(max_batch_size=4), Metrics(CollectorRegistry()), store=store)
+    await engine.start()
+    try:
+        closed, held = await sessions(engine, 2)
+        store.held[held] = asyncio.Event()
+        message = asyncio.ensure_future(engine.step_columns([closed, held], [], columns(5, 7)))
+        await asyncio.sleep(0.01)  # the first session is found, the second's refresh waits
+        await engine.close_session(closed)
+        (reused,) = await sessions(engine, 1)  # takes the closed session's slot
+        store.held[held].set()
+        answer = await (await message)
+        assert list(answer.errors) == [0] and isinstance(answer.errors[0], SessionNotFound)
+        assert answer.outputs[1, 0, 0] == 7.0
+        seq, h, _ = await engine.get_state(reused)
+        assert (seq, float(h[0, 0])) == (0, 0.0)
+        assert engine.queued_requests == 0
+    finally:
+        await engine.stop()
