@@ -111,8 +111,8 @@ class Columnar:
               ) -> tuple[Flight, list[tuple[int, asyncio.Future]]]:
         """Entries of idle sessions, numbered next, join the message's flight; the other entries go through
         ExactlyOnce (busy sessions queue behind their work, retries are answered again, gaps are refused)."""
-        flight, waits = Flight(), []
         digest = digests(inputs)
+        flight, waits = Flight(digest_of=digest), []
         scheduler, index, flying = self._scheduler, flight.index, flight.sessions
         # with a store that takes every new state first, all go through the batch loop, which commits them
         room = 0 if self._live.commits else self._limits.max_queued_requests - scheduler.queued
@@ -129,15 +129,15 @@ class Columnar:
                 continue
             seqs[i] = session.last_assigned_seq = seq or session.last_assigned_seq + 1
             session.in_flight = True
+            if not flying:
+                self._flights.add(flight)  # now: a later entry of this message may retry this one
             index.append(i)
             flying.append(session)
+            flight.seqs.append(seqs[i])
             room -= 1
         scheduler.count_queued(len(flying) - counted)
         if flying:
             self._live.table.touch_many(flying)
-            flight.seqs = [seqs[i] for i in index]
-            flight.digest_of = digest
-            self._flights.add(flight)
         return flight, waits
 
     def _queue(self, i: int, session: Session, seqs: list[int], digest: bytes, row: np.ndarray, errors: dict

@@ -51,7 +51,7 @@ class Flights:
         self._flying: set[Flight] = set()
 
     def add(self, flight: Flight) -> None:
-        """A flight whose sessions were just marked in flight and counted as queued."""
+        """A flight as its first entry joins it: a later entry of the same message may be a retry of one in it."""
         self._flying.add(flight)
 
     def waiter(self, session: Session, seq: int, digest: bytes) -> asyncio.Future | None:

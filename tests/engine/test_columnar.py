@@ -108,6 +108,14 @@ async def test_a_retry_of_an_entry_in_flight_waits_for_its_answer(engine):
     assert [(await engine.get_state(sid))[0] for sid in ids] == [1, 1]
 
 
+async def test_an_entry_repeated_in_its_own_message_is_answered_as_a_retry_and_applied_once(engine):
+    ids = await sessions(engine, 2)
+    answer = await answered(engine, [ids[0], ids[0], ids[1], ids[1]], columns(3, 3, 4, 4), [1, 1, 0, 1])
+    assert answer.errors == {} and answer.sequence_numbers == [1, 1, 1, 1]
+    assert answer.outputs[:, 0, 0].tolist() == [3.0, 3.0, 4.0, 4.0]
+    assert [(await engine.get_state(sid))[0] for sid in ids] == [1, 1] and engine.queued_requests == 0
+
+
 async def test_a_model_failure_fails_the_flight_and_what_queued_behind_it(engine):
     ids = await sessions(engine, 2)
     answer = await answered(engine, [ids[0], ids[1], ids[0]], columns(1, FAIL_MARKER, 2))
