@@ -177,8 +177,11 @@ class HeldRefreshStore(MemoryStore):
         return None
 
 
-async def test_a_session_closed_while_the_message_awaits_the_store_for_another_is_refused_and_its_slot_spared():
+@pytest.mark.parametrize("wants_commits", [False, True], ids=["flight", "queue"])  # True: Redis's, no flights
+async def test_a_session_closed_while_the_message_awaits_the_store_for_another_is_refused_and_its_slot_spared(
+        wants_commits):
     store = HeldRefreshStore()
+    store.wants_commits = wants_commits
     engine = Engine(FakeRuntime(), limits_with(max_batch_size=4), Metrics(CollectorRegistry()), store=store)
     await engine.start()
     try:
