@@ -1,10 +1,12 @@
 """An in-process stand-in for ModelRuntime, for engine tests that need no real model."""
 
+import asyncio
 import threading
 
 import torch
 
 from server.model import ModelMetadata
+from server.store import MemoryStore
 
 FAIL_MARKER = 666.0  # an input value that makes the fake model raise, failing the batch it is in
 
@@ -40,3 +42,19 @@ class FakeRuntime:
             c = c + 1
             outputs.append(h[-1])
         return torch.stack(outputs), h, c
+
+
+class HeldRefreshStore(MemoryStore):
+    """A store kept elsewhere (every lookup of an idle session asks it), whose next refresh of an id in `held` waits
+    until its event is set: the window in which another request can close the session."""
+
+    local = False
+
+    def __init__(self):
+        super().__init__()
+        self.held: dict[str, asyncio.Event] = {}
+
+    async def refresh(self, session_id):
+        if (event := self.held.pop(session_id, None)) is not None:
+            await event.wait()
+        return None

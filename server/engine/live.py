@@ -50,13 +50,16 @@ class LiveSessions:
                 session = self.table.find(session_id) or (record and self._adopt(record, accepting))
             elif session.owner == owner and not session.busy:
                 try:
-                    record = await self._store.refresh(session_id)
+                    record, gone = await self._store.refresh(session_id), False
                 except SessionGone:
+                    record, gone = None, True
+                if self.table.find(session_id) is not session:
+                    session = None  # closed while the store answered: its slot may be another session's now
+                elif gone:
                     self.close(session, SessionNotFound(f"session {session_id} was closed elsewhere", session_id))
                     session = None
-                else:
-                    if record is not None:
-                        self._load(session, record)
+                elif record is not None:
+                    self._load(session, record)
         if session is None or session.owner != owner:
             raise _not_found(session_id)
         return session

@@ -11,8 +11,7 @@ from server.engine import Engine, InvalidInput, LimitExceeded, ModelFailure, Seq
 from server.engine.flights import digests
 from server.engine.sessions import inputs_digest
 from server.metrics import Metrics
-from server.store import MemoryStore
-from tests.fakes import FAIL_MARKER, FakeRuntime
+from tests.fakes import FAIL_MARKER, FakeRuntime, HeldRefreshStore
 from tests.limits import limits_with
 
 pytestmark = pytest.mark.unit
@@ -162,21 +161,6 @@ async def test_a_caller_that_goes_away_does_not_stop_its_message(engine):
     assert [(await engine.get_state(sid))[0] for sid in ids] == [1, 1] and engine.queued_requests == 0
 
 
-class HeldRefreshStore(MemoryStore):
-    """A store kept elsewhere (every find asks it) whose refresh of the ids in `held` waits until they are set."""
-
-    local = False
-
-    def __init__(self):
-        super().__init__()
-        self.held: dict[str, asyncio.Event] = {}
-
-    async def refresh(self, session_id):
-        if session_id in self.held:
-            await self.held[session_id].wait()
-        return None
-
-
 @pytest.mark.parametrize("wants_commits", [False, True], ids=["flight", "queue"])  # True: Redis's, no flights
 async def test_a_session_closed_while_the_message_awaits_the_store_for_another_is_refused_and_its_slot_spared(
         wants_commits):
@@ -186,12 +170,12 @@ async def test_a_session_closed_while_the_message_awaits_the_store_for_another_i
     await engine.start()
     try:
         closed, held = await sessions(engine, 2)
-        store.held[held] = asyncio.Event()
+        release = store.held[held] = asyncio.Event()
         message = asyncio.ensure_future(engine.step_columns([closed, held], [], columns(5, 7)))
         await asyncio.sleep(0.01)  # the first session is found, the second's refresh waits
         await engine.close_session(closed)
         (reused,) = await sessions(engine, 1)  # takes the closed session's slot
-        store.held[held].set()
+        release.set()
         answer = await (await message)
         assert list(answer.errors) == [0] and isinstance(answer.errors[0], SessionNotFound)
         assert answer.outputs[1, 0, 0] == 7.0

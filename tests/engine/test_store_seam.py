@@ -1,5 +1,7 @@
 """The engine through its one seam to stored sessions, with an in-process fake store that records each call."""
 
+import asyncio
+
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
@@ -8,7 +10,7 @@ from server.engine import Engine, SessionNotFound, StateUnavailable
 from server.engine.sessions import inputs_digest
 from server.metrics import Metrics
 from server.store import KeptAnswer, MemoryStore, SessionGone, SessionRecord, StoreUnavailable
-from tests.fakes import FakeRuntime
+from tests.fakes import FakeRuntime, HeldRefreshStore
 from tests.limits import limits_with
 
 pytestmark = pytest.mark.unit
@@ -167,3 +169,23 @@ async def test_columnar_entries_are_looked_up_in_and_committed_to_the_store(engi
     assert ("load", STORED_ID, OWNER) in store.calls and ("refresh", sid) in store.calls
     committed = sorted((r.session_id, r.last_applied_seq) for call in store.of("commit") for r in call[1])
     assert committed == sorted([(sid, 1), (STORED_ID, 8)])
+
+
+async def test_a_session_closed_while_its_step_awaits_the_store_is_refused_and_its_slot_spared():
+    store = HeldRefreshStore()
+    engine = Engine(FakeRuntime(), limits_with(), Metrics(CollectorRegistry()), store=store)
+    await engine.start()
+    try:
+        closed = (await engine.create_session()).session_id
+        release = store.held[closed] = asyncio.Event()
+        step = asyncio.ensure_future(engine.step(closed, x(5.0)))
+        await asyncio.sleep(0.01)  # the step found the session and waits for the store's refresh of it
+        await engine.close_session(closed)
+        reused = (await engine.create_session()).session_id  # takes the closed session's slot
+        release.set()
+        with pytest.raises(SessionNotFound):
+            await step
+        seq, h, _ = await engine.get_state(reused)
+        assert (seq, float(h[0, 0])) == (0, 0.0) and engine.queued_requests == 0
+    finally:
+        await engine.stop()
