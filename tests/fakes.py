@@ -44,17 +44,29 @@ class FakeRuntime:
         return torch.stack(outputs), h, c
 
 
-class HeldRefreshStore(MemoryStore):
-    """A store kept elsewhere (every lookup of an idle session asks it), whose next refresh of an id in `held` waits
-    until its event is set: the window in which another request can close the session."""
+class HeldStore(MemoryStore):
+    """A store kept elsewhere (every lookup of an idle session asks it) whose next call `hold` names waits until
+    the returned event is set: the window in which other requests can close or use the session."""
 
     local = False
 
     def __init__(self):
         super().__init__()
-        self.held: dict[str, asyncio.Event] = {}
+        self._held: dict[tuple[str, str], asyncio.Event] = {}
+        self.waiting = asyncio.Event()  # set once a held call waits
+
+    def hold(self, call: str, session_id: str) -> asyncio.Event:
+        event = self._held[(call, session_id)] = asyncio.Event()
+        return event
 
     async def refresh(self, session_id):
-        if (event := self.held.pop(session_id, None)) is not None:
-            await event.wait()
+        await self._wait("refresh", session_id)
         return None
+
+    async def release(self, session_id, delete):
+        await self._wait("release", session_id)
+
+    async def _wait(self, call: str, session_id: str) -> None:
+        if (event := self._held.pop((call, session_id), None)) is not None:
+            self.waiting.set()
+            await event.wait()

@@ -285,7 +285,10 @@ class Engine:
         period = min(1.0, self.limits.idle_timeout / 4)
         while True:
             await asyncio.sleep(period)
-            for session in self._sessions.idle_since(self._clock() - self.limits.idle_timeout):
+            deadline = self._clock() - self.limits.idle_timeout
+            for session in self._sessions.idle_since(deadline):
+                if not self._sessions.still_idle(session, deadline):
+                    continue  # closed or used while an earlier one's end awaited the store
                 await self._live.end(session, SessionNotFound(f"session {session.id} expired", session.id))
                 self._metrics.sessions_expired.inc()
                 log.debug("session %s expired", fingerprint(session.id))

@@ -178,6 +178,10 @@ class SessionTable:
                 return session
         return None
 
+    def still_idle(self, session: Session, deadline: float) -> bool:
+        """Whether `session` is still live here, unused since `deadline` and with no work queued."""
+        return self._sessions.get(session.id) is session and session.last_used < deadline and not session.busy
+
     def idle_since(self, deadline: float) -> list[Session]:
         """Sessions not used since `deadline` and with no work queued, oldest first."""
         expired = []

@@ -11,7 +11,7 @@ from server.engine import Engine, InvalidInput, LimitExceeded, ModelFailure, Seq
 from server.engine.flights import digests
 from server.engine.sessions import inputs_digest
 from server.metrics import Metrics
-from tests.fakes import FAIL_MARKER, FakeRuntime, HeldRefreshStore
+from tests.fakes import FAIL_MARKER, FakeRuntime, HeldStore
 from tests.limits import limits_with
 
 pytestmark = pytest.mark.unit
@@ -164,13 +164,13 @@ async def test_a_caller_that_goes_away_does_not_stop_its_message(engine):
 @pytest.mark.parametrize("wants_commits", [False, True], ids=["flight", "queue"])  # True: Redis's, no flights
 async def test_a_session_closed_while_the_message_awaits_the_store_for_another_is_refused_and_its_slot_spared(
         wants_commits):
-    store = HeldRefreshStore()
+    store = HeldStore()
     store.wants_commits = wants_commits
     engine = Engine(FakeRuntime(), limits_with(max_batch_size=4), Metrics(CollectorRegistry()), store=store)
     await engine.start()
     try:
         closed, held = await sessions(engine, 2)
-        release = store.held[held] = asyncio.Event()
+        release = store.hold("refresh", held)
         message = asyncio.ensure_future(engine.step_columns([closed, held], [], columns(5, 7)))
         await asyncio.sleep(0.01)  # the first session is found, the second's refresh waits
         await engine.close_session(closed)

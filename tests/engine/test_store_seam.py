@@ -10,7 +10,7 @@ from server.engine import Engine, SessionNotFound, StateUnavailable
 from server.engine.sessions import inputs_digest
 from server.metrics import Metrics
 from server.store import KeptAnswer, MemoryStore, SessionGone, SessionRecord, StoreUnavailable
-from tests.fakes import FakeRuntime, HeldRefreshStore
+from tests.fakes import FakeRuntime, HeldStore
 from tests.limits import limits_with
 
 pytestmark = pytest.mark.unit
@@ -172,12 +172,12 @@ async def test_columnar_entries_are_looked_up_in_and_committed_to_the_store(engi
 
 
 async def test_a_session_closed_while_its_step_awaits_the_store_is_refused_and_its_slot_spared():
-    store = HeldRefreshStore()
+    store = HeldStore()
     engine = Engine(FakeRuntime(), limits_with(), Metrics(CollectorRegistry()), store=store)
     await engine.start()
     try:
         closed = (await engine.create_session()).session_id
-        release = store.held[closed] = asyncio.Event()
+        release = store.hold("refresh", closed)
         step = asyncio.ensure_future(engine.step(closed, x(5.0)))
         await asyncio.sleep(0.01)  # the step found the session and waits for the store's refresh of it
         await engine.close_session(closed)
@@ -187,5 +187,33 @@ async def test_a_session_closed_while_its_step_awaits_the_store_is_refused_and_i
             await step
         seq, h, _ = await engine.get_state(reused)
         assert (seq, float(h[0, 0])) == (0, 0.0) and engine.queued_requests == 0
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.parametrize("meanwhile", ["closed", "used"])
+async def test_expiry_spares_a_session_closed_or_used_while_it_awaits_the_store_for_an_earlier_one(meanwhile):
+    now = [0.0]
+    store = HeldStore()
+    engine = Engine(FakeRuntime(), limits_with(idle_timeout=0.04), Metrics(CollectorRegistry()),
+                    clock=lambda: now[0], store=store)
+    await engine.start()
+    try:
+        first, other = [(await engine.create_session()).session_id for _ in range(2)]
+        release = store.hold("release", first)
+        now[0] = 10.0  # both unused past the timeout: the expiry ends the first and waits for the store
+        await asyncio.wait_for(store.waiting.wait(), 5)
+        later = (await engine.create_session()).session_id
+        if meanwhile == "closed":
+            await engine.close_session(other)
+        else:
+            now[0] = 11.0
+            await (await engine.step(other, x(1.0)))[1]
+        release.set()
+        now[0] = 11.03  # the later session is unused past the timeout, the one used at 11 is not
+        async with asyncio.timeout(5):  # a later pass ends it: the expiry goes on
+            while engine.has_session(later):
+                await asyncio.sleep(0.01)
+        assert engine.has_session(other) == (meanwhile == "used")
     finally:
         await engine.stop()
