@@ -157,8 +157,10 @@ class Engine:
         self._admit(owner)
         h, c = self._initial_state(h0, c0, names=("h0", "c0"))
         with self._counting_refusals():
-            for eviction in self._admission.room_for_session(owner, self._sessions):
-                await self._evict(eviction)
+            # one at a time, asking again after each: ending one awaits the store, and meanwhile other requests
+            # may take the room it made or close the next victim
+            while evictions := self._admission.room_for_session(owner, self._sessions):
+                await self._evict(evictions[0])
             session = await self._live.open(owner, h, c)
         self._metrics.sessions_created.inc()
         log.debug("session %s opened for principal %r", fingerprint(session.id), owner)

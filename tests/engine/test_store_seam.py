@@ -217,3 +217,21 @@ async def test_expiry_spares_a_session_closed_or_used_while_it_awaits_the_store_
         assert engine.has_session(other) == (meanwhile == "used")
     finally:
         await engine.stop()
+
+
+async def test_a_session_made_while_an_eviction_awaits_the_store_does_not_take_the_evicting_ones_room():
+    store = HeldStore()
+    engine = Engine(FakeRuntime(), limits_with(max_sessions=2, initial_capacity=2, full_policy="evict"),
+                    Metrics(CollectorRegistry()), store=store)
+    await engine.start()
+    try:
+        oldest, older = [(await engine.create_session()).session_id for _ in range(2)]
+        release = store.hold("release", oldest)
+        evicting = asyncio.ensure_future(engine.create_session())
+        await asyncio.wait_for(store.waiting.wait(), 5)  # the oldest is evicted, its release waits for the store
+        meanwhile = (await engine.create_session()).session_id  # takes the room that eviction made
+        release.set()
+        made = (await evicting).session_id  # evicts again instead of finding the pool full
+        assert [engine.has_session(sid) for sid in (oldest, older, meanwhile, made)] == [False, False, True, True]
+    finally:
+        await engine.stop()
