@@ -34,6 +34,8 @@ class FakeRuntime:
     def run(self, x, h, c):
         self.gate.wait(10)
         self.batch_sizes.append(x.shape[1])
+        if not (h.is_contiguous() and c.is_contiguous()):  # cuDNN's LSTM refuses such states: so does the fake
+            raise RuntimeError("rnn: hx is not contiguous")
         if (x == FAIL_MARKER).any():
             raise RuntimeError("injected model failure")
         outputs = []

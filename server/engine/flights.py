@@ -103,7 +103,9 @@ class Flights:
         h_n, c_n, seconds = torch.empty_like(h), torch.empty_like(c), []
         for part in _chunks(x.shape[1], self._limits.max_batch_size):
             started = time.perf_counter()
-            y, h_n[:, part], c_n[:, part] = self._runtime.run(x[:, part], h[:, part], c[:, part])
+            # a chunk of several layers' states is a strided view, and cuDNN's LSTM refuses those
+            y, h_n[:, part], c_n[:, part] = self._runtime.run(x[:, part], h[:, part].contiguous(),
+                                                              c[:, part].contiguous())
             outputs[part] = y.transpose(0, 1).cpu().numpy()
             seconds.append(time.perf_counter() - started)
         return outputs, h_n, c_n, seconds

@@ -73,6 +73,19 @@ async def test_a_failed_entry_changes_nothing_and_the_others_proceed(engine):
     assert (await engine.get_state(other_owner, owner="someone else"))[0] == 0
 
 
+async def test_a_model_of_several_layers_gets_each_chunks_state_contiguous_as_cudnn_requires():
+    limits = limits_with(max_batch_size=4, initial_capacity=2, max_sessions=64)
+    engine = Engine(FakeRuntime(num_layers=2), limits, Metrics(CollectorRegistry()))
+    await engine.start()
+    try:
+        ids = await sessions(engine, 10)
+        answer = await answered(engine, ids, columns(*range(10)))
+        assert answer.errors == {} and answer.outputs[:, 0, 0].tolist() == [float(v) for v in range(10)]
+        assert engine.runtime.batch_sizes[-3:] == [4, 4, 2]
+    finally:
+        await engine.stop()
+
+
 async def test_a_resent_message_is_answered_again_without_applying_it_twice(engine):
     ids = await sessions(engine, 3)
     first = await answered(engine, ids, columns(1, 2, 3), [1, 1, 1])
