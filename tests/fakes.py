@@ -6,7 +6,7 @@ import threading
 import torch
 
 from server.model import ModelMetadata
-from server.store import MemoryStore
+from server.store import MemoryStore, SessionGone
 
 FAIL_MARKER = 666.0  # an input value that makes the fake model raise, failing the batch it is in
 
@@ -56,6 +56,7 @@ class HeldStore(MemoryStore):
         super().__init__()
         self._held: dict[tuple[str, str], asyncio.Event] = {}
         self.waiting = asyncio.Event()  # set once a held call waits
+        self.gone: set[str] = set()  # ended on another replica: refresh says so
 
     def hold(self, call: str, session_id: str) -> asyncio.Event:
         event = self._held[(call, session_id)] = asyncio.Event()
@@ -63,6 +64,8 @@ class HeldStore(MemoryStore):
 
     async def refresh(self, session_id):
         await self._wait("refresh", session_id)
+        if session_id in self.gone:
+            raise SessionGone(f"session {session_id} ended on another replica")
         return None
 
     async def release(self, session_id, delete):

@@ -155,13 +155,18 @@ class LiveSessions:
             now = self._clock()
             live = [LiveSession(s.id, 0.0 if s.busy else now - s.last_used, s.steps_applied) for s in self.table]
             try:
-                lost = await self._store.maintain(live, lambda sid: self.record(self.table.find(sid)))
+                lost = await self._store.maintain(live, self._record_if_live)
             except StoreUnavailable:
                 continue  # counted by the store, which reconnects by itself
             for session_id in lost:
                 if session := self.table.find(session_id):
                     self.close(session, SessionNotFound(f"session {session_id} moved to another replica",
                                                         session_id))
+
+    def _record_if_live(self, session_id: str) -> SessionRecord | None:
+        """The store asks after awaiting itself: the session may have been closed meanwhile."""
+        session = self.table.find(session_id)
+        return None if session is None else self.record(session)
 
     def _adopt(self, record: SessionRecord, accepting: Callable[[], None]) -> Session:
         accepting()

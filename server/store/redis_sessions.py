@@ -146,7 +146,8 @@ class RedisSessionStore:
         if now - self._last_checkpoint >= self._checkpoint_interval:
             self._last_checkpoint = now
             lost_ids = set(lost)
-            await self._write([record_of(s.session_id) for s in self._unwritten(live) if s.session_id not in lost_ids])
+            records = (record_of(s.session_id) for s in self._unwritten(live) if s.session_id not in lost_ids)
+            await self._write([record for record in records if record is not None])  # None: closed meanwhile
         return lost
 
     async def hand_over(self, records: list[SessionRecord]) -> None:

@@ -34,7 +34,7 @@ class LiveSession(NamedTuple):
     steps_applied: int
 
 
-RecordOf = Callable[[str], SessionRecord]  # a live session's id -> its record now
+RecordOf = Callable[[str], SessionRecord | None]  # a live session's id -> its record now; None once closed
 
 
 class SessionStore(Protocol):

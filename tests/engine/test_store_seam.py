@@ -235,3 +235,42 @@ async def test_a_session_made_while_an_eviction_awaits_the_store_does_not_take_t
         assert [engine.has_session(sid) for sid in (oldest, older, meanwhile, made)] == [False, False, True, True]
     finally:
         await engine.stop()
+
+
+class CheckpointingStore(HeldStore):
+    """Maintains as Redis does: awaits the store (held by "maintain"), then takes the record of each session it was
+    told of whose lease it still holds (one closed here without being released keeps it)."""
+
+    maintenance_period = 0.01
+
+    def __init__(self):
+        super().__init__()
+        self.checkpointed: list[str] = []
+        self.maintained = asyncio.Event()
+
+    async def maintain(self, live, record_of):
+        live = list(live)
+        await self._wait("maintain", "")
+        self.checkpointed += [r.session_id for s in live if (r := record_of(s.session_id)) is not None]
+        self.maintained.set()
+        return []
+
+
+async def test_a_session_closed_while_maintenance_awaits_the_store_is_not_checkpointed_and_maintenance_goes_on():
+    store = CheckpointingStore()
+    engine = Engine(FakeRuntime(), limits_with(), Metrics(CollectorRegistry()), store=store)
+    await engine.start()
+    try:
+        gone, kept = [(await engine.create_session()).session_id for _ in range(2)]
+        release = store.hold("maintain", "")
+        await asyncio.wait_for(store.waiting.wait(), 5)  # maintenance was told of both and waits for the store
+        store.gone.add(gone)
+        with pytest.raises(SessionNotFound):  # it ended on another replica: closed here, its lease not released
+            await engine.step(gone, x(1.0))
+        release.set()
+        for _ in range(2):  # the held call ends, and maintenance goes on
+            await asyncio.wait_for(store.maintained.wait(), 5)
+            store.maintained.clear()
+        assert gone not in store.checkpointed and kept in store.checkpointed
+    finally:
+        await engine.stop()
