@@ -6,7 +6,7 @@ import threading
 import torch
 
 from server.model import ModelMetadata
-from server.store import MemoryStore, SessionGone
+from server.store import MemoryStore, SessionGone, SessionRecord
 
 FAIL_MARKER = 666.0  # an input value that makes the fake model raise, failing the batch it is in
 
@@ -57,6 +57,7 @@ class HeldStore(MemoryStore):
         self._held: dict[tuple[str, str], asyncio.Event] = {}
         self.waiting = asyncio.Event()  # set once a held call waits
         self.gone: set[str] = set()  # ended on another replica: refresh says so
+        self.newer: dict[str, SessionRecord] = {}  # written by another replica: each refresh returns it
 
     def hold(self, call: str, session_id: str) -> asyncio.Event:
         event = self._held[(call, session_id)] = asyncio.Event()
@@ -66,7 +67,7 @@ class HeldStore(MemoryStore):
         await self._wait("refresh", session_id)
         if session_id in self.gone:
             raise SessionGone(f"session {session_id} ended on another replica")
-        return None
+        return self.newer.get(session_id)
 
     async def release(self, session_id, delete):
         await self._wait("release", session_id)

@@ -58,7 +58,9 @@ class LiveSessions:
                 elif gone:
                     self.close(session, SessionNotFound(f"session {session_id} was closed elsewhere", session_id))
                     session = None
-                elif record is not None:
+                elif record is not None and not session.busy:
+                    # busy: a request that refreshed alongside this one loaded the record and queued work on it,
+                    # whose numbering and state loading it again would take back
                     self._load(session, record)
         if session is None or session.owner != owner:
             raise _not_found(session_id)

@@ -274,3 +274,32 @@ async def test_a_session_closed_while_maintenance_awaits_the_store_is_not_checkp
         assert gone not in store.checkpointed and kept in store.checkpointed
     finally:
         await engine.stop()
+
+
+async def test_a_newer_record_refreshed_while_another_request_queued_work_does_not_renumber_that_work():
+    """Two requests of an idle session both refresh it (with Redis: both find its lapsed lease re-taken); the
+    one answered first loads the newer record and queues its step, and the other must not load it again under
+    that step: its numbering went back below the queued step's, and both steps were given one number."""
+    store, runtime = HeldStore(), FakeRuntime()
+    engine = Engine(runtime, limits_with(), Metrics(CollectorRegistry()), store=store)
+    await engine.start()
+    try:
+        sid = (await engine.create_session(owner=OWNER)).session_id
+        store.newer[sid] = SessionRecord(sid, OWNER, "model", 1.0, 3, 3, np.full((1, 3), 10.0, np.float32),
+                                         np.zeros((1, 3), np.float32))
+        release = store.hold("refresh", sid)
+        runtime.gate.clear()  # the first step queued stays in the model until both are queued
+        later = asyncio.ensure_future(engine.step(sid, x(1.0), owner=OWNER))
+        await store.waiting.wait()
+        first_seq, first = await engine.step(sid, x(2.0), owner=OWNER)
+        release.set()
+        later_seq, later_answer = await later
+        del store.newer[sid]  # held now: later refreshes have nothing newer
+        runtime.gate.set()
+        answers = [float((await future).outputs[0, 0]) for future in (first, later_answer)]
+        seq, h, _ = await engine.get_state(sid, owner=OWNER)
+        assert (first_seq, later_seq, answers) == (4, 5, [12.0, 13.0])
+        assert (seq, float(h[0, 0])) == (5, 13.0)
+    finally:
+        runtime.gate.set()
+        await engine.stop()
