@@ -35,6 +35,8 @@ class OipModels:
         answer = await sequences.step(call.sequence_id, call.inputs["INPUT"], call.start, call.end,
                                       call.inputs.get("H0"), call.inputs.get("C0"), owner=owner,
                                       with_state=any(output in STATE_OUTPUTS for output in call.outputs))
+        if call.start:  # only once the START is taken: a refused one changes no sequence, on any version
+            self._end_elsewhere(name, sequences.engine, call.sequence_id, owner)
         if call.end:
             self._unended.pop(key, None)
         elif call.start:
@@ -45,15 +47,10 @@ class OipModels:
         return sequences.engine, answer
 
     async def _sequences(self, name: str, version: str, sequence_id, owner: str, start: bool) -> Sequences:
-        """Where a sequence's request goes. START: the version asked for, or the current one; a live sequence
-        with that id on another version of the model ends there, as a START on a live id ends it anywhere.
-        Every other request: the version its sequence started on, whatever the current version is now."""
+        """Where a sequence's request goes. START: the version asked for, or the current one. Every other
+        request: the version its sequence started on, whatever the current version is now."""
         if start:
-            engine = self.engine(name, version)
-            for other in self._serving(name):
-                if other is not engine:
-                    self._registry.sequences(other).end(sequence_id, owner)
-            return self._registry.sequences(engine)
+            return self._registry.sequences(self.engine(name, version))
         if not version and (current := self._current_sequences(name)) and current.active(sequence_id, owner):
             return current  # the common case, found without listing the model's versions
         candidates = [self.engine(name, version, new_work=False)] if version else self._serving(name)
@@ -64,6 +61,13 @@ class OipModels:
             await self._refuse_if_retired(session_id, owner)
         # not live on any version: the current version's sequences say so ("send sequence_start=true")
         return self._registry.sequences(self.engine(name, version, new_work=False))
+
+    def _end_elsewhere(self, name: str, engine: Engine, sequence_id, owner: str) -> None:
+        """A START taken on `engine` ends a live sequence with that id on another version of the model, as a
+        START on a live id ends it on its own version."""
+        for other in self._serving(name):
+            if other is not engine:
+                self._registry.sequences(other).end(sequence_id, owner)
 
     def _current_sequences(self, name: str) -> Sequences | None:
         """The sequences of the model's current version; None when it has none (or no such model)."""

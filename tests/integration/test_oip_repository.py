@@ -181,6 +181,18 @@ def test_a_start_moves_a_live_sequence_id_to_the_version_it_asks_for(repository,
                  "both sequences' sessions freed")
 
 
+def test_a_refused_start_on_another_version_leaves_the_live_sequence_where_it_is(repository, triton):
+    add_demo_version(repository, 2)
+    (repository / MODEL / "config.json").write_text(json.dumps({"version_policy": {"all": {}}}))
+    xs = chunks(2, seed=6)
+    wrong_width = np.zeros((2, 5), np.float32)  # the model takes 4 inputs per time step
+    with server_in_thread("", model_repository=str(repository)) as server:
+        answers = triton.call("infer_versioned", server.address, MODEL, [
+            step(12, xs[0], version="1", start=True), step(12, wrong_width, start=True), step(12, xs[1])])
+    assert answers[1].status == INVALID_ARGUMENT
+    assert_answers(answers[::2], ["1", "1"], reference_chunks(repository, 1, xs))  # a refused START ended nothing
+
+
 def test_a_sequence_ended_by_the_drain_timeout_is_told_which_version_retired(repository, triton):
     xs = chunks(2, seed=5)
     with server_in_thread("", model_repository=str(repository), drain_timeout=0.5) as server:
