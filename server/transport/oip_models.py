@@ -11,8 +11,9 @@ from server.models.registry import ModelRegistry, VersionState, VersionStatus
 from server.transport.oip_convert import STATE_OUTPUTS, InferCall, LoadFailed, UnknownModel
 
 SERVING = (VersionState.READY, VersionState.DRAINING)  # states whose engine still answers its sequences
-# Sequences started and not ended by their client, remembered (session id by owner and sequence id) to tell a
-# client whose sequence a drain timeout ended why it is gone; the oldest are forgotten first.
+# Sequences started and not ended by their client, remembered (session id by model, owner and sequence id: each
+# model has its own sequence ids) to tell a client whose sequence a drain timeout ended why it is gone; the oldest
+# are forgotten first.
 UNENDED_KEPT = 100_000
 
 
@@ -30,7 +31,7 @@ class OipModels:
                             ) -> tuple[Engine, asyncio.Future]:
         """Queues a sequence request on the version that serves it; returns that version's engine and the
         request's answer (a future)."""
-        key = (owner, call.sequence_id)
+        key = (name, owner, call.sequence_id)
         sequences = await self._sequences(name, version, call.sequence_id, owner, call.start)
         answer = await sequences.step(call.sequence_id, call.inputs["INPUT"], call.start, call.end,
                                       call.inputs.get("H0"), call.inputs.get("C0"), owner=owner,
@@ -57,7 +58,7 @@ class OipModels:
         for engine in candidates:
             if self._registry.sequences(engine).active(sequence_id, owner):
                 return self._registry.sequences(engine)
-        if (session_id := self._unended.get((owner, sequence_id))) is not None:
+        if (session_id := self._unended.get((name, owner, sequence_id))) is not None:
             await self._refuse_if_retired(session_id, owner)
         # not live on any version: the current version's sequences say so ("send sequence_start=true")
         return self._registry.sequences(self.engine(name, version, new_work=False))

@@ -205,3 +205,16 @@ def test_a_sequence_ended_by_the_drain_timeout_is_told_which_version_retired(rep
     assert leftover.status == FAILED_PRECONDITION
     assert "version 1 of model tutorial-lstm" in leftover.message and "open a new session" in leftover.message
     assert ended.status == NOT_FOUND and "sequence_start=true" in ended.message  # ended by its client: as before
+
+
+def test_a_sequence_id_ended_by_a_drain_timeout_is_not_active_on_another_model(repository, triton):
+    assert export_main(["--demo", "--repository", str(repository), "--version", "1", "--name", "other"]) == 0
+    xs = chunks(1, seed=7)
+    with server_in_thread("", model_repository=str(repository), drain_timeout=0.5) as server:
+        triton.call("infer_versioned", server.address, MODEL, [step(23, xs[0], start=True)])
+        add_demo_version(repository, 2)
+        assert client(triton, server, "load_model", MODEL) is None
+        wait_for(lambda: index(triton, server)["1"][0] == "UNAVAILABLE", "version 1 unloaded at the drain timeout")
+        (elsewhere,) = triton.call("infer_versioned", server.address, "other", [step(23, xs[0])])
+    # the other model never started sequence 23: no word of tutorial-lstm's retired version
+    assert elsewhere.status == NOT_FOUND and "sequence_start=true" in elsewhere.message
