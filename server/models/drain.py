@@ -89,9 +89,11 @@ class Drains:
         return result
 
     async def unload(self, v: Version, why: str) -> None:
+        if v.state is not VersionState.DRAINING:
+            # unloaded already (its last session's close and its drain timeout both got here), or revived (a
+            # roll-back) after its unload was asked and before it ran: it serves on
+            return
         engine, v.engine = v.engine, None
-        if engine is None:
-            return  # its last session's close and its drain timeout both got here
         if v.drain_task is not None and not v.drain_expired:
             v.drain_task.cancel()
         v.state, v.reason = VersionState.UNAVAILABLE, f"unloaded ({why})"

@@ -1,0 +1,44 @@
+"""Drains with a real Engine (FakeRuntime): a draining version's life until it is unloaded or wanted again."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from server.engine import Engine
+from server.metrics import Metrics
+from server.models.drain import Drains
+from server.models.versions import Version, VersionState
+from tests.fakes import FakeRuntime
+from tests.limits import limits_with
+
+pytestmark = pytest.mark.unit
+
+
+async def test_a_version_wanted_again_right_after_its_last_session_closed_is_not_unloaded():
+    """Its last session's close asks for its unload (a task, run at the loop's next turn); a reload that wants the
+    version again may revive it before then: it serves on, and is not unloaded READY under its new sessions."""
+    tasks, unloaded = [], []
+
+    def spawn(coroutine) -> asyncio.Task:
+        tasks.append(asyncio.ensure_future(coroutine))
+        return tasks[-1]
+
+    drains = Drains(300.0, spawn, lambda v, engine: unloaded.append(v.version))
+    engine = Engine(FakeRuntime(), limits_with(), Metrics(CollectorRegistry()))
+    await engine.start()
+    v = Version("m", 1, Path("m/1/model.pt"), (), VersionState.READY, engine=engine)
+    engine.on_session_closed(lambda session_id: drains.after_close(v, session_id))
+    try:
+        last = (await engine.create_session()).session_id
+        drains.retire(v, "left the version policy")
+        await engine.close_session(last)  # the version has no session left: its unload is asked
+        assert drains.revive(v)  # a roll-back, before that unload ran
+        await asyncio.gather(*tasks, return_exceptions=True)  # the unload, and the drain timeout it cancelled
+        assert (v.state, v.engine, unloaded) == (VersionState.READY, engine, [])
+        assert (await engine.create_session()).session_id  # it takes new sessions again
+    finally:
+        for task in tasks:
+            task.cancel()
+        await engine.stop()
