@@ -9,9 +9,12 @@ from prometheus_client import CollectorRegistry
 from server.engine import Engine
 from server.metrics import Metrics
 from server.models.drain import Drains
+from server.models.registry import ModelRegistry
+from server.models.repository import scan
 from server.models.versions import Version, VersionState
-from tests.fakes import FakeRuntime
+from tests.fakes import FakeRuntime, HeldStore
 from tests.limits import limits_with
+from tests.models.repository_files import add_version, write_config
 
 pytestmark = pytest.mark.unit
 
@@ -42,3 +45,28 @@ async def test_a_version_wanted_again_right_after_its_last_session_closed_is_not
         for task in tasks:
             task.cancel()
         await engine.stop()
+
+
+async def test_a_version_rolled_back_to_while_its_drain_timeout_ends_its_sessions_is_loaded_anew(tmp_path):
+    """Its sessions are being ended (the store is still asked to release them) when a reload wants it again: too
+    late to take it back as it is; its last session's close has unloaded it already, so it is loaded anew."""
+    add_version(tmp_path, "m", 1, seed=1)
+    store, limits = HeldStore(), limits_with()
+    registry = ModelRegistry(lambda: scan(tmp_path), lambda runtime, limits: Engine(
+        runtime, limits, Metrics(CollectorRegistry()), store=store), limits, drain_timeout=0.01)
+    await registry.start()
+    try:
+        leftover = (await registry.engine("m").create_session()).session_id
+        released = store.hold("release", leftover)
+        add_version(tmp_path, "m", 2, seed=2)
+        await registry.reload()  # version 1 drains; its drain timeout ends its session and awaits the store
+        await store.waiting.wait()
+        write_config(tmp_path, "m", version_policy={"specific": {"versions": [1]}})
+        reload = asyncio.ensure_future(registry.reload())  # the roll-back
+        await asyncio.sleep(0.05)
+        released.set()
+        await reload
+        assert {s.version: (s.state, s.is_default) for s in registry.statuses()} == {
+            1: (VersionState.READY, True), 2: (VersionState.UNAVAILABLE, False)}  # 2 had no session: unloaded
+    finally:
+        await registry.stop()
