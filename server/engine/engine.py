@@ -182,8 +182,8 @@ class Engine:
         self._metrics.sessions_closed.inc()
         log.debug("session %s closed by its principal", fingerprint(session_id))
 
-    def on_session_closed(self, listener: Callable[[str], None]) -> None:
-        """Calls `listener(session_id)` whenever a session is closed or expires."""
+    def on_session_closed(self, listener: Callable[[str, str], None]) -> None:
+        """Calls `listener(session_id, owner)` whenever a session is closed or expires."""
         self._live.on_closed(listener)
 
     async def step(self, session_id: str, inputs: np.ndarray, seq: int = 0, owner: str = "",

@@ -26,7 +26,7 @@ class LiveSessions:
         self._admission = admission
         self._model = model
         self._clock = clock
-        self._close_listeners: list[Callable[[str], None]] = []
+        self._close_listeners: list[Callable[[str, str], None]] = []
 
     def __len__(self) -> int:
         return len(self.table)
@@ -113,7 +113,7 @@ class LiveSessions:
         else:
             self._scheduler.release(session.slot)
         for listener in self._close_listeners:
-            listener(session.id)
+            listener(session.id, session.owner)
 
     async def end(self, session: Session, error: Exception) -> None:
         """Ends a session everywhere (closed, expired, evicted)."""
@@ -134,7 +134,7 @@ class LiveSessions:
             await self._store.release(session.id, delete=True)
         return [session.id for session in ended]
 
-    def on_closed(self, listener: Callable[[str], None]) -> None:
+    def on_closed(self, listener: Callable[[str, str], None]) -> None:
         self._close_listeners.append(listener)
 
     def record(self, session: Session) -> SessionRecord:

@@ -29,7 +29,7 @@ class Sequences:
         self._live: dict[_Key, _Live] = {}
         self._key_by_session: dict[str, _Key] = {}
         self._closing: set[asyncio.Task] = set()  # held so that the loop does not drop them half-done
-        engine.on_session_closed(self._forget)
+        engine.on_session_closed(lambda session_id, _owner: self._forget(session_id))
 
     @property
     def engine(self) -> Engine:

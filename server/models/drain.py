@@ -27,7 +27,8 @@ class Drains:
         self._timeout = timeout
         self._spawn = spawn
         self._unloaded = unloaded
-        self._ended: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
+        # session id -> (model, version, owner)
+        self._ended: collections.OrderedDict[str, tuple[str, int, str]] = collections.OrderedDict()
 
     def retire(self, v: Version, why: str, idle_unload: bool = True) -> None:
         """Not `idle_unload`: kept until the drain timeout even without sessions (some are on their way)."""
@@ -56,21 +57,23 @@ class Drains:
         log.info("model %s version %d serves again (back in the version policy)", v.name, v.version)
         return True
 
-    def after_close(self, v: Version, session_id: str) -> None:
+    def after_close(self, v: Version, session_id: str, owner: str) -> None:
         """A session of `v` ended: remembered if the drain timeout ended it; a draining version without sessions
         is unloaded."""
         if v.drain_expired:
-            self._ended[session_id] = (v.name, v.version)
+            self._ended[session_id] = (v.name, v.version, owner)
             while len(self._ended) > RETIRED_SESSIONS_KEPT:
                 self._ended.popitem(last=False)
         if v.state is VersionState.DRAINING and v.engine is not None and v.engine.session_count == 0:
             self._spawn(self.unload(v, v.reason))
 
-    def refusal(self, session_id: str) -> VersionRetired | None:
-        """Why a session is gone, when a drain timeout ended it."""
-        if (ended := self._ended.get(session_id)) is None:
+    def refusal(self, session_id: str, owner: str) -> VersionRetired | None:
+        """Why `owner`'s session is gone, when a drain timeout ended it. Another principal's is not told: to it the
+        session is one that does not exist, as everywhere."""
+        ended = self._ended.get(session_id)
+        if ended is None or ended[2] != owner:
             return None
-        name, version = ended
+        name, version, _ = ended
         return VersionRetired(f"session {clip(session_id)} ran on version {version} of model {name}, which was "
                               "retired; its state is gone: open a new session", name, version)
 
@@ -80,11 +83,11 @@ class Drains:
         ended = self._ended
         return bool(ended) and any(session_id in ended for session_id in session_ids)
 
-    async def name_ended(self, answer: asyncio.Future, session_ids: list[str]) -> ColumnsAnswer:
+    async def name_ended(self, answer: asyncio.Future, session_ids: list[str], owner: str) -> ColumnsAnswer:
         """A columnar answer in which an entry refused as unknown whose session a drain timeout ended is told so."""
         result = await answer
         for i, error in result.errors.items():
-            if isinstance(error, SessionNotFound) and (refusal := self.refusal(session_ids[i])) is not None:
+            if isinstance(error, SessionNotFound) and (refusal := self.refusal(session_ids[i], owner)) is not None:
                 result.errors[i] = refusal
         return result
 

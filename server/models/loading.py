@@ -145,7 +145,7 @@ class VersionLoader:
             return
         v.engine, v.state = engine, VersionState.READY
         self._by_engine[engine] = v
-        engine.on_session_closed(lambda session_id: self._drains.after_close(v, session_id))
+        engine.on_session_closed(lambda session_id, owner: self._drains.after_close(v, session_id, owner))
         log.info("model %s version %d is ready", entry.name, version)
 
     def _choose_default(self, model: Model) -> None:

@@ -45,7 +45,7 @@ class SessionRouter:
         if (engine := self.live_engine(session_id)) is not None:
             v = self._by_engine[engine]
             return engine if v.state is VersionState.READY else await self._carried(v, session_id)
-        if (refusal := self._drains.refusal(session_id)) is not None:
+        if (refusal := self._drains.refusal(session_id, owner)) is not None:
             raise refusal
         return await self._stored_session_engine(session_id, owner)
 
@@ -55,7 +55,7 @@ class SessionRouter:
             (engine, v), = self._by_engine.items()
             if v.state is VersionState.READY:  # one version: every session is its, or unknown to it
                 answer = await engine.step_columns(session_ids, seqs, inputs, owner=owner)
-                return asyncio.ensure_future(self._drains.name_ended(answer, session_ids)) \
+                return asyncio.ensure_future(self._drains.name_ended(answer, session_ids, owner)) \
                     if self._drains.ended_among(session_ids) else answer
         parts: dict[Engine, list[int]] = {}
         refused: dict[int, Exception] = {}

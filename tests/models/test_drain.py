@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine
+from server.engine import Engine, SessionNotFound, VersionRetired
 from server.metrics import Metrics
 from server.models.drain import Drains
 from server.models.registry import ModelRegistry
@@ -32,7 +32,7 @@ async def test_a_version_wanted_again_right_after_its_last_session_closed_is_not
     engine = Engine(FakeRuntime(), limits_with(), Metrics(CollectorRegistry()))
     await engine.start()
     v = Version("m", 1, Path("m/1/model.pt"), (), VersionState.READY, engine=engine)
-    engine.on_session_closed(lambda session_id: drains.after_close(v, session_id))
+    engine.on_session_closed(lambda session_id, owner: drains.after_close(v, session_id, owner))
     try:
         last = (await engine.create_session()).session_id
         drains.retire(v, "left the version policy")
@@ -68,5 +68,27 @@ async def test_a_version_rolled_back_to_while_its_drain_timeout_ends_its_session
         await reload
         assert {s.version: (s.state, s.is_default) for s in registry.statuses()} == {
             1: (VersionState.READY, True), 2: (VersionState.UNAVAILABLE, False)}  # 2 had no session: unloaded
+    finally:
+        await registry.stop()
+
+
+async def test_a_session_ended_by_a_drain_timeout_is_told_so_to_its_owner_only(tmp_path):
+    """Another principal who learnt its id is answered as for any session that does not exist: neither that it
+    existed nor which version it ran on."""
+    add_version(tmp_path, "m", 1, seed=1)
+    registry = ModelRegistry(lambda: scan(tmp_path), lambda runtime, limits: Engine(
+        runtime, limits, Metrics(CollectorRegistry())), limits_with(), drain_timeout=0.01)
+    await registry.start()
+    try:
+        ended = (await registry.engine("m").create_session(owner="alice")).session_id
+        add_version(tmp_path, "m", 2, seed=2)
+        await registry.reload()
+        while registry.live_engine(ended) is not None:
+            await asyncio.sleep(0.01)  # version 1's drain timeout ends the session
+        with pytest.raises(VersionRetired, match="version 1 of model m"):
+            await registry.engine_of_session(ended, owner="alice")
+        with pytest.raises(SessionNotFound) as refused:  # by the current version, which has no such session
+            await (await registry.engine_of_session(ended, owner="mallory")).get_session(ended, owner="mallory")
+        assert "version" not in str(refused.value)
     finally:
         await registry.stop()
