@@ -1,6 +1,6 @@
 """What a multiplexer sends and waits for, without I/O: shared by the blocking and the asyncio multiplexers.
 
-Steps of many application sessions wait in `pending`; `take()` packs those of one length T into StepColumns
+Steps of many application sessions wait in `pending`; `take()` packs those of one shape `[T, input]` into StepColumns
 messages (one `[N, T, input]` tensor each, at most `max_entries` entries), which wait in `in_flight` until their
 answers arrive in order. After a broken stream, `rewind()` puts every unanswered step back in front, to be re-sent
 with the same sequence numbers: the server answers a step it already applied from the answers it keeps.
@@ -36,13 +36,15 @@ class Packer:
         self.pending.append(step)
 
     def take(self) -> list[pb.StepColumns]:
-        """Every pending step, packed: one message per length T (and per max_entries of them), oldest first."""
-        by_length: dict[int, list[ColumnStep]] = {}
+        """Every pending step, packed: one message per shape `[T, input]` (and per max_entries of them), oldest
+        first. By the whole shape, not T alone: a step of the wrong input size cannot share a tensor with the
+        others, and goes alone, to be refused in-band."""
+        by_shape: dict[tuple[int, ...], list[ColumnStep]] = {}
         for step in self.pending:
-            by_length.setdefault(step.inputs.shape[0], []).append(step)
+            by_shape.setdefault(step.inputs.shape, []).append(step)
         self.pending = []
         messages = []
-        for steps in by_length.values():
+        for steps in by_shape.values():
             for start in range(0, len(steps), self.max_entries):
                 chunk = steps[start:start + self.max_entries]
                 self.in_flight.append(chunk)

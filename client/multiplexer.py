@@ -1,7 +1,7 @@
 """Multiplexers: many application sessions stepping over one StreamColumns stream (`client.multiplexer()`).
 
 Each application session calls `step(x)` and gets its outputs, as with a session of its own; the steps that wait at
-the same time are packed into one StepColumns message (one per length T), so a thousand sessions cost a message,
+the same time are packed into one StepColumns message (one per shape [T, input]), so a thousand sessions cost a message,
 not a thousand requests. Each session numbers its steps, so a step re-sent after a broken stream is answered again
 and never applied twice; a step the server refuses raises StepError (an LstmError) in that session only.
 """

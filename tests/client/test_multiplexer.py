@@ -125,3 +125,29 @@ async def test_the_asyncio_multiplexer(demo_server, scripted):
         for session in sessions:
             await session.close()
     check(scripted, xs, outputs)
+
+
+def test_a_step_of_the_wrong_input_size_fails_only_its_session(demo_server, scripted):
+    """Steps of one length T but different input sizes cannot share a [N, T, input] tensor."""
+    xs = inputs(1, 1, seed=6)
+    with LstmClient(demo_server.address, timeout=30) as client, client.multiplexer(max_in_flight=1) as mux:
+        good, bad, blocker = mux.session(), mux.session(), mux.session()
+        with ThreadPoolExecutor(3) as pool:
+            # while one message is out, the next two steps wait and are packed together
+            first = pool.submit(blocker.step, xs[0][0])
+            stepped = [pool.submit(good.step, xs[0][0]), pool.submit(bad.step, np.zeros((1, 5), np.float32))]
+            outputs = [first.result(30), stepped[0].result(30)]
+            with pytest.raises(LstmError) as invalid:
+                stepped[1].result(30)
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        check(scripted, [xs[0], xs[0]], [o[None] for o in outputs])
+
+
+async def test_the_asyncio_multiplexer_with_a_step_of_the_wrong_input_size(demo_server, scripted):
+    xs = inputs(1, 1, seed=7)
+    async with AsyncLstmClient(demo_server.address, timeout=30) as client, client.multiplexer() as mux:
+        good, bad = await mux.session(), await mux.session()
+        answers = await asyncio.wait_for(asyncio.gather(
+            good.step(xs[0][0]), bad.step(np.zeros((1, 5), np.float32)), return_exceptions=True), 30)
+        assert isinstance(answers[1], LstmError) and answers[1].code() == grpc.StatusCode.INVALID_ARGUMENT
+        check(scripted, [xs[0]], [answers[0][None]])
