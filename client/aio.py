@@ -90,6 +90,9 @@ class AsyncSession:
         self.id = session_id
         self._next_seq = 1
         self._unsettled: list[pb.StepRequest] = []  # left unanswered by an abandoned stream
+        # a stream whose generator is not closed yet: leaving `async for` does not close it (the garbage
+        # collector has it closed later, on the event loop)
+        self._open_stream: tuple[StreamLedger, asyncio.Condition] | None = None
 
     async def __aenter__(self) -> "AsyncSession":
         return await self.open()
@@ -120,6 +123,7 @@ class AsyncSession:
         ledger = StreamLedger(self.id, self._next_seq, xs, await self._client.answers_kept())
         attempts = self._client.retry.start(timeout)
         turn = asyncio.Condition()
+        self._open_stream = (ledger, turn)
         call, writer, broken, last_applied = None, None, False, None
         try:
             while not ledger.finished:
@@ -153,8 +157,8 @@ class AsyncSession:
             if call:
                 call.cancel()
                 writer.cancel()
-            self._unsettled = ledger.abandon()
-            self._next_seq = ledger.next_seq
+            if self._open_stream and self._open_stream[0] is ledger:  # not taken over by a later request
+                await self._end_open_stream()
 
     @property
     def next_sequence_number(self) -> int:
@@ -177,8 +181,20 @@ class AsyncSession:
     async def close(self) -> None:
         await self._client.call(self._client.stub.CloseSession, pb.SessionRef(session_id=self.id))
 
+    async def _end_open_stream(self) -> None:
+        """Abandons the stream not closed yet, if any: its unanswered requests are to be settled, and numbering
+        goes on after its last."""
+        if self._open_stream is None:
+            return
+        (ledger, turn), self._open_stream = self._open_stream, None
+        async with turn:
+            self._unsettled = ledger.abandon()
+            self._next_seq = ledger.next_seq
+            turn.notify_all()  # its writer, if still waiting for room, ends
+
     async def _settle(self) -> None:
         """Applies, once, what an abandoned stream left unanswered, so numbering goes on without a gap."""
+        await self._end_open_stream()
         while self._unsettled:
             await self._client.call(self._client.stub.Step, self._unsettled[0])
             self._unsettled.pop(0)

@@ -103,6 +103,8 @@ class Session:
         self.id = session_id
         self._next_seq = last_sequence_number + 1
         self._unsettled: list[pb.StepRequest] = []  # left unanswered by an abandoned stream
+        # a stream whose generator is not closed yet: one left by `break` while the caller still holds it
+        self._open_stream: tuple[StreamLedger, threading.Condition] | None = None
 
     def __enter__(self) -> "Session":
         return self
@@ -128,6 +130,7 @@ class Session:
         ledger = StreamLedger(self.id, self._next_seq, xs, self._client.answers_kept())
         attempts = self._client.retry.start(timeout)
         turn, fetching = threading.Condition(), threading.Lock()
+        self._open_stream = (ledger, turn)
         call, broken, last_applied = None, False, None
         try:
             while not ledger.finished:
@@ -160,10 +163,8 @@ class Session:
         finally:
             if call:
                 call.cancel()
-            with turn:
-                self._unsettled = ledger.abandon()  # also stops a request generator waiting for room
-                turn.notify_all()
-            self._next_seq = ledger.next_seq
+            if self._open_stream and self._open_stream[0] is ledger:  # not taken over by a later request
+                self._end_open_stream()
 
     @property
     def next_sequence_number(self) -> int:
@@ -187,8 +188,20 @@ class Session:
     def close(self) -> None:
         self._client.call(self._client.stub.CloseSession, pb.SessionRef(session_id=self.id))
 
+    def _end_open_stream(self) -> None:
+        """Abandons the stream not closed yet, if any: its unanswered requests are to be settled, and numbering
+        goes on after its last."""
+        if self._open_stream is None:
+            return
+        (ledger, turn), self._open_stream = self._open_stream, None
+        with turn:
+            self._unsettled = ledger.abandon()  # also stops a request generator waiting for room
+            self._next_seq = ledger.next_seq  # under `turn`: an input read meanwhile is numbered, never sent
+            turn.notify_all()
+
     def _settle(self) -> None:
         """Applies, once, what an abandoned stream left unanswered, so numbering goes on without a gap."""
+        self._end_open_stream()
         while self._unsettled:
             self._client.call(self._client.stub.Step, self._unsettled[0])
             self._unsettled.pop(0)

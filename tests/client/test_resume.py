@@ -135,3 +135,40 @@ def wait_for(condition, seconds: float = 20) -> bool:
             return True
         threading.Event().wait(0.05)
     return condition()
+
+
+async def test_async_stream_left_by_break_is_settled_before_the_next_step(demo_server, scripted):
+    """Leaving `async for` does not close an async generator (its clean-up waits for the garbage collector), so
+    the session must not take numbers from where that stream began."""
+    xs = inputs(60, seed=6)
+    async with AsyncLstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        outputs = []
+        async for y in session.stream(xs[:50], timeout=30):
+            outputs.append(y)
+            if len(outputs) == 10:
+                break
+        outputs += [await session.step(x) for x in xs[50:53]]
+        applied = (await session.info()).last_sequence_number
+        assert applied > 13
+        want, _ = expected(scripted, np.concatenate([xs[: applied - 3], xs[50:53]]))
+        np.testing.assert_allclose(np.stack(outputs), np.concatenate([want[:10], want[-3:]]), atol=TOLERANCE)
+        assert (await session.info()).steps_applied == applied
+
+
+def test_stream_left_by_break_but_still_held_is_settled_before_the_next_step(demo_server, scripted):
+    """A generator still referenced is not closed on `break`: the session must not wait for that."""
+    xs = inputs(60, seed=7)
+    with LstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        outputs, stream = [], session.stream(xs[:50], timeout=30)
+        for y in stream:
+            outputs.append(y)
+            if len(outputs) == 10:
+                break
+        outputs += [session.step(x) for x in xs[50:53]]
+        applied = session.info().last_sequence_number
+        assert applied > 13
+        want, _ = expected(scripted, np.concatenate([xs[: applied - 3], xs[50:53]]))
+        np.testing.assert_allclose(np.stack(outputs), np.concatenate([want[:10], want[-3:]]), atol=TOLERANCE)
+        assert session.info().steps_applied == applied
+        stream.close()  # ends the call; it no longer decides the session's numbering
+        assert session.next_sequence_number == applied + 1
