@@ -37,6 +37,13 @@ def applied_before(error: grpc.RpcError) -> int | None:
     return error.sequence_number - 1 if isinstance(error, StepError) else None
 
 
+def may_have_applied(error: LstmError) -> bool:
+    """Whether a state-changing request that failed for good may have been applied all the same: the client
+    stopped waiting (its deadline) or lost the connection, rather than the server refusing it."""
+    return error.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (
+        retryable(error) and error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 def lost_steps(details: str) -> LstmError:
     """The server's session is behind what this client saw acknowledged (e.g. an old snapshot restored)."""
     return LstmError(grpc.StatusCode.DATA_LOSS, details)

@@ -172,3 +172,41 @@ def test_stream_left_by_break_but_still_held_is_settled_before_the_next_step(dem
         assert session.info().steps_applied == applied
         stream.close()  # ends the call; it no longer decides the session's numbering
         assert session.next_sequence_number == applied + 1
+
+
+@pytest.fixture(scope="module")
+def slow_server(demo_model):
+    """Each step waits a second for its batch to fill: a client's shorter deadline passes, the step is applied."""
+    from tests.servers import server_in_thread
+
+    with server_in_thread(demo_model, max_batch_delay=1.0) as server:
+        yield server
+
+
+def test_a_step_whose_deadline_passed_is_settled_before_the_next(slow_server, scripted):
+    """The server may apply a step after the client stopped waiting: the next step must not reuse its number."""
+    xs = inputs(2, seed=8)
+    with LstmClient(slow_server.address, timeout=30) as client, client.session() as session:
+        client.timeout = 0.2
+        with pytest.raises(grpc.RpcError) as late:
+            session.step(xs[0])
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        client.timeout = 30
+        y = session.step(xs[1])
+        want, _ = expected(scripted, xs)
+        np.testing.assert_allclose(y, want[1], atol=TOLERANCE)
+        assert (session.info().steps_applied, session.next_sequence_number) == (2, 3)
+
+
+async def test_an_async_step_whose_deadline_passed_is_settled_before_the_next(slow_server, scripted):
+    xs = inputs(2, seed=9)
+    async with AsyncLstmClient(slow_server.address, timeout=30) as client, client.session() as session:
+        client.timeout = 0.2
+        with pytest.raises(grpc.RpcError) as late:
+            await session.step(xs[0])
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        client.timeout = 30
+        y = await session.step(xs[1])
+        want, _ = expected(scripted, xs)
+        np.testing.assert_allclose(y, want[1], atol=TOLERANCE)
+        assert ((await session.info()).steps_applied, session.next_sequence_number) == (2, 3)
