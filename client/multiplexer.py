@@ -17,6 +17,7 @@ import numpy as np
 from client.columns import ColumnStep, Packer
 from client.errors import LstmError
 from client.messages import as_steps
+from client.resume import may_have_applied
 from client.tracing import trace_metadata
 
 DEFAULT_MAX_ENTRIES = 4096  # the server's default max_batch_entries, for servers that do not say theirs
@@ -119,6 +120,7 @@ class MultiplexedSession:
         self._session = session
         self.id = session.id
         self._next_seq = session.next_sequence_number
+        self._unsettled: tuple[int, np.ndarray] | None = None  # (seq, steps) lost with the stream: maybe applied
         self._turn = threading.Lock()
 
     def __enter__(self) -> "MultiplexedSession":
@@ -131,7 +133,16 @@ class MultiplexedSession:
         """`x[input]` -> `y[output]`, or `x[T, input]` -> `y[T, output]`."""
         steps, single = as_steps(x)
         with self._turn:
-            outputs = self._mux.step(self.id, self._next_seq, steps)
+            if self._unsettled is not None:  # re-sent with its inputs, so that its number is never reused
+                self._mux.step(self.id, *self._unsettled)
+                self._unsettled = None
+            try:
+                outputs = self._mux.step(self.id, self._next_seq, steps)
+            except LstmError as error:
+                if may_have_applied(error):
+                    self._unsettled = (self._next_seq, steps)
+                    self._next_seq += 1
+                raise
             self._next_seq += 1
         return outputs[0] if single else outputs
 
@@ -232,12 +243,22 @@ class AsyncMultiplexedSession:
         self._session = session
         self.id = session.id
         self._next_seq = session.next_sequence_number
+        self._unsettled: tuple[int, np.ndarray] | None = None  # as in MultiplexedSession
         self._turn = asyncio.Lock()
 
     async def step(self, x) -> np.ndarray:
         steps, single = as_steps(x)
         async with self._turn:
-            outputs = await self._mux.step(self.id, self._next_seq, steps)
+            if self._unsettled is not None:
+                await self._mux.step(self.id, *self._unsettled)
+                self._unsettled = None
+            try:
+                outputs = await self._mux.step(self.id, self._next_seq, steps)
+            except LstmError as error:
+                if may_have_applied(error):
+                    self._unsettled = (self._next_seq, steps)
+                    self._next_seq += 1
+                raise
             self._next_seq += 1
         return outputs[0] if single else outputs
 

@@ -39,7 +39,10 @@ def applied_before(error: grpc.RpcError) -> int | None:
 
 def may_have_applied(error: LstmError) -> bool:
     """Whether a state-changing request that failed for good may have been applied all the same: the client
-    stopped waiting (its deadline) or lost the connection, rather than the server refusing it."""
+    stopped waiting (its deadline) or lost the connection, rather than the server refusing it (a StepError is
+    the server's answer, in-band)."""
+    if isinstance(error, StepError):
+        return False
     return error.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (
         retryable(error) and error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from client import AsyncLstmClient, LstmClient, LstmError
+from client.resume import RetryPolicy
 from tests.integration.reference import TOLERANCE, Reference
 from tests.proxy import tcp_proxy
 from tests.walkthrough import README_ADDRESS, fenced_block_after
@@ -151,3 +152,62 @@ async def test_the_asyncio_multiplexer_with_a_step_of_the_wrong_input_size(demo_
             good.step(xs[0][0]), bad.step(np.zeros((1, 5), np.float32)), return_exceptions=True), 30)
         assert isinstance(answers[1], LstmError) and answers[1].code() == grpc.StatusCode.INVALID_ARGUMENT
         check(scripted, [xs[0]], [answers[0][None]])
+
+
+def test_a_step_lost_with_the_stream_for_good_is_settled_before_the_next(demo_server, scripted):
+    """The server applies a step, its answer is lost with the connection, which stays down past the retries: the
+    step fails, but the session's next step must not reuse its number with other inputs."""
+    xs = inputs(1, 2, seed=8)[0]
+    with tcp_proxy(demo_server.address) as proxy, LstmClient(demo_server.address, timeout=30) as direct, \
+            LstmClient(proxy.address, timeout=30, retry=RetryPolicy(max_backoff=0.1, give_up_after=0.5)) as client, \
+            client.multiplexer() as mux:
+        session = mux.session()
+        with ThreadPoolExecutor(1) as pool:
+            proxy.hold_replies()
+            lost = pool.submit(session.step, xs[0])
+            assert wait_for(lambda: direct.session(session_id=session.id).info().steps_applied == 1)
+            proxy.refuse()
+            proxy.release_replies()
+            with pytest.raises(LstmError) as broken:
+                lost.result(30)
+        assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
+        proxy.accept()
+        y = session.step(xs[1])
+        reference = Reference(scripted, 1, 3)
+        reference.step(xs[0])
+        np.testing.assert_allclose(y, reference.step(xs[1]), atol=TOLERANCE, rtol=0)
+        assert direct.session(session_id=session.id).info().steps_applied == 2
+
+
+async def test_an_asyncio_step_lost_with_the_stream_for_good_is_settled_before_the_next(demo_server, scripted):
+    xs = inputs(1, 2, seed=9)[0]
+    retry = RetryPolicy(max_backoff=0.1, give_up_after=0.5)
+    with tcp_proxy(demo_server.address) as proxy:
+        async with AsyncLstmClient(demo_server.address, timeout=30) as direct, \
+                AsyncLstmClient(proxy.address, timeout=30, retry=retry) as client, client.multiplexer() as mux:
+            session = await mux.session()
+            proxy.hold_replies()
+            lost = asyncio.create_task(session.step(xs[0]))
+            for _ in range(1000):
+                if (await direct.session(session_id=session.id).open()).next_sequence_number == 2:
+                    break
+                await asyncio.sleep(0.02)
+            proxy.refuse()
+            proxy.release_replies()
+            with pytest.raises(LstmError) as broken:
+                await asyncio.wait_for(lost, 30)
+            assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
+            proxy.accept()
+            y = await asyncio.wait_for(session.step(xs[1]), 30)
+            reference = Reference(scripted, 1, 3)
+            reference.step(xs[0])
+            np.testing.assert_allclose(y, reference.step(xs[1]), atol=TOLERANCE, rtol=0)
+            assert (await direct.session(session_id=session.id).open()).next_sequence_number == 3
+
+
+def wait_for(condition, seconds: float = 20) -> bool:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return True
+        threading.Event().wait(0.02)
+    return condition()
