@@ -149,6 +149,8 @@ class AsyncSession:
                     call.cancel()
                     last_applied = applied_before(error)
                     await asyncio.sleep(attempts.delay_after(error))
+            if ledger.input_error:
+                raise ledger.input_error
         except messages.StepError as error:
             ledger.abandon()
             ledger.next_seq = error.sequence_number  # nothing from there on was applied

@@ -130,6 +130,7 @@ class StreamLedger:
         self.window = window
         self.generation = 0
         self.exhausted = False
+        self.input_error: Exception | None = None  # what reading the caller's inputs raised: it ends them
         self._to_send: collections.deque = collections.deque()  # (seq, request, single), numbered, not sent
         self._unanswered: collections.deque = collections.deque()  # sent on the current call
 
@@ -149,8 +150,14 @@ class StreamLedger:
 
     def next_input(self):
         """The caller's next input, or None at the end. Kept apart from `queue` because it may block
-        (inputs read from a terminal), and must not hold up answers meanwhile."""
-        return next(self._inputs, None)
+        (inputs read from a terminal), and must not hold up answers meanwhile. An error the inputs raise ends
+        them, to be raised to the caller once the earlier inputs are answered: raised here, on the thread or task
+        that writes the requests, it would end the call as UNKNOWN, or be lost."""
+        try:
+            return next(self._inputs, None)
+        except Exception as error:
+            self.input_error = error
+            return None
 
     def queue(self, x) -> None:
         """Numbers an input (None: the end of the inputs) and queues its request."""

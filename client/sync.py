@@ -158,6 +158,8 @@ class Session:
                     call and call.cancel()
                     last_applied = applied_before(error)
                     time.sleep(attempts.delay_after(error))
+            if ledger.input_error:
+                raise ledger.input_error
         except messages.StepError as error:
             ledger.abandon()
             ledger.next_seq = error.sequence_number  # nothing from there on was applied

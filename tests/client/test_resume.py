@@ -1,5 +1,6 @@
 """Resumable streams and retried calls across cut connections: every output once, in order, applied once."""
 
+import asyncio
 import threading
 import urllib.request
 
@@ -210,3 +211,35 @@ async def test_an_async_step_whose_deadline_passed_is_settled_before_the_next(sl
         want, _ = expected(scripted, xs)
         np.testing.assert_allclose(y, want[1], atol=TOLERANCE)
         assert ((await session.info()).steps_applied, session.next_sequence_number) == (2, 3)
+
+
+def rows_then_failure(xs):
+    yield from xs
+    raise ValueError("row 4 is not a number")
+
+
+def test_an_error_of_the_inputs_ends_the_stream_with_it_after_the_earlier_outputs(demo_server, scripted):
+    xs = inputs(4, seed=10)
+    with LstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        outputs = []
+        with pytest.raises(ValueError, match="row 4 is not a number"):
+            for y in session.stream(rows_then_failure(xs[:3]), timeout=30):
+                outputs.append(y)
+        outputs.append(session.step(xs[3]))
+        check_exactly_once(scripted, session, xs, outputs)
+
+
+async def test_an_error_of_the_inputs_ends_the_async_stream_with_it(demo_server, scripted):
+    xs = inputs(4, seed=11)
+    async with AsyncLstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        outputs = []
+
+        async def consume():
+            async for y in session.stream(rows_then_failure(xs[:3]), timeout=30):
+                outputs.append(y)
+
+        with pytest.raises(ValueError, match="row 4 is not a number"):
+            await asyncio.wait_for(consume(), 30)
+        outputs.append(await session.step(xs[3]))
+        with LstmClient(demo_server.address) as sync_client:
+            check_exactly_once(scripted, sync_client.session(session_id=session.id), xs, outputs)
