@@ -63,7 +63,10 @@ class Multiplexer:
                 raise LstmError(grpc.StatusCode.CANCELLED, CLOSED)
             self._packer.add(ColumnStep(session_id, seq, steps, done))
             self._turn.notify_all()
-        return done.result()
+        try:
+            return done.result(self._client.timeout)
+        except TimeoutError:
+            raise _late(self._client.timeout) from None
 
     def _run(self) -> None:
         """Keeps one call open, re-opening it after a break and re-sending what was not answered."""
@@ -190,7 +193,10 @@ class AsyncMultiplexer:
                 raise LstmError(grpc.StatusCode.CANCELLED, CLOSED)
             self._packer.add(ColumnStep(session_id, seq, steps, done))
             self._turn.notify_all()
-        return await done
+        try:
+            return await asyncio.wait_for(done, self._client.timeout)
+        except TimeoutError:
+            raise _late(self._client.timeout) from None
 
     async def _run(self) -> None:
         attempts = self._client.retry.start()
@@ -267,6 +273,11 @@ class AsyncMultiplexedSession:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+def _late(timeout: float) -> LstmError:
+    """A step unanswered within the client's timeout; it stays queued, and may still be applied."""
+    return LstmError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the step was not answered within {timeout} s")
 
 
 def _deliver(results) -> None:

@@ -211,3 +211,31 @@ def wait_for(condition, seconds: float = 20) -> bool:
             return True
         threading.Event().wait(0.02)
     return condition()
+
+
+def test_a_step_that_cannot_reach_the_server_fails_at_the_clients_timeout(demo_server):
+    with tcp_proxy(demo_server.address) as proxy, LstmClient(proxy.address, timeout=0.5) as client:
+        mux = client.multiplexer()
+        session = mux.session()
+        proxy.refuse()
+        with ThreadPoolExecutor(1) as pool:
+            with pytest.raises(LstmError) as late:
+                pool.submit(session.step, np.zeros(4, np.float32)).result(30)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        proxy.accept()
+        client.timeout = 30  # the multiplexer may be waiting out its backoff
+        session.step(np.zeros(4, np.float32))
+        mux.close()
+
+
+async def test_an_asyncio_step_that_cannot_reach_the_server_fails_at_the_clients_timeout(demo_server):
+    with tcp_proxy(demo_server.address) as proxy:
+        async with AsyncLstmClient(proxy.address, timeout=0.5) as client, client.multiplexer() as mux:
+            session = await mux.session()
+            proxy.refuse()
+            with pytest.raises(LstmError) as late:
+                await asyncio.wait_for(session.step(np.zeros(4, np.float32)), 30)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            proxy.accept()
+            client.timeout = 30  # the multiplexer may be waiting out its backoff
+            await session.step(np.zeros(4, np.float32))
