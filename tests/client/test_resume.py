@@ -243,3 +243,20 @@ async def test_an_error_of_the_inputs_ends_the_async_stream_with_it(demo_server,
         outputs.append(await session.step(xs[3]))
         with LstmClient(demo_server.address) as sync_client:
             check_exactly_once(scripted, sync_client.session(session_id=session.id), xs, outputs)
+
+
+def test_an_input_that_is_not_numbers_ends_the_stream_with_its_error(demo_server):
+    with LstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        with pytest.raises(ValueError):
+            list(session.stream([inputs(1, seed=12)[0], ["one", "two", "three", "four"]], timeout=30))
+        assert session.info().last_sequence_number == 1 and session.next_sequence_number == 2
+
+
+async def test_an_input_that_is_not_numbers_ends_the_async_stream_with_its_error(demo_server):
+    async with AsyncLstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        async def consume():
+            return [y async for y in session.stream([inputs(1, seed=13)[0], ["one", "two", "three", "four"]])]
+
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(consume(), 30)
+        assert (await session.info()).last_sequence_number == 1 and session.next_sequence_number == 2
