@@ -9,10 +9,12 @@ with the same sequence numbers: the server answers a step it already applied fro
 import collections
 import dataclasses
 
+import grpc
 import numpy as np
 from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 
+from client.errors import LstmError
 from client.messages import StepError
 
 
@@ -24,6 +26,13 @@ class ColumnStep:
     seq: int
     inputs: np.ndarray
     done: object  # a future of the outputs `[T, output]` (concurrent.futures or asyncio)
+
+    def __post_init__(self):
+        # Refused here: the server refuses a message whose tensor is not [N, T, input] as a whole, ending the
+        # stream, and with it every other session's steps in flight.
+        if self.inputs.ndim != 2 or not self.inputs.shape[0]:
+            raise LstmError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"inputs of shape {list(self.inputs.shape)}: a step is [input] or [T, input], T >= 1")
 
 
 class Packer:

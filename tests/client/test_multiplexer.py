@@ -239,3 +239,15 @@ async def test_an_asyncio_step_that_cannot_reach_the_server_fails_at_the_clients
             proxy.accept()
             client.timeout = 30  # the multiplexer may be waiting out its backoff
             await session.step(np.zeros(4, np.float32))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4), (0, 4)])
+async def test_a_step_of_the_wrong_rank_or_no_time_steps_fails_only_its_session(demo_server, scripted, shape):
+    """Sent first, it would end the stream, and fail the other sessions' steps in flight with it."""
+    xs = inputs(1, 1, seed=10)
+    async with AsyncLstmClient(demo_server.address, timeout=30) as client, client.multiplexer(max_in_flight=1) as mux:
+        good, bad = await mux.session(), await mux.session()
+        answers = await asyncio.gather(bad.step(np.zeros(shape, np.float32)), good.step(xs[0][0]),
+                                       return_exceptions=True)
+        assert isinstance(answers[0], LstmError) and answers[0].code() == grpc.StatusCode.INVALID_ARGUMENT
+        check(scripted, [xs[0]], [answers[1][None]])
