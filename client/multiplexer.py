@@ -3,7 +3,8 @@
 Each application session calls `step(x)` and gets its outputs, as with a session of its own; the steps that wait at
 the same time are packed into one StepColumns message (one per shape [T, input]), so a thousand sessions cost a message,
 not a thousand requests. Each session numbers its steps, so a step re-sent after a broken stream is answered again
-and never applied twice; a step the server refuses raises StepError (an LstmError) in that session only.
+and never applied twice; a step the server refuses raises StepError (an LstmError) in that session only, unless the
+server says when to retry it (a rate limit, a full queue): then it is retried, as a unary call is.
 """
 
 import asyncio
@@ -16,7 +17,7 @@ import numpy as np
 
 from client.columns import ColumnStep, Packer
 from client.errors import LstmError
-from client.messages import as_steps
+from client.messages import StepError, as_steps
 from client.resume import may_have_applied
 from client.tracing import trace_metadata
 
@@ -56,7 +57,16 @@ class Multiplexer:
         self._thread.join()
 
     def step(self, session_id: str, seq: int, steps: np.ndarray) -> np.ndarray:
-        """Request `seq` of a session: `steps[T, input]` -> outputs `[T, output]`; raises StepError if refused."""
+        """Request `seq` of a session: `steps[T, input]` -> outputs `[T, output]`; raises StepError if refused.
+        A refusal that says when to retry (a rate limit, a full queue) is retried as a unary call's is."""
+        attempts = self._client.retry.start(self._client.timeout)
+        while True:
+            try:
+                return self._step_once(session_id, seq, steps, attempts.remaining())
+            except StepError as refused:
+                time.sleep(attempts.delay_after(refused))
+
+    def _step_once(self, session_id: str, seq: int, steps: np.ndarray, timeout: float | None) -> np.ndarray:
         done = concurrent.futures.Future()
         with self._turn:
             if self._closed:
@@ -64,7 +74,7 @@ class Multiplexer:
             self._packer.add(ColumnStep(session_id, seq, steps, done))
             self._turn.notify_all()
         try:
-            return done.result(self._client.timeout)
+            return done.result(timeout)
         except TimeoutError:
             raise _late(self._client.timeout) from None
 
@@ -187,6 +197,14 @@ class AsyncMultiplexer:
         await self._task
 
     async def step(self, session_id: str, seq: int, steps: np.ndarray) -> np.ndarray:
+        attempts = self._client.retry.start(self._client.timeout)
+        while True:
+            try:
+                return await self._step_once(session_id, seq, steps, attempts.remaining())
+            except StepError as refused:
+                await asyncio.sleep(attempts.delay_after(refused))
+
+    async def _step_once(self, session_id: str, seq: int, steps: np.ndarray, timeout: float | None) -> np.ndarray:
         done = asyncio.get_running_loop().create_future()
         async with self._turn:
             if self._closed:
@@ -194,7 +212,7 @@ class AsyncMultiplexer:
             self._packer.add(ColumnStep(session_id, seq, steps, done))
             self._turn.notify_all()
         try:
-            return await asyncio.wait_for(done, self._client.timeout)
+            return await asyncio.wait_for(done, timeout)
         except TimeoutError:
             raise _late(self._client.timeout) from None
 

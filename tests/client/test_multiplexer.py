@@ -14,6 +14,7 @@ from client import AsyncLstmClient, LstmClient, LstmError
 from client.resume import RetryPolicy
 from tests.integration.reference import TOLERANCE, Reference
 from tests.proxy import tcp_proxy
+from tests.servers import server_in_thread
 from tests.walkthrough import README_ADDRESS, fenced_block_after
 
 pytestmark = pytest.mark.integration
@@ -251,3 +252,23 @@ async def test_a_step_of_the_wrong_rank_or_no_time_steps_fails_only_its_session(
                                        return_exceptions=True)
         assert isinstance(answers[0], LstmError) and answers[0].code() == grpc.StatusCode.INVALID_ARGUMENT
         check(scripted, [xs[0]], [answers[1][None]])
+
+
+@pytest.fixture(scope="module")
+def rate_limited_server(demo_model):
+    with server_in_thread(demo_model, rate_limit=20.0, rate_limit_burst=5) as server:
+        yield server
+
+
+def test_steps_refused_by_a_rate_limit_are_retried_when_the_server_says(rate_limited_server, scripted):
+    """As a unary step is: the in-band refusal carries RetryInfo, and nothing of the step was applied."""
+    xs = inputs(1, 15, seed=11)
+    with LstmClient(rate_limited_server.address, timeout=30) as client, client.multiplexer() as mux:
+        check(scripted, xs, drive([mux.session()], xs))
+
+
+async def test_asyncio_steps_refused_by_a_rate_limit_are_retried_when_the_server_says(rate_limited_server, scripted):
+    xs = inputs(1, 15, seed=12)
+    async with AsyncLstmClient(rate_limited_server.address, timeout=30) as client, client.multiplexer() as mux:
+        session = await mux.session()
+        check(scripted, xs, [np.stack([await session.step(x) for x in xs[0]])])
