@@ -84,6 +84,8 @@ class Multiplexer:
         while True:
             with self._turn:
                 self._packer.rewind()  # what a broken call left unanswered is sent again, first
+                # a call is opened for something to send: after a refusal for good, never again and again
+                self._turn.wait_for(lambda: self._closed or self._packer.pending)
                 if self._closed and not self._packer.pending:
                     return
                 generation = self._generation
@@ -220,6 +222,8 @@ class AsyncMultiplexer:
         attempts = self._client.retry.start()
         while True:
             self._packer.rewind()  # what a broken call left unanswered is sent again, first
+            async with self._turn:  # as in Multiplexer._run: a call is opened for something to send
+                await self._turn.wait_for(lambda: self._closed or self._packer.pending)
             if self._closed and not self._packer.pending:
                 return
             call = self._client.stub.StreamColumns(metadata=trace_metadata())

@@ -3,6 +3,7 @@ in-process reference's numbers, its own errors, exactly-once across cut connecti
 
 import asyncio
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from client import AsyncLstmClient, LstmClient, LstmError
+from client import AsyncLstmClient, Credentials, LstmClient, LstmError
 from client.resume import RetryPolicy
+from tests.certs import make_pki
 from tests.integration.reference import TOLERANCE, Reference
 from tests.proxy import tcp_proxy
 from tests.servers import server_in_thread
@@ -272,3 +274,49 @@ async def test_asyncio_steps_refused_by_a_rate_limit_are_retried_when_the_server
     async with AsyncLstmClient(rate_limited_server.address, timeout=30) as client, client.multiplexer() as mux:
         session = await mux.session()
         check(scripted, xs, [np.stack([await session.step(x) for x in xs[0]])])
+
+
+def stream_columns_calls(server) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(float(row.split()[-1]) for row in text.splitlines() if row.startswith("lstmserve_rpcs_total{")
+               and 'method="/lstmserve.v1.LstmService/StreamColumns"' in row)
+
+
+def test_a_multiplexer_refused_for_good_does_not_call_again_and_again(demo_model, tmp_path):
+    """Its token revoked, every new stream is refused at once: with nothing to send, none is opened."""
+    pki = make_pki(tmp_path)
+    credentials = Credentials(root_certificates=str(pki.ca.cert), token=pki.tokens["alice"])
+    with server_in_thread(demo_model, tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.server.key),
+                          tokens_file=str(pki.tokens_file)) as server, tcp_proxy(server.address) as proxy, \
+            LstmClient(proxy.address, timeout=10, credentials=credentials) as client, client.multiplexer() as mux:
+        session = mux.session()
+        session.step(np.zeros(4, np.float32))
+        pki.tokens_file.write_text("")  # alice's token revoked; the open stream goes on until it breaks
+        server.loop.call_soon_threadsafe(server.app.reload)
+        proxy.cut()
+        with pytest.raises(LstmError) as refused:
+            session.step(np.zeros(4, np.float32))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        calls = stream_columns_calls(server)
+        threading.Event().wait(0.5)
+        assert stream_columns_calls(server) == calls
+
+
+async def test_an_asyncio_multiplexer_refused_for_good_does_not_call_again_and_again(demo_model, tmp_path):
+    pki = make_pki(tmp_path)
+    credentials = Credentials(root_certificates=str(pki.ca.cert), token=pki.tokens["alice"])
+    with server_in_thread(demo_model, tls_cert_file=str(pki.server.cert), tls_key_file=str(pki.server.key),
+                          tokens_file=str(pki.tokens_file)) as server, tcp_proxy(server.address) as proxy:
+        async with AsyncLstmClient(proxy.address, timeout=10, credentials=credentials) as client, \
+                client.multiplexer() as mux:
+            session = await mux.session()
+            await session.step(np.zeros(4, np.float32))
+            pki.tokens_file.write_text("")
+            server.loop.call_soon_threadsafe(server.app.reload)
+            proxy.cut()
+            with pytest.raises(LstmError) as refused:
+                await session.step(np.zeros(4, np.float32))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            calls = stream_columns_calls(server)
+            await asyncio.sleep(0.5)
+            assert stream_columns_calls(server) == calls
