@@ -10,8 +10,9 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
 from client.channel import Credentials, open_channel
+from client.errors import LstmError
 from client.multiplexer import AsyncMultiplexer
-from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before
+from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before, may_have_applied
 from client.tracing import trace_metadata
 
 
@@ -89,7 +90,10 @@ class AsyncSession:
         self._initial_state = (h0, c0)
         self.id = session_id
         self._next_seq = 1
-        self._unsettled: list[pb.StepRequest] = []  # left unanswered by an abandoned stream
+        self._unsettled: list[tuple] = []  # (method, request) that may have been applied: as in Session
+        # a stream whose generator is not closed yet: leaving `async for` does not close it (the garbage
+        # collector has it closed later, on the event loop)
+        self._open_stream: tuple[StreamLedger, asyncio.Condition] | None = None
 
     async def __aenter__(self) -> "AsyncSession":
         return await self.open()
@@ -110,8 +114,7 @@ class AsyncSession:
     async def step(self, x) -> np.ndarray:
         await self._settle()
         request, single = messages.step_request(self.id, self._next_seq, x)
-        response = await self._client.call(self._client.stub.Step, request)  # a retry keeps its number
-        self._next_seq += 1
+        response = await self._numbered_call(self._client.stub.Step, request)
         return messages.step_outputs(response, single)
 
     async def stream(self, xs: Iterable, timeout: float | None = None) -> AsyncIterator[np.ndarray]:
@@ -120,6 +123,7 @@ class AsyncSession:
         ledger = StreamLedger(self.id, self._next_seq, xs, await self._client.answers_kept())
         attempts = self._client.retry.start(timeout)
         turn = asyncio.Condition()
+        self._open_stream = (ledger, turn)
         call, writer, broken, last_applied = None, None, False, None
         try:
             while not ledger.finished:
@@ -145,6 +149,8 @@ class AsyncSession:
                     call.cancel()
                     last_applied = applied_before(error)
                     await asyncio.sleep(attempts.delay_after(error))
+            if ledger.input_error:
+                raise ledger.input_error
         except messages.StepError as error:
             ledger.abandon()
             ledger.next_seq = error.sequence_number  # nothing from there on was applied
@@ -153,8 +159,8 @@ class AsyncSession:
             if call:
                 call.cancel()
                 writer.cancel()
-            self._unsettled = ledger.abandon()
-            self._next_seq = ledger.next_seq
+            if self._open_stream and self._open_stream[0] is ledger:  # not taken over by a later request
+                await self._end_open_stream()
 
     @property
     def next_sequence_number(self) -> int:
@@ -167,9 +173,7 @@ class AsyncSession:
 
     async def reset(self, h=None, c=None) -> None:
         await self._settle()
-        await self._client.call(self._client.stub.ResetSession,
-                                messages.reset_request(self.id, self._next_seq, h, c))
-        self._next_seq += 1
+        await self._numbered_call(self._client.stub.ResetSession, messages.reset_request(self.id, self._next_seq, h, c))
 
     async def info(self) -> pb.SessionInfo:
         return await self._client.call(self._client.stub.GetSession, pb.SessionRef(session_id=self.id))
@@ -177,11 +181,35 @@ class AsyncSession:
     async def close(self) -> None:
         await self._client.call(self._client.stub.CloseSession, pb.SessionRef(session_id=self.id))
 
+    async def _end_open_stream(self) -> None:
+        """Abandons the stream not closed yet, if any: its unanswered requests are to be settled, and numbering
+        goes on after its last."""
+        if self._open_stream is None:
+            return
+        (ledger, turn), self._open_stream = self._open_stream, None
+        async with turn:
+            self._unsettled = [(self._client.stub.Step, request) for request in ledger.abandon()]
+            self._next_seq = ledger.next_seq
+            turn.notify_all()  # its writer, if still waiting for room, ends
+
     async def _settle(self) -> None:
-        """Applies, once, what an abandoned stream left unanswered, so numbering goes on without a gap."""
+        """Applies, once, what may or may not have been applied (unanswered), so numbering goes on without a gap."""
+        await self._end_open_stream()
         while self._unsettled:
-            await self._client.call(self._client.stub.Step, self._unsettled[0])
+            await self._client.call(*self._unsettled[0])
             self._unsettled.pop(0)
+
+    async def _numbered_call(self, method, request):
+        """`Session._numbered_call`: a call that failed without the server's answer is settled before the next."""
+        try:
+            response = await self._client.call(method, request)
+        except LstmError as error:
+            if may_have_applied(error):
+                self._unsettled.append((method, request))
+                self._next_seq += 1
+            raise
+        self._next_seq += 1
+        return response
 
 
 async def _write(call, ledger: StreamLedger, turn: asyncio.Condition) -> None:

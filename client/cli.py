@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         except grpc.RpcError as error:
             print(f"lstmserve-client: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
+        except (ValueError, OSError) as error:  # a missing file, a row that is not numbers, ragged rows
+            print(f"lstmserve-client: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

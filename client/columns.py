@@ -1,6 +1,6 @@
 """What a multiplexer sends and waits for, without I/O: shared by the blocking and the asyncio multiplexers.
 
-Steps of many application sessions wait in `pending`; `take()` packs those of one length T into StepColumns
+Steps of many application sessions wait in `pending`; `take()` packs those of one shape `[T, input]` into StepColumns
 messages (one `[N, T, input]` tensor each, at most `max_entries` entries), which wait in `in_flight` until their
 answers arrive in order. After a broken stream, `rewind()` puts every unanswered step back in front, to be re-sent
 with the same sequence numbers: the server answers a step it already applied from the answers it keeps.
@@ -9,10 +9,12 @@ with the same sequence numbers: the server answers a step it already applied fro
 import collections
 import dataclasses
 
+import grpc
 import numpy as np
 from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 
+from client.errors import LstmError
 from client.messages import StepError
 
 
@@ -25,6 +27,13 @@ class ColumnStep:
     inputs: np.ndarray
     done: object  # a future of the outputs `[T, output]` (concurrent.futures or asyncio)
 
+    def __post_init__(self):
+        # Refused here: the server refuses a message whose tensor is not [N, T, input] as a whole, ending the
+        # stream, and with it every other session's steps in flight.
+        if self.inputs.ndim != 2 or not self.inputs.shape[0]:
+            raise LstmError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"inputs of shape {list(self.inputs.shape)}: a step is [input] or [T, input], T >= 1")
+
 
 class Packer:
     def __init__(self, max_entries: int):
@@ -36,13 +45,15 @@ class Packer:
         self.pending.append(step)
 
     def take(self) -> list[pb.StepColumns]:
-        """Every pending step, packed: one message per length T (and per max_entries of them), oldest first."""
-        by_length: dict[int, list[ColumnStep]] = {}
+        """Every pending step, packed: one message per shape `[T, input]` (and per max_entries of them), oldest
+        first. By the whole shape, not T alone: a step of the wrong input size cannot share a tensor with the
+        others, and goes alone, to be refused in-band."""
+        by_shape: dict[tuple[int, ...], list[ColumnStep]] = {}
         for step in self.pending:
-            by_length.setdefault(step.inputs.shape[0], []).append(step)
+            by_shape.setdefault(step.inputs.shape, []).append(step)
         self.pending = []
         messages = []
-        for steps in by_length.values():
+        for steps in by_shape.values():
             for start in range(0, len(steps), self.max_entries):
                 chunk = steps[start:start + self.max_entries]
                 self.in_flight.append(chunk)

@@ -1,9 +1,10 @@
 """Multiplexers: many application sessions stepping over one StreamColumns stream (`client.multiplexer()`).
 
 Each application session calls `step(x)` and gets its outputs, as with a session of its own; the steps that wait at
-the same time are packed into one StepColumns message (one per length T), so a thousand sessions cost a message,
+the same time are packed into one StepColumns message (one per shape [T, input]), so a thousand sessions cost a message,
 not a thousand requests. Each session numbers its steps, so a step re-sent after a broken stream is answered again
-and never applied twice; a step the server refuses raises StepError (an LstmError) in that session only.
+and never applied twice; a step the server refuses raises StepError (an LstmError) in that session only, unless the
+server says when to retry it (a rate limit, a full queue): then it is retried, as a unary call is.
 """
 
 import asyncio
@@ -16,7 +17,8 @@ import numpy as np
 
 from client.columns import ColumnStep, Packer
 from client.errors import LstmError
-from client.messages import as_steps
+from client.messages import StepError, as_steps
+from client.resume import may_have_applied
 from client.tracing import trace_metadata
 
 DEFAULT_MAX_ENTRIES = 4096  # the server's default max_batch_entries, for servers that do not say theirs
@@ -55,14 +57,26 @@ class Multiplexer:
         self._thread.join()
 
     def step(self, session_id: str, seq: int, steps: np.ndarray) -> np.ndarray:
-        """Request `seq` of a session: `steps[T, input]` -> outputs `[T, output]`; raises StepError if refused."""
+        """Request `seq` of a session: `steps[T, input]` -> outputs `[T, output]`; raises StepError if refused.
+        A refusal that says when to retry (a rate limit, a full queue) is retried as a unary call's is."""
+        attempts = self._client.retry.start(self._client.timeout)
+        while True:
+            try:
+                return self._step_once(session_id, seq, steps, attempts.remaining())
+            except StepError as refused:
+                time.sleep(attempts.delay_after(refused))
+
+    def _step_once(self, session_id: str, seq: int, steps: np.ndarray, timeout: float | None) -> np.ndarray:
         done = concurrent.futures.Future()
         with self._turn:
             if self._closed:
                 raise LstmError(grpc.StatusCode.CANCELLED, CLOSED)
             self._packer.add(ColumnStep(session_id, seq, steps, done))
             self._turn.notify_all()
-        return done.result()
+        try:
+            return done.result(timeout)
+        except TimeoutError:
+            raise _late(self._client.timeout) from None
 
     def _run(self) -> None:
         """Keeps one call open, re-opening it after a break and re-sending what was not answered."""
@@ -70,6 +84,8 @@ class Multiplexer:
         while True:
             with self._turn:
                 self._packer.rewind()  # what a broken call left unanswered is sent again, first
+                # a call is opened for something to send: after a refusal for good, never again and again
+                self._turn.wait_for(lambda: self._closed or self._packer.pending)
                 if self._closed and not self._packer.pending:
                     return
                 generation = self._generation
@@ -119,6 +135,7 @@ class MultiplexedSession:
         self._session = session
         self.id = session.id
         self._next_seq = session.next_sequence_number
+        self._unsettled: tuple[int, np.ndarray] | None = None  # (seq, steps) lost with the stream: maybe applied
         self._turn = threading.Lock()
 
     def __enter__(self) -> "MultiplexedSession":
@@ -131,7 +148,16 @@ class MultiplexedSession:
         """`x[input]` -> `y[output]`, or `x[T, input]` -> `y[T, output]`."""
         steps, single = as_steps(x)
         with self._turn:
-            outputs = self._mux.step(self.id, self._next_seq, steps)
+            if self._unsettled is not None:  # re-sent with its inputs, so that its number is never reused
+                self._mux.step(self.id, *self._unsettled)
+                self._unsettled = None
+            try:
+                outputs = self._mux.step(self.id, self._next_seq, steps)
+            except LstmError as error:
+                if may_have_applied(error):
+                    self._unsettled = (self._next_seq, steps)
+                    self._next_seq += 1
+                raise
             self._next_seq += 1
         return outputs[0] if single else outputs
 
@@ -173,18 +199,31 @@ class AsyncMultiplexer:
         await self._task
 
     async def step(self, session_id: str, seq: int, steps: np.ndarray) -> np.ndarray:
+        attempts = self._client.retry.start(self._client.timeout)
+        while True:
+            try:
+                return await self._step_once(session_id, seq, steps, attempts.remaining())
+            except StepError as refused:
+                await asyncio.sleep(attempts.delay_after(refused))
+
+    async def _step_once(self, session_id: str, seq: int, steps: np.ndarray, timeout: float | None) -> np.ndarray:
         done = asyncio.get_running_loop().create_future()
         async with self._turn:
             if self._closed:
                 raise LstmError(grpc.StatusCode.CANCELLED, CLOSED)
             self._packer.add(ColumnStep(session_id, seq, steps, done))
             self._turn.notify_all()
-        return await done
+        try:
+            return await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            raise _late(self._client.timeout) from None
 
     async def _run(self) -> None:
         attempts = self._client.retry.start()
         while True:
             self._packer.rewind()  # what a broken call left unanswered is sent again, first
+            async with self._turn:  # as in Multiplexer._run: a call is opened for something to send
+                await self._turn.wait_for(lambda: self._closed or self._packer.pending)
             if self._closed and not self._packer.pending:
                 return
             call = self._client.stub.StreamColumns(metadata=trace_metadata())
@@ -232,12 +271,22 @@ class AsyncMultiplexedSession:
         self._session = session
         self.id = session.id
         self._next_seq = session.next_sequence_number
+        self._unsettled: tuple[int, np.ndarray] | None = None  # as in MultiplexedSession
         self._turn = asyncio.Lock()
 
     async def step(self, x) -> np.ndarray:
         steps, single = as_steps(x)
         async with self._turn:
-            outputs = await self._mux.step(self.id, self._next_seq, steps)
+            if self._unsettled is not None:
+                await self._mux.step(self.id, *self._unsettled)
+                self._unsettled = None
+            try:
+                outputs = await self._mux.step(self.id, self._next_seq, steps)
+            except LstmError as error:
+                if may_have_applied(error):
+                    self._unsettled = (self._next_seq, steps)
+                    self._next_seq += 1
+                raise
             self._next_seq += 1
         return outputs[0] if single else outputs
 
@@ -246,6 +295,11 @@ class AsyncMultiplexedSession:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+def _late(timeout: float) -> LstmError:
+    """A step unanswered within the client's timeout; it stays queued, and may still be applied."""
+    return LstmError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the step was not answered within {timeout} s")
 
 
 def _deliver(results) -> None:

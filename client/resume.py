@@ -13,7 +13,7 @@ import numpy as np
 from lstmserve.v1 import lstm_service_pb2 as pb
 
 from client.errors import LstmError
-from client.messages import StepError, step_outputs, step_request
+from client.messages import StepError, as_steps, step_outputs, step_request
 
 # Not applied, or answered again on retry. CANCELLED: a stopping server cancels the calls it still has
 # (this client cancels only calls it has given up on, and never retries those).
@@ -35,6 +35,16 @@ def applied_before(error: grpc.RpcError) -> int | None:
     (each later one is a gap). None: ask the server. Not asking matters under a rate limit, where GetSession would
     take the token the retry waited for, and the re-sent request would be refused again."""
     return error.sequence_number - 1 if isinstance(error, StepError) else None
+
+
+def may_have_applied(error: LstmError) -> bool:
+    """Whether a state-changing request that failed for good may have been applied all the same: the client
+    stopped waiting (its deadline) or lost the connection, rather than the server refusing it (a StepError is
+    the server's answer, in-band)."""
+    if isinstance(error, StepError):
+        return False
+    return error.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (
+        retryable(error) and error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def lost_steps(details: str) -> LstmError:
@@ -120,6 +130,7 @@ class StreamLedger:
         self.window = window
         self.generation = 0
         self.exhausted = False
+        self.input_error: Exception | None = None  # what reading the caller's inputs raised: it ends them
         self._to_send: collections.deque = collections.deque()  # (seq, request, single), numbered, not sent
         self._unanswered: collections.deque = collections.deque()  # sent on the current call
 
@@ -137,18 +148,26 @@ class StreamLedger:
             return None
         return self.take() if self._to_send else FETCH
 
-    def next_input(self):
-        """The caller's next input, or None at the end. Kept apart from `queue` because it may block
-        (inputs read from a terminal), and must not hold up answers meanwhile."""
-        return next(self._inputs, None)
+    def next_input(self) -> tuple[np.ndarray, bool] | None:
+        """The caller's next input as `as_steps` has it, or None at the end. Kept apart from `queue` because it
+        may block (inputs read from a terminal), and must not hold up answers meanwhile. An error the inputs
+        raise, or an input that is not numbers, ends them, to be raised to the caller once the earlier inputs are
+        answered: raised here, on the thread or task that writes the requests, it would end the call as
+        UNKNOWN, or be lost."""
+        try:
+            x = next(self._inputs, None)
+            return None if x is None else as_steps(x)
+        except Exception as error:
+            self.input_error = error
+            return None
 
-    def queue(self, x) -> None:
-        """Numbers an input (None: the end of the inputs) and queues its request."""
-        if x is None:
+    def queue(self, steps: tuple[np.ndarray, bool] | None) -> None:
+        """Numbers an input from `next_input` (None: the end of the inputs) and queues its request."""
+        if steps is None:
             self.exhausted = True
             return
-        request, single = step_request(self._session_id, self.next_seq, x)
-        self._to_send.append((self.next_seq, request, single))
+        request, _ = step_request(self._session_id, self.next_seq, steps[0])
+        self._to_send.append((self.next_seq, request, steps[1]))
         self.next_seq += 1
 
     def take(self) -> pb.StepRequest:

@@ -12,8 +12,9 @@ from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
 from client.channel import Credentials, open_channel
+from client.errors import LstmError
 from client.multiplexer import Multiplexer
-from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before
+from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before, may_have_applied
 from client.tracing import trace_metadata
 
 
@@ -102,7 +103,11 @@ class Session:
         self._client = client
         self.id = session_id
         self._next_seq = last_sequence_number + 1
-        self._unsettled: list[pb.StepRequest] = []  # left unanswered by an abandoned stream
+        # (method, request): numbered requests that may or may not have been applied (left unanswered by an
+        # abandoned stream, or failed on a lost connection or a deadline), re-sent before the next one
+        self._unsettled: list[tuple] = []
+        # a stream whose generator is not closed yet: one left by `break` while the caller still holds it
+        self._open_stream: tuple[StreamLedger, threading.Condition] | None = None
 
     def __enter__(self) -> "Session":
         return self
@@ -114,8 +119,7 @@ class Session:
         """`x[input]` -> `y[output]`, or `x[T, input]` -> `y[T, output]`."""
         self._settle()
         request, single = messages.step_request(self.id, self._next_seq, x)
-        response = self._client.call(self._client.stub.Step, request)  # a retry keeps its number
-        self._next_seq += 1
+        response = self._numbered_call(self._client.stub.Step, request)
         return messages.step_outputs(response, single)
 
     def stream(self, xs: Iterable, timeout: float | None = None) -> Iterator[np.ndarray]:
@@ -128,6 +132,7 @@ class Session:
         ledger = StreamLedger(self.id, self._next_seq, xs, self._client.answers_kept())
         attempts = self._client.retry.start(timeout)
         turn, fetching = threading.Condition(), threading.Lock()
+        self._open_stream = (ledger, turn)
         call, broken, last_applied = None, False, None
         try:
             while not ledger.finished:
@@ -153,6 +158,8 @@ class Session:
                     call and call.cancel()
                     last_applied = applied_before(error)
                     time.sleep(attempts.delay_after(error))
+            if ledger.input_error:
+                raise ledger.input_error
         except messages.StepError as error:
             ledger.abandon()
             ledger.next_seq = error.sequence_number  # nothing from there on was applied
@@ -160,10 +167,8 @@ class Session:
         finally:
             if call:
                 call.cancel()
-            with turn:
-                self._unsettled = ledger.abandon()  # also stops a request generator waiting for room
-                turn.notify_all()
-            self._next_seq = ledger.next_seq
+            if self._open_stream and self._open_stream[0] is ledger:  # not taken over by a later request
+                self._end_open_stream()
 
     @property
     def next_sequence_number(self) -> int:
@@ -178,8 +183,7 @@ class Session:
     def reset(self, h=None, c=None) -> None:
         self._settle()
         request = messages.reset_request(self.id, self._next_seq, h, c)
-        self._client.call(self._client.stub.ResetSession, request)
-        self._next_seq += 1
+        self._numbered_call(self._client.stub.ResetSession, request)
 
     def info(self) -> pb.SessionInfo:
         return self._client.call(self._client.stub.GetSession, pb.SessionRef(session_id=self.id))
@@ -187,11 +191,38 @@ class Session:
     def close(self) -> None:
         self._client.call(self._client.stub.CloseSession, pb.SessionRef(session_id=self.id))
 
+    def _end_open_stream(self) -> None:
+        """Abandons the stream not closed yet, if any: its unanswered requests are to be settled, and numbering
+        goes on after its last."""
+        if self._open_stream is None:
+            return
+        (ledger, turn), self._open_stream = self._open_stream, None
+        with turn:
+            # also stops a request generator waiting for room
+            self._unsettled = [(self._client.stub.Step, request) for request in ledger.abandon()]
+            self._next_seq = ledger.next_seq  # under `turn`: an input read meanwhile is numbered, never sent
+            turn.notify_all()
+
     def _settle(self) -> None:
-        """Applies, once, what an abandoned stream left unanswered, so numbering goes on without a gap."""
+        """Applies, once, what may or may not have been applied (unanswered), so numbering goes on without a gap."""
+        self._end_open_stream()
         while self._unsettled:
-            self._client.call(self._client.stub.Step, self._unsettled[0])
+            self._client.call(*self._unsettled[0])
             self._unsettled.pop(0)
+
+    def _numbered_call(self, method, request):
+        """A state-changing call under the next number (a retry keeps it). If it fails without an answer from
+        the server, it may have been applied: it is settled before the next request, which never reuses its
+        number with other inputs."""
+        try:
+            response = self._client.call(method, request)
+        except LstmError as error:
+            if may_have_applied(error):
+                self._unsettled.append((method, request))
+                self._next_seq += 1
+            raise
+        self._next_seq += 1
+        return response
 
 
 def _requests(ledger: StreamLedger, turn: threading.Condition, fetching: threading.Lock):

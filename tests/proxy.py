@@ -1,4 +1,4 @@
-"""A TCP proxy on loopback for fault tests: cut every connection, refuse new ones, or retarget."""
+"""A TCP proxy on loopback for fault tests: cut every connection, refuse new ones, hold replies, or retarget."""
 
 import contextlib
 import socket
@@ -19,6 +19,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._accepting = True
         self._closed = False
+        self._replies = threading.Event()  # set: what the target sends is forwarded
+        self._replies.set()
         threading.Thread(target=self._accept_forever, name="proxy-accept", daemon=True).start()
 
     @property
@@ -40,6 +42,13 @@ class TcpProxy:
         self._accepting = False
         self.cut()
 
+    def hold_replies(self) -> None:
+        """Stops forwarding what the target sends (requests still reach it) until `release_replies`."""
+        self._replies.clear()
+
+    def release_replies(self) -> None:
+        self._replies.set()
+
     def accept(self, target: str | None = None) -> None:
         """Forwards new connections again, to `target` when given."""
         self.target = target or self.target
@@ -48,6 +57,7 @@ class TcpProxy:
     def close(self) -> None:
         self._closed = True
         self._listener.close()
+        self._replies.set()
         self.cut()
 
     def _accept_forever(self) -> None:
@@ -69,13 +79,15 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._open.update((client, upstream))
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+            for source, sink, gate in ((client, upstream, None), (upstream, client, self._replies)):
+                threading.Thread(target=_pump, args=(source, sink, gate), daemon=True).start()
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def _pump(source: socket.socket, sink: socket.socket, gate: threading.Event | None) -> None:
     try:
         while data := source.recv(65536):
+            if gate:
+                gate.wait()
             sink.sendall(data)
     except OSError:
         pass

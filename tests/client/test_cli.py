@@ -61,3 +61,14 @@ def test_errors_are_reported_with_their_status(demo_server, tmp_path):
                              "predict", str(bad)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "INVALID_ARGUMENT" in result.stderr and "expected [N, N, 4]" in result.stderr
+
+
+@pytest.mark.parametrize("args, stdin, says", [
+    (("stream",), "1,2,3,4\n1,2,x,4\n", "could not convert"),
+    (("predict", "/nonexistent/rows.csv"), "", "No such file"),
+])
+def test_bad_input_is_reported_without_a_traceback(demo_server, args, stdin, says):
+    result = subprocess.run([sys.executable, "-m", "client.cli", "--address", demo_server.address, *args],
+                            input=stdin, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr

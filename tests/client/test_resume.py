@@ -1,5 +1,6 @@
 """Resumable streams and retried calls across cut connections: every output once, in order, applied once."""
 
+import asyncio
 import threading
 import urllib.request
 
@@ -135,3 +136,127 @@ def wait_for(condition, seconds: float = 20) -> bool:
             return True
         threading.Event().wait(0.05)
     return condition()
+
+
+async def test_async_stream_left_by_break_is_settled_before_the_next_step(demo_server, scripted):
+    """Leaving `async for` does not close an async generator (its clean-up waits for the garbage collector), so
+    the session must not take numbers from where that stream began."""
+    xs = inputs(60, seed=6)
+    async with AsyncLstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        outputs = []
+        async for y in session.stream(xs[:50], timeout=30):
+            outputs.append(y)
+            if len(outputs) == 10:
+                break
+        outputs += [await session.step(x) for x in xs[50:53]]
+        applied = (await session.info()).last_sequence_number
+        assert applied > 13
+        want, _ = expected(scripted, np.concatenate([xs[: applied - 3], xs[50:53]]))
+        np.testing.assert_allclose(np.stack(outputs), np.concatenate([want[:10], want[-3:]]), atol=TOLERANCE)
+        assert (await session.info()).steps_applied == applied
+
+
+def test_stream_left_by_break_but_still_held_is_settled_before_the_next_step(demo_server, scripted):
+    """A generator still referenced is not closed on `break`: the session must not wait for that."""
+    xs = inputs(60, seed=7)
+    with LstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        outputs, stream = [], session.stream(xs[:50], timeout=30)
+        for y in stream:
+            outputs.append(y)
+            if len(outputs) == 10:
+                break
+        outputs += [session.step(x) for x in xs[50:53]]
+        applied = session.info().last_sequence_number
+        assert applied > 13
+        want, _ = expected(scripted, np.concatenate([xs[: applied - 3], xs[50:53]]))
+        np.testing.assert_allclose(np.stack(outputs), np.concatenate([want[:10], want[-3:]]), atol=TOLERANCE)
+        assert session.info().steps_applied == applied
+        stream.close()  # ends the call; it no longer decides the session's numbering
+        assert session.next_sequence_number == applied + 1
+
+
+@pytest.fixture(scope="module")
+def slow_server(demo_model):
+    """Each step waits a second for its batch to fill: a client's shorter deadline passes, the step is applied."""
+    from tests.servers import server_in_thread
+
+    with server_in_thread(demo_model, max_batch_delay=1.0) as server:
+        yield server
+
+
+def test_a_step_whose_deadline_passed_is_settled_before_the_next(slow_server, scripted):
+    """The server may apply a step after the client stopped waiting: the next step must not reuse its number."""
+    xs = inputs(2, seed=8)
+    with LstmClient(slow_server.address, timeout=30) as client, client.session() as session:
+        client.timeout = 0.2
+        with pytest.raises(grpc.RpcError) as late:
+            session.step(xs[0])
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        client.timeout = 30
+        y = session.step(xs[1])
+        want, _ = expected(scripted, xs)
+        np.testing.assert_allclose(y, want[1], atol=TOLERANCE)
+        assert (session.info().steps_applied, session.next_sequence_number) == (2, 3)
+
+
+async def test_an_async_step_whose_deadline_passed_is_settled_before_the_next(slow_server, scripted):
+    xs = inputs(2, seed=9)
+    async with AsyncLstmClient(slow_server.address, timeout=30) as client, client.session() as session:
+        client.timeout = 0.2
+        with pytest.raises(grpc.RpcError) as late:
+            await session.step(xs[0])
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        client.timeout = 30
+        y = await session.step(xs[1])
+        want, _ = expected(scripted, xs)
+        np.testing.assert_allclose(y, want[1], atol=TOLERANCE)
+        assert ((await session.info()).steps_applied, session.next_sequence_number) == (2, 3)
+
+
+def rows_then_failure(xs):
+    yield from xs
+    raise ValueError("row 4 is not a number")
+
+
+def test_an_error_of_the_inputs_ends_the_stream_with_it_after_the_earlier_outputs(demo_server, scripted):
+    xs = inputs(4, seed=10)
+    with LstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        outputs = []
+        with pytest.raises(ValueError, match="row 4 is not a number"):
+            for y in session.stream(rows_then_failure(xs[:3]), timeout=30):
+                outputs.append(y)
+        outputs.append(session.step(xs[3]))
+        check_exactly_once(scripted, session, xs, outputs)
+
+
+async def test_an_error_of_the_inputs_ends_the_async_stream_with_it(demo_server, scripted):
+    xs = inputs(4, seed=11)
+    async with AsyncLstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        outputs = []
+
+        async def consume():
+            async for y in session.stream(rows_then_failure(xs[:3]), timeout=30):
+                outputs.append(y)
+
+        with pytest.raises(ValueError, match="row 4 is not a number"):
+            await asyncio.wait_for(consume(), 30)
+        outputs.append(await session.step(xs[3]))
+        with LstmClient(demo_server.address) as sync_client:
+            check_exactly_once(scripted, sync_client.session(session_id=session.id), xs, outputs)
+
+
+def test_an_input_that_is_not_numbers_ends_the_stream_with_its_error(demo_server):
+    with LstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        with pytest.raises(ValueError):
+            list(session.stream([inputs(1, seed=12)[0], ["one", "two", "three", "four"]], timeout=30))
+        assert session.info().last_sequence_number == 1 and session.next_sequence_number == 2
+
+
+async def test_an_input_that_is_not_numbers_ends_the_async_stream_with_its_error(demo_server):
+    async with AsyncLstmClient(demo_server.address, timeout=30) as client, client.session() as session:
+        async def consume():
+            return [y async for y in session.stream([inputs(1, seed=13)[0], ["one", "two", "three", "four"]])]
+
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(consume(), 30)
+        assert (await session.info()).last_sequence_number == 1 and session.next_sequence_number == 2
