@@ -12,7 +12,7 @@ from client import messages
 from client.channel import Credentials, open_channel
 from client.errors import LstmError
 from client.multiplexer import AsyncMultiplexer
-from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before, may_have_applied
+from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before, may_have_applied, take_retry
 from client.tracing import trace_metadata
 
 
@@ -112,7 +112,7 @@ class AsyncSession:
         return self
 
     async def step(self, x) -> np.ndarray:
-        await self._settle()
+        await self._end_open_stream()
         request, single = messages.step_request(self.id, self._next_seq, x)
         response = await self._numbered_call(self._client.stub.Step, request)
         return messages.step_outputs(response, single)
@@ -172,7 +172,7 @@ class AsyncSession:
         return messages.state(await self._client.call(self._client.stub.GetState, ref))
 
     async def reset(self, h=None, c=None) -> None:
-        await self._settle()
+        await self._end_open_stream()
         await self._numbered_call(self._client.stub.ResetSession, messages.reset_request(self.id, self._next_seq, h, c))
 
     async def info(self) -> pb.SessionInfo:
@@ -201,14 +201,17 @@ class AsyncSession:
 
     async def _numbered_call(self, method, request):
         """`Session._numbered_call`: a call that failed without the server's answer is settled before the next."""
+        retried = take_retry(self._unsettled, method, request)
+        request = request if retried is None else retried
+        await self._settle()  # what failed before it
         try:
             response = await self._client.call(method, request)
         except LstmError as error:
             if may_have_applied(error):
                 self._unsettled.append((method, request))
-                self._next_seq += 1
+                self._next_seq += 0 if retried is not None else 1
             raise
-        self._next_seq += 1
+        self._next_seq += 0 if retried is not None else 1
         return response
 
 

@@ -47,6 +47,20 @@ def may_have_applied(error: LstmError) -> bool:
         retryable(error) and error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+def take_retry(unsettled: list[tuple], method, request):
+    """The last unsettled `(method, request)` when `request` repeats it (same call and inputs, under a later number),
+    taken out of `unsettled`: the caller's retry of a call that failed without the server's answer. It is sent under
+    its own number, so it applies once whether or not the failed call was applied; None when `request` is new."""
+    if not unsettled or unsettled[-1][0] is not method:
+        return None
+    earlier = type(request)()
+    earlier.CopyFrom(unsettled[-1][1])
+    earlier.sequence_number = request.sequence_number
+    if earlier != request:
+        return None
+    return unsettled.pop()[1]
+
+
 def lost_steps(details: str) -> LstmError:
     """The server's session is behind what this client saw acknowledged (e.g. an old snapshot restored)."""
     return LstmError(grpc.StatusCode.DATA_LOSS, details)

@@ -14,7 +14,7 @@ from client import messages
 from client.channel import Credentials, open_channel
 from client.errors import LstmError
 from client.multiplexer import Multiplexer
-from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before, may_have_applied
+from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before, may_have_applied, take_retry
 from client.tracing import trace_metadata
 
 
@@ -117,7 +117,7 @@ class Session:
 
     def step(self, x) -> np.ndarray:
         """`x[input]` -> `y[output]`, or `x[T, input]` -> `y[T, output]`."""
-        self._settle()
+        self._end_open_stream()
         request, single = messages.step_request(self.id, self._next_seq, x)
         response = self._numbered_call(self._client.stub.Step, request)
         return messages.step_outputs(response, single)
@@ -181,7 +181,7 @@ class Session:
         return messages.state(self._client.call(self._client.stub.GetState, ref))
 
     def reset(self, h=None, c=None) -> None:
-        self._settle()
+        self._end_open_stream()
         request = messages.reset_request(self.id, self._next_seq, h, c)
         self._numbered_call(self._client.stub.ResetSession, request)
 
@@ -213,15 +213,18 @@ class Session:
     def _numbered_call(self, method, request):
         """A state-changing call under the next number (a retry keeps it). If it fails without an answer from
         the server, it may have been applied: it is settled before the next request, which never reuses its
-        number with other inputs."""
+        number with other inputs; the same call again is its retry, under its number (see take_retry)."""
+        retried = take_retry(self._unsettled, method, request)
+        request = request if retried is None else retried
+        self._settle()  # what failed before it
         try:
             response = self._client.call(method, request)
         except LstmError as error:
             if may_have_applied(error):
                 self._unsettled.append((method, request))
-                self._next_seq += 1
+                self._next_seq += 0 if retried is not None else 1
             raise
-        self._next_seq += 1
+        self._next_seq += 0 if retried is not None else 1
         return response
 
 

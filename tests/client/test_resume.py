@@ -213,6 +213,36 @@ async def test_an_async_step_whose_deadline_passed_is_settled_before_the_next(sl
         assert ((await session.info()).steps_applied, session.next_sequence_number) == (2, 3)
 
 
+def test_retrying_a_step_whose_deadline_passed_applies_it_once(slow_server, scripted):
+    """The caller's retry of that step (the same inputs again) is sent under its number: applied once, whether the
+    server had applied it or not, and answered with its outputs."""
+    xs = inputs(2, seed=10)
+    with LstmClient(slow_server.address, timeout=30) as client, client.session() as session:
+        client.timeout = 0.2
+        with pytest.raises(grpc.RpcError):
+            session.step(xs[0])
+        client.timeout = 30
+        retried, y = session.step(xs[0]), session.step(xs[1])
+        want, _ = expected(scripted, xs)
+        np.testing.assert_allclose(retried, want[0], atol=TOLERANCE)
+        np.testing.assert_allclose(y, want[1], atol=TOLERANCE)
+        assert (session.info().steps_applied, session.next_sequence_number) == (2, 3)
+
+
+async def test_retrying_an_async_step_whose_deadline_passed_applies_it_once(slow_server, scripted):
+    xs = inputs(2, seed=11)
+    async with AsyncLstmClient(slow_server.address, timeout=30) as client, client.session() as session:
+        client.timeout = 0.2
+        with pytest.raises(grpc.RpcError):
+            await session.step(xs[0])
+        client.timeout = 30
+        retried, y = await session.step(xs[0]), await session.step(xs[1])
+        want, _ = expected(scripted, xs)
+        np.testing.assert_allclose(retried, want[0], atol=TOLERANCE)
+        np.testing.assert_allclose(y, want[1], atol=TOLERANCE)
+        assert ((await session.info()).steps_applied, session.next_sequence_number) == (2, 3)
+
+
 def rows_then_failure(xs):
     yield from xs
     raise ValueError("row 4 is not a number")
