@@ -9,9 +9,9 @@ from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
 
 from client import messages
+from client.aio_multiplexer import AsyncMultiplexer
 from client.channel import Credentials, open_channel
 from client.errors import LstmError
-from client.multiplexer import AsyncMultiplexer
 from client.resume import DEFAULT_RETRY, FETCH, RetryPolicy, StreamLedger, applied_before, may_have_applied, take_retry
 from client.tracing import trace_metadata
 
