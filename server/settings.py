@@ -120,7 +120,7 @@ class Settings:
         values = vars(parser.parse_args(argv))
         for field in dataclasses.fields(cls):
             minimum = field.metadata["minimum"]
-            if minimum is not None and values[field.name] < minimum:
+            if minimum is not None and not values[field.name] >= minimum:  # NaN is neither less nor more
                 parser.error(f"--{field.name.replace('_', '-')} must be at least {minimum}")
             choices = _choices(field)
             if choices and values[field.name] not in choices:

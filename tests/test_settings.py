@@ -69,6 +69,8 @@ def test_max_batch_entries_is_a_flag_and_a_variable_with_a_default():
     (["--max-batch-entries", "0"], {}),
     ([], {"LSTMSERVE_PORT": "not-a-port"}),
     ([], {"LSTMSERVE_ALLOW_NONFINITE": "maybe"}),
+    (["--idle-timeout", "nan"], {}),  # NaN is at least nothing, and no less than anything either
+    ([], {"LSTMSERVE_RATE_LIMIT": "nan"}),
 ])
 def test_invalid_values_stop_start_up(argv, env):
     with pytest.raises(SystemExit):
