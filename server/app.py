@@ -93,9 +93,10 @@ class App:
             if v.state is not VersionState.UNAVAILABLE or v.failed])
         await self.registry.start()
         self._server = grpc.aio.server(
-            # the server span comes first, so it covers the RPC whole: refusals by the later interceptors too
-            interceptors=[*tracing_interceptors, MetricsInterceptor(self.metrics), MalformedRequestInterceptor(),
-                          *self._auth_interceptors(), PreEncodedResponses(servicer.PRE_ENCODED + oip.PRE_ENCODED)],
+            # the server span comes first, so it covers the RPC whole: refusals by the later interceptors too;
+            # authentication before anything about the request: a stranger's malformed one is UNAUTHENTICATED
+            interceptors=[*tracing_interceptors, MetricsInterceptor(self.metrics), *self._auth_interceptors(),
+                          MalformedRequestInterceptor(), PreEncodedResponses(servicer.PRE_ENCODED + oip.PRE_ENCODED)],
             options=[("grpc.max_receive_message_length", s.max_message_bytes),
                      ("grpc.max_send_message_length", s.max_message_bytes)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

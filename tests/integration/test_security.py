@@ -1,5 +1,6 @@
 """TLS, mutual TLS, bearer tokens, sessions bound to their principal, per-principal limits; real servers."""
 
+import functools
 import secrets
 
 import grpc
@@ -9,6 +10,7 @@ import torch
 from lstmserve.v1 import lstm_service_pb2 as pb
 
 from client import Credentials, LstmClient, Session, StepError
+from client.channel import open_channel
 from client.resume import RetryPolicy
 from tests.certs import make_pki
 from tests.integration.reference import TOLERANCE, Reference
@@ -155,6 +157,18 @@ def test_a_valid_token_is_accepted_and_a_bad_or_missing_one_is_unauthenticated(t
     with client(token_server, pki) as anonymous:
         assert "bearer token" in refusal(lambda: anonymous.predict(np.ones((1, 1, 4)))).details()
         assert anonymous.health() == "SERVING"  # open_health_and_reflection is on by default
+
+
+def test_a_caller_without_credentials_is_unauthenticated_before_its_request_is_parsed(token_server, pki):
+    """Authentication comes first: bytes that are not the method's request do not earn a stranger an answer
+    about them (INVALID_ARGUMENT naming the message type)."""
+    for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("not-a-token", grpc.StatusCode.UNAUTHENTICATED),
+                        (pki.tokens["alice"], grpc.StatusCode.INVALID_ARGUMENT)):
+        credentials = Credentials(root_certificates=str(pki.ca.cert), token=token)
+        with open_channel(grpc, token_server.address, credentials) as channel:
+            get_state = functools.partial(channel.unary_unary("/lstmserve.v1.LstmService/GetState"),
+                                          b"\xff\xff\xff", timeout=10)
+            assert refusal(get_state).code() == code
 
 
 def test_principal_b_gets_not_found_for_every_call_on_a_session_of_a(token_server, pki, demo_model):
