@@ -7,6 +7,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 
 from client import Credentials, LstmClient, Session, StepError
@@ -245,3 +246,21 @@ def test_per_principal_session_and_rate_limits(limited_server, pki):
 def test_health_and_reflection_can_require_credentials(limited_server, pki):
     with client(limited_server, pki) as anonymous:
         assert refusal(anonymous.health).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_step_that_opens_its_session_is_one_request_for_the_rate_limit(demo_model):
+    """A Step with new_session is one request, as CreateSession then Step are two; and when its step is refused,
+    the session it opened is closed whatever the rate limit says (it was counted as that one request)."""
+    with server_in_thread(demo_model, rate_limit=1e-6, rate_limit_burst=3) as server, \
+            LstmClient(server.address, timeout=10, retry=NO_RETRY) as caller:
+        inputs = tensors.to_proto(np.ones((1, 4), np.float32))
+        skipping = refusal(lambda: caller.stub.Step(pb.StepRequest(  # 1
+            new_session=pb.CreateSessionRequest(), sequence_number=5, inputs=inputs)))
+        assert skipping.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert server.app.engine.session_count == 0
+        opened = caller.stub.Step(pb.StepRequest(new_session=pb.CreateSessionRequest(), inputs=inputs))  # 2
+        caller.stub.Step(pb.StepRequest(session_id=opened.session_id, sequence_number=2, inputs=inputs))  # 3
+        fourth = refusal(lambda: caller.stub.Step(pb.StepRequest(new_session=pb.CreateSessionRequest(),
+                                                                 inputs=inputs)))
+        assert fourth.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate_limit=" in fourth.details()
+        assert server.app.engine.session_count == 1
