@@ -210,7 +210,19 @@ class Engine:
     async def reset(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
               seq: int = 0, owner: str = "") -> tuple[int, asyncio.Future]:
         """Queues a reset to zeros or `(h, c)` behind the session's pending steps."""
+        return self._queue_reset(await self._session(session_id, owner), h, c, seq)
+
+    async def reset_session(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
+                            seq: int = 0, owner: str = "") -> SessionView:
+        """reset(), applied: the session as it is right after, read as part of the same request of `owner` (not a
+        second one, which the rate limit could refuse once the reset was done)."""
         session = await self._session(session_id, owner)
+        _, done = self._queue_reset(session, h, c, seq)
+        await done
+        return self._view(session)
+
+    def _queue_reset(self, session: Session, h: np.ndarray | None, c: np.ndarray | None, seq: int
+                     ) -> tuple[int, asyncio.Future]:
         state = self._initial_state(h, c)
         digest = inputs_digest(b"reset", h, c)
         self._check_accepting()

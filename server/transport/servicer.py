@@ -124,12 +124,10 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @unary_with_details
     async def ResetSession(self, request, context):
-        owner = current_principal()
         engine = await self._registry.engine_of_session(request.session_id, current_principal())
-        _, done = await engine.reset(request.session_id, optional_tensor(request, "h"),
-                                     optional_tensor(request, "c"), request.sequence_number, owner=owner)
-        await done
-        return session_info(await engine.get_session(request.session_id, owner=owner),
+        return session_info(await engine.reset_session(request.session_id, optional_tensor(request, "h"),
+                                                       optional_tensor(request, "c"), request.sequence_number,
+                                                       owner=current_principal()),
                             self._registry.version_of(engine))
 
     @unary_with_details

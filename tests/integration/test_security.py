@@ -264,3 +264,15 @@ def test_a_step_that_opens_its_session_is_one_request_for_the_rate_limit(demo_mo
                                                                  inputs=inputs)))
         assert fourth.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate_limit=" in fourth.details()
         assert server.app.engine.session_count == 1
+
+
+def test_a_reset_is_one_request_for_the_rate_limit(demo_model):
+    """ResetSession answers with the session's info: reading it is part of the one request, not a second one that
+    could be refused after the reset was applied."""
+    with server_in_thread(demo_model, rate_limit=1e-6, rate_limit_burst=2) as server, \
+            LstmClient(server.address, timeout=10, retry=NO_RETRY) as caller:
+        session_id = caller.stub.CreateSession(pb.CreateSessionRequest()).session_id  # 1
+        info = caller.stub.ResetSession(pb.ResetSessionRequest(session_id=session_id, sequence_number=1))  # 2
+        assert (info.session_id, info.last_sequence_number) == (session_id, 1)
+        assert refusal(lambda: caller.stub.GetSession(pb.SessionRef(session_id=session_id))).code() == \
+            grpc.StatusCode.RESOURCE_EXHAUSTED
