@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from server.policies import Durability, EventLoop, FullPolicy
 
 ENV_PREFIX = "LSTMSERVE_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # in any case: the entry point upper-cases it
 
 
 def _setting(default, help: str, minimum: float | None = None):
@@ -131,7 +132,9 @@ class Settings:
         return settings
 
     def inconsistency(self) -> str | None:
-        """Why these settings cannot work together, or None."""
+        """Why these settings cannot work (together), or None."""
+        if self.log_level.upper() not in LOG_LEVELS:
+            return f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}"
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             return "--tls-cert-file and --tls-key-file go together"
         if self.snapshot_dir and self.state_store:

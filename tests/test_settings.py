@@ -71,6 +71,7 @@ def test_max_batch_entries_is_a_flag_and_a_variable_with_a_default():
     ([], {"LSTMSERVE_ALLOW_NONFINITE": "maybe"}),
     (["--idle-timeout", "nan"], {}),  # NaN is at least nothing, and no less than anything either
     ([], {"LSTMSERVE_RATE_LIMIT": "nan"}),
+    (["--log-level", "verbose"], {}),  # else logging.basicConfig's ValueError, a traceback at start-up
 ])
 def test_invalid_values_stop_start_up(argv, env):
     with pytest.raises(SystemExit):
