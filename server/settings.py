@@ -9,11 +9,12 @@ from collections.abc import Mapping, Sequence
 from server.policies import Durability, EventLoop, FullPolicy
 
 ENV_PREFIX = "LSTMSERVE_"
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message size options are C ints
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # in any case: the entry point upper-cases it
 
 
-def _setting(default, help: str, minimum: float | None = None):
-    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum})
+def _setting(default, help: str, minimum: float | None = None, maximum: float | None = None):
+    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,8 @@ class Settings:
     max_batch_entries: int = _setting(4096, "most entries (steps) in one StreamBatch or StreamColumns "
                                       "message; a longer message is refused whole with RESOURCE_EXHAUSTED", 1)
     max_queued_requests: int = _setting(100_000, "most requests queued server-wide before RESOURCE_EXHAUSTED", 1)
-    max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent", 1024)
+    max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent", 1024,
+                                      GRPC_MAX_MESSAGE_BYTES)
     stream_window: int = _setting(128, "requests one stream may have in flight before the server stops reading", 1)
     allow_nonfinite: bool = _setting(False, "accept NaN and Inf in inputs and states")
     shutdown_grace: float = _setting(30.0, "seconds in-flight work may take to finish on SIGTERM", 0)
@@ -123,6 +125,9 @@ class Settings:
             minimum = field.metadata["minimum"]
             if minimum is not None and not values[field.name] >= minimum:  # NaN is neither less nor more
                 parser.error(f"--{field.name.replace('_', '-')} must be at least {minimum}")
+            maximum = field.metadata["maximum"]
+            if maximum is not None and values[field.name] > maximum:
+                parser.error(f"--{field.name.replace('_', '-')} must be at most {maximum}")
             choices = _choices(field)
             if choices and values[field.name] not in choices:
                 parser.error(f"--{field.name.replace('_', '-')} must be one of {', '.join(choices)}")
