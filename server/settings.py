@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from server.policies import Durability, EventLoop, FullPolicy
 
 ENV_PREFIX = "LSTMSERVE_"
+MAX_PORT = 65535  # gRPC would take a larger one modulo 65536 and listen there
 GRPC_MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message size options are C ints
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # in any case: the entry point upper-cases it
 
@@ -30,9 +31,9 @@ class Settings:
     drain_timeout: float = _setting(300.0, "seconds a retired version keeps serving its sessions before they end "
                                     "with FAILED_PRECONDITION and it is unloaded", 0)
     host: str = _setting("127.0.0.1", "address the gRPC server listens on")
-    port: int = _setting(50051, "gRPC port (0 picks a free one)", 0)
+    port: int = _setting(50051, "gRPC port (0 picks a free one)", 0, MAX_PORT)
     metrics_host: str = _setting("127.0.0.1", "address of the Prometheus /metrics endpoint")
-    metrics_port: int = _setting(9090, "Prometheus port (0 picks a free one, -1 disables it)", -1)
+    metrics_port: int = _setting(9090, "Prometheus port (0 picks a free one, -1 disables it)", -1, MAX_PORT)
     device: str = _setting("cpu", "torch device for the model and the state pool: cpu, cuda, cuda:N")
     torch_threads: int = _setting(1, "intra-op threads for the model; the gRPC layer needs a core of its own", 1)
     max_batch_size: int = _setting(256, "most sessions advanced by one model call", 1)
