@@ -169,10 +169,12 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         """Refuses a step whose answer would pass max_message_bytes before it is queued: gRPC refuses to send such
         an answer only once the step is applied, and a retry gets the same kept answer. `session_id` "": a new
         session. Another principal's session is not found, as on every other refusal, rather than refused here."""
-        if inputs.ndim != 2:
-            return  # the engine refuses it
+        description = engine.describe()
+        if inputs.ndim != 2 or inputs.shape[1] != description.metadata.input_size or \
+                inputs.shape[0] > description.limits.max_steps_per_request:
+            return  # the engine refuses it, saying what is wrong with it
         size = ANSWER_FRAMING + len(session_id) + \
-            inputs.shape[0] * engine.describe().metadata.output_size * tensors.WIRE_DTYPE.itemsize
+            inputs.shape[0] * description.metadata.output_size * tensors.WIRE_DTYPE.itemsize
         if size <= self._max_message_bytes:
             return
         if session_id:

@@ -185,5 +185,13 @@ def test_a_step_whose_answer_would_pass_the_message_cap_is_refused_before_it_is_
         (answer,) = client.stub.Stream(iter([pb.StepRequest(session_id=session.id, sequence_number=1,
                                                             inputs=too_long)]))
         assert answer.error.code == EXHAUSTED.value[0] and "max_message_bytes" in answer.error.message
+        misshapen = pb.StepRequest(session_id=session.id, sequence_number=1, inputs=steps(200, 15))
+        assert refusal_code(lambda: client.stub.Step(misshapen)) == grpc.StatusCode.INVALID_ARGUMENT  # not its size
         assert snapshot(session)[:2] == (0, 0) and live_sessions(wide_server) == live
         assert refusals(wide_server, "max_message_bytes") == refused + 3
+
+
+def refusal_code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value.code()
