@@ -93,9 +93,10 @@ class App:
             if v.state is not VersionState.UNAVAILABLE or v.failed])
         await self.registry.start()
         self._server = grpc.aio.server(
-            # the server span comes first, so it covers the RPC whole: refusals by the later interceptors too
-            interceptors=[*tracing_interceptors, MetricsInterceptor(self.metrics), MalformedRequestInterceptor(),
-                          *self._auth_interceptors(), PreEncodedResponses(servicer.PRE_ENCODED + oip.PRE_ENCODED)],
+            # the server span comes first, so it covers the RPC whole: refusals by the later interceptors too;
+            # authentication before anything about the request: a stranger's malformed one is UNAUTHENTICATED
+            interceptors=[*tracing_interceptors, MetricsInterceptor(self.metrics), *self._auth_interceptors(),
+                          MalformedRequestInterceptor(), PreEncodedResponses(servicer.PRE_ENCODED + oip.PRE_ENCODED)],
             options=[("grpc.max_receive_message_length", s.max_message_bytes),
                      ("grpc.max_send_message_length", s.max_message_bytes)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -106,13 +107,16 @@ class App:
             OipServicer(self.registry, self.metrics, s.stream_window), self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, OIP_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        if s.tls:
-            self._certificates = ServerCertificates(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
-            self.port = self._server.add_secure_port(f"{s.host}:{s.port}", self._certificates.credentials())
-        else:
-            self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
+        try:
+            if s.tls:
+                self._certificates = ServerCertificates(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
+                self.port = self._server.add_secure_port(f"{s.host}:{s.port}", self._certificates.credentials())
+            else:
+                self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError:  # grpcio's "Failed to bind" (in use, no such address); older ones returned 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
+            raise OSError(f"cannot listen on {s.host}:{s.port} (in use, or not an address of this host)")
         if before_listening:
             before_listening()
         await self._server.start()

@@ -9,10 +9,13 @@ from collections.abc import Mapping, Sequence
 from server.policies import Durability, EventLoop, FullPolicy
 
 ENV_PREFIX = "LSTMSERVE_"
+MAX_PORT = 65535  # gRPC would take a larger one modulo 65536 and listen there
+GRPC_MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message size options are C ints
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # in any case: the entry point upper-cases it
 
 
-def _setting(default, help: str, minimum: float | None = None):
-    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum})
+def _setting(default, help: str, minimum: float | None = None, maximum: float | None = None):
+    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +31,9 @@ class Settings:
     drain_timeout: float = _setting(300.0, "seconds a retired version keeps serving its sessions before they end "
                                     "with FAILED_PRECONDITION and it is unloaded", 0)
     host: str = _setting("127.0.0.1", "address the gRPC server listens on")
-    port: int = _setting(50051, "gRPC port (0 picks a free one)", 0)
+    port: int = _setting(50051, "gRPC port (0 picks a free one)", 0, MAX_PORT)
     metrics_host: str = _setting("127.0.0.1", "address of the Prometheus /metrics endpoint")
-    metrics_port: int = _setting(9090, "Prometheus port (0 picks a free one, -1 disables it)", -1)
+    metrics_port: int = _setting(9090, "Prometheus port (0 picks a free one, -1 disables it)", -1, MAX_PORT)
     device: str = _setting("cpu", "torch device for the model and the state pool: cpu, cuda, cuda:N")
     torch_threads: int = _setting(1, "intra-op threads for the model; the gRPC layer needs a core of its own", 1)
     max_batch_size: int = _setting(256, "most sessions advanced by one model call", 1)
@@ -55,7 +58,8 @@ class Settings:
     max_batch_entries: int = _setting(4096, "most entries (steps) in one StreamBatch or StreamColumns "
                                       "message; a longer message is refused whole with RESOURCE_EXHAUSTED", 1)
     max_queued_requests: int = _setting(100_000, "most requests queued server-wide before RESOURCE_EXHAUSTED", 1)
-    max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent", 1024)
+    max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent", 1024,
+                                      GRPC_MAX_MESSAGE_BYTES)
     stream_window: int = _setting(128, "requests one stream may have in flight before the server stops reading", 1)
     allow_nonfinite: bool = _setting(False, "accept NaN and Inf in inputs and states")
     shutdown_grace: float = _setting(30.0, "seconds in-flight work may take to finish on SIGTERM", 0)
@@ -120,8 +124,11 @@ class Settings:
         values = vars(parser.parse_args(argv))
         for field in dataclasses.fields(cls):
             minimum = field.metadata["minimum"]
-            if minimum is not None and values[field.name] < minimum:
+            if minimum is not None and not values[field.name] >= minimum:  # NaN is neither less nor more
                 parser.error(f"--{field.name.replace('_', '-')} must be at least {minimum}")
+            maximum = field.metadata["maximum"]
+            if maximum is not None and values[field.name] > maximum:
+                parser.error(f"--{field.name.replace('_', '-')} must be at most {maximum}")
             choices = _choices(field)
             if choices and values[field.name] not in choices:
                 parser.error(f"--{field.name.replace('_', '-')} must be one of {', '.join(choices)}")
@@ -131,7 +138,9 @@ class Settings:
         return settings
 
     def inconsistency(self) -> str | None:
-        """Why these settings cannot work together, or None."""
+        """Why these settings cannot work (together), or None."""
+        if self.log_level.upper() not in LOG_LEVELS:
+            return f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}"
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             return "--tls-cert-file and --tls-key-file go together"
         if self.snapshot_dir and self.state_store:

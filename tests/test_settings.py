@@ -69,6 +69,12 @@ def test_max_batch_entries_is_a_flag_and_a_variable_with_a_default():
     (["--max-batch-entries", "0"], {}),
     ([], {"LSTMSERVE_PORT": "not-a-port"}),
     ([], {"LSTMSERVE_ALLOW_NONFINITE": "maybe"}),
+    (["--idle-timeout", "nan"], {}),  # NaN is at least nothing, and no less than anything either
+    ([], {"LSTMSERVE_RATE_LIMIT": "nan"}),
+    (["--log-level", "verbose"], {}),  # else logging.basicConfig's ValueError, a traceback at start-up
+    (["--port", "70000"], {}),  # else gRPC listened on port 4464 (70000 - 65536)
+    ([], {"LSTMSERVE_METRICS_PORT": "65536"}),
+    ([], {"LSTMSERVE_MAX_MESSAGE_BYTES": str(2**31)}),  # a C int to gRPC: else OverflowError at start-up
 ])
 def test_invalid_values_stop_start_up(argv, env):
     with pytest.raises(SystemExit):

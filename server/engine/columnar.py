@@ -38,6 +38,15 @@ class ColumnsAnswer(NamedTuple):
     errors: dict[int, Exception]
 
 
+def check_lines_up(n: int, seqs: list[int], inputs: np.ndarray, input_size: int | None) -> None:
+    """InvalidInput when a message of `n` session ids has inputs that are not `[n, T, input_size]` (any input size
+    when None) or a number of sequence numbers that is neither n nor 0."""
+    check_tensor("inputs", inputs, (n, None, input_size), allow_nonfinite=True)
+    if len(seqs) not in (0, n):
+        raise InvalidInput(f"{len(seqs)} sequence numbers for {n} session ids: send one per id, or none",
+                           "sequence_numbers")
+
+
 class Columnar:
     """Runs StepColumns messages; the engine's parts it works with are passed in."""
 
@@ -59,10 +68,7 @@ class Columnar:
         numbers at all: the next one); returns one future of the ColumnsAnswer. InvalidInput refuses the whole
         message when its parts do not line up; every other refusal is its entry's alone."""
         n = len(session_ids)
-        check_tensor("inputs", inputs, (n, None, self._runtime.metadata.input_size), allow_nonfinite=True)
-        if len(seqs) not in (0, n):
-            raise InvalidInput(f"{len(seqs)} sequence numbers for {n} session ids: send one per id, or none",
-                               "sequence_numbers")
+        check_lines_up(n, seqs, inputs, self._runtime.metadata.input_size)
         seqs = list(seqs) if seqs else [0] * n
         errors: dict[int, Exception] = {}
         if self._limits.rate_limit:

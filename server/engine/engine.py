@@ -155,16 +155,7 @@ class Engine:
                        owner: str = "") -> SessionView:
         self._check_accepting(new_work=True)
         self._admit(owner)
-        h, c = self._initial_state(h0, c0, names=("h0", "c0"))
-        with self._counting_refusals():
-            # one at a time, asking again after each: ending one awaits the store, and meanwhile other requests
-            # may take the room it made or close the next victim
-            while evictions := self._admission.room_for_session(owner, self._sessions):
-                await self._evict(evictions[0])
-            session = await self._live.open(owner, h, c)
-        self._metrics.sessions_created.inc()
-        log.debug("session %s opened for principal %r", fingerprint(session.id), owner)
-        return self._view(session)
+        return self._view(await self._open(h0, c0, owner))
 
     async def get_session(self, session_id: str, owner: str = "") -> SessionView:
         return self._view(await self._session(session_id, owner))
@@ -176,11 +167,7 @@ class Engine:
         return session.last_applied_seq, h.numpy(), c.numpy()
 
     async def close_session(self, session_id: str, owner: str = "") -> None:
-        session = await self._session(session_id, owner)
-        await self._live.end(session, SessionNotFound(f"session {session_id} was closed before this request ran",
-                                                      session_id))
-        self._metrics.sessions_closed.inc()
-        log.debug("session %s closed by its principal", fingerprint(session_id))
+        await self._close(await self._session(session_id, owner))
 
     def on_session_closed(self, listener: Callable[[str, str], None]) -> None:
         """Calls `listener(session_id, owner)` whenever a session is closed or expires."""
@@ -190,13 +177,7 @@ class Engine:
                    with_state: bool = False) -> tuple[int, asyncio.Future]:
         """Queues `inputs[T, input_size]`; returns its sequence number and a future of its StepAnswer, whose
         `state` is the session's `(h, c)` right after this request when `with_state` is set."""
-        session = await self._session(session_id, owner)
-        self.check_step_inputs(inputs)
-        digest = inputs_digest(b"step", inputs)
-        self._check_accepting()
-        with self._counting_refusals():
-            return self._order.submit(session, seq, digest, lambda future, n: Work(
-                n, future, inputs=inputs, with_state=with_state, digest=digest))
+        return self._queue_step(await self._session(session_id, owner), inputs, seq, with_state)
 
     async def open_and_step(self, inputs: np.ndarray, h0: np.ndarray | None = None, c0: np.ndarray | None = None,
                             seq: int = 0, owner: str = "", with_state: bool = False
@@ -204,11 +185,13 @@ class Engine:
         """Opens a session and queues its first request; a rejected request leaves no session behind.
         Returns (session id, sequence number, future) like step()."""
         self.check_step_inputs(inputs)  # before the session exists, so a bad request costs nothing
-        session_id = (await self.create_session(h0, c0, owner=owner)).session_id
+        self._check_accepting(new_work=True)
+        self._admit(owner)  # once: opening the session and its first step are one request
+        session = await self._open(h0, c0, owner)
         try:
-            return session_id, *await self.step(session_id, inputs, seq, owner=owner, with_state=with_state)
+            return session.id, *self._queue_step(session, inputs, seq, with_state)
         except Exception:
-            await self.close_session(session_id, owner=owner)
+            await self._close(session)
             raise
 
     def check_step_inputs(self, inputs: np.ndarray) -> None:
@@ -227,7 +210,19 @@ class Engine:
     async def reset(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
               seq: int = 0, owner: str = "") -> tuple[int, asyncio.Future]:
         """Queues a reset to zeros or `(h, c)` behind the session's pending steps."""
+        return self._queue_reset(await self._session(session_id, owner), h, c, seq)
+
+    async def reset_session(self, session_id: str, h: np.ndarray | None = None, c: np.ndarray | None = None,
+                            seq: int = 0, owner: str = "") -> SessionView:
+        """reset(), applied: the session as it is right after, read as part of the same request of `owner` (not a
+        second one, which the rate limit could refuse once the reset was done)."""
         session = await self._session(session_id, owner)
+        _, done = self._queue_reset(session, h, c, seq)
+        await done
+        return self._view(session)
+
+    def _queue_reset(self, session: Session, h: np.ndarray | None, c: np.ndarray | None, seq: int
+                     ) -> tuple[int, asyncio.Future]:
         state = self._initial_state(h, c)
         digest = inputs_digest(b"reset", h, c)
         self._check_accepting()
@@ -250,6 +245,34 @@ class Engine:
         """Counts a request of `owner`, then finds the session (see LiveSessions.find)."""
         self._admit(owner)
         return await self._live.find(session_id, owner, self._check_accepting)
+
+    async def _open(self, h0: np.ndarray | None, c0: np.ndarray | None, owner: str) -> Session:
+        """A new session of `owner`, room made for it by the full policy; the request was admitted already."""
+        h, c = self._initial_state(h0, c0, names=("h0", "c0"))
+        with self._counting_refusals():
+            # one at a time, asking again after each: ending one awaits the store, and meanwhile other requests
+            # may take the room it made or close the next victim
+            while evictions := self._admission.room_for_session(owner, self._sessions):
+                await self._evict(evictions[0])
+            session = await self._live.open(owner, h, c)
+        self._metrics.sessions_created.inc()
+        log.debug("session %s opened for principal %r", fingerprint(session.id), owner)
+        return session
+
+    async def _close(self, session: Session) -> None:
+        await self._live.end(session, SessionNotFound(f"session {session.id} was closed before this request ran",
+                                                      session.id))
+        self._metrics.sessions_closed.inc()
+        log.debug("session %s closed by its principal", fingerprint(session.id))
+
+    def _queue_step(self, session: Session, inputs: np.ndarray, seq: int, with_state: bool
+                    ) -> tuple[int, asyncio.Future]:
+        self.check_step_inputs(inputs)
+        digest = inputs_digest(b"step", inputs)
+        self._check_accepting()
+        with self._counting_refusals():
+            return self._order.submit(session, seq, digest, lambda future, n: Work(
+                n, future, inputs=inputs, with_state=with_state, digest=digest))
 
     async def _evict(self, eviction: Eviction) -> None:
         victim, limit = eviction

@@ -9,6 +9,7 @@ import re
 import numpy as np
 
 from server.engine import ColumnsAnswer, Engine, EngineError, InvalidInput
+from server.engine.columnar import check_lines_up
 
 _INDEXED_FIELD = re.compile(r"^(\w+)\[(\d+)\]")
 
@@ -17,7 +18,9 @@ async def step_split(parts: dict[Engine, list[int]], refused: dict[int, Exceptio
                      seqs: list[int], inputs: np.ndarray, owner: str) -> asyncio.Future:
     """Runs entries `parts[engine]` on each engine; `refused` holds the entries no engine takes, with why.
     Returns one future of the whole message's ColumnsAnswer, like Engine.step_columns: a part that is refused or
-    fails answers each of its entries with that error, and the other parts' answers stand."""
+    fails answers each of its entries with that error, and the other parts' answers stand. A message whose parts
+    do not line up is refused whole (InvalidInput) before any part is queued, as by one engine."""
+    check_lines_up(len(session_ids), seqs, inputs, None)  # each engine checks its own input size
     n, steps = len(session_ids), inputs.shape[1]
     output_size = _output_size(parts, refused, n)
     errors = dict(refused)

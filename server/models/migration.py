@@ -10,12 +10,12 @@ from server.logsafe import fingerprint
 log = logging.getLogger(__name__)
 
 
-async def carry_over(source: Engine, target: Engine, session_id: str) -> bool:
-    """Moves an idle session from `source` to `target`, stored under `target`'s model before it is let go of;
-    False (it stays) when it is busy, `target` has no room or the store cannot take it. The caller keeps the
-    session's other requests waiting meanwhile (SessionRouter)."""
+async def carry_over(source: Engine, target: Engine, session_id: str, owner: str) -> bool:
+    """Moves an idle session of `owner` (whose request it is) from `source` to `target`, stored under `target`'s
+    model before it is let go of; False (it stays) when it is busy or another's, `target` has no room or the store
+    cannot take it. The caller keeps the session's other requests waiting meanwhile (SessionRouter)."""
     record = source.idle_record(session_id)
-    if record is None:
+    if record is None or record.owner != owner:  # another principal's request touches nothing of it
         return False
     try:
         await target.adopt(record)

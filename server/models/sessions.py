@@ -44,7 +44,7 @@ class SessionRouter:
             await asyncio.shield(carrying)  # meanwhile it is live on both engines: its requests wait for the move
         if (engine := self.live_engine(session_id)) is not None:
             v = self._by_engine[engine]
-            return engine if v.state is VersionState.READY else await self._carried(v, session_id)
+            return engine if v.state is VersionState.READY else await self._carried(v, session_id, owner)
         if (refusal := self._drains.refusal(session_id, owner)) is not None:
             raise refusal
         return await self._stored_session_engine(session_id, owner)
@@ -66,14 +66,14 @@ class SessionRouter:
                 refused[i] = refusal
         return await step_split(parts, refused, session_ids, seqs, inputs, owner)
 
-    async def _carried(self, v: Version, session_id: str) -> Engine:
+    async def _carried(self, v: Version, session_id: str, owner: str) -> Engine:
         """With state_migration carry, a retired version's session moves to the default version, when idle."""
         model = self._models.get(v.name)
         if v.state is not VersionState.DRAINING or model is None or \
                 model.entry.config.state_migration != "carry" or not model.default:
             return v.engine
         target = self._versions[(v.name, model.default)].engine
-        carrying = self._carrying[session_id] = asyncio.ensure_future(carry_over(v.engine, target, session_id))
+        carrying = self._carrying[session_id] = asyncio.ensure_future(carry_over(v.engine, target, session_id, owner))
         carrying.add_done_callback(lambda _: self._carrying.pop(session_id, None))
         return target if await asyncio.shield(carrying) else v.engine
 

@@ -124,12 +124,10 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
 
     @unary_with_details
     async def ResetSession(self, request, context):
-        owner = current_principal()
         engine = await self._registry.engine_of_session(request.session_id, current_principal())
-        _, done = await engine.reset(request.session_id, optional_tensor(request, "h"),
-                                     optional_tensor(request, "c"), request.sequence_number, owner=owner)
-        await done
-        return session_info(await engine.get_session(request.session_id, owner=owner),
+        return session_info(await engine.reset_session(request.session_id, optional_tensor(request, "h"),
+                                                       optional_tensor(request, "c"), request.sequence_number,
+                                                       owner=current_principal()),
                             self._registry.version_of(engine))
 
     @unary_with_details
@@ -146,11 +144,13 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
         owner = current_principal()
         if request.WhichOneof("target") != "new_session":
             engine = await self._registry.engine_of_session(request.session_id, owner)
+            await self._check_answer_fits(engine, inputs, request.session_id, owner)
             return request.session_id, *await engine.step(request.session_id, inputs, request.sequence_number,
                                                            owner=owner)
         new = request.new_session
         with _fields_of("new_session", "h0", "c0", "model_name"):
             engine = self._registry.engine(new.model_name, new.model_version)
+            await self._check_answer_fits(engine, inputs, "", owner)
             return await engine.open_and_step(inputs, optional_tensor(new, "h0"), optional_tensor(new, "c0"),
                                                     request.sequence_number, owner=owner)
 
@@ -164,6 +164,24 @@ class LstmServicer(pb_grpc.LstmServiceServicer):
             # the id is echoed so the answer can be matched, but never a huge malformed one in full
             return request.session_id[:CLIP_CHARACTERS], request.sequence_number, error_answer(error, path)
         return session_id, seq, answer
+
+    async def _check_answer_fits(self, engine: Engine, inputs, session_id: str, owner: str) -> None:
+        """Refuses a step whose answer would pass max_message_bytes before it is queued: gRPC refuses to send such
+        an answer only once the step is applied, and a retry gets the same kept answer. `session_id` "": a new
+        session. Another principal's session is not found, as on every other refusal, rather than refused here."""
+        description = engine.describe()
+        if inputs.ndim != 2 or inputs.shape[1] != description.metadata.input_size or \
+                inputs.shape[0] > description.limits.max_steps_per_request:
+            return  # the engine refuses it, saying what is wrong with it
+        size = ANSWER_FRAMING + len(session_id) + \
+            inputs.shape[0] * description.metadata.output_size * tensors.WIRE_DTYPE.itemsize
+        if size <= self._max_message_bytes:
+            return
+        if session_id:
+            await engine.get_session(session_id, owner=owner)
+        raise self._refusal(
+            f"the answer to this step would take about {size} bytes, more than the server's max_message_bytes of "
+            f"{self._max_message_bytes}; send fewer time steps per request", "max_message_bytes")
 
     async def _check_batch(self, batch: pb.StepBatch) -> None:
         """Refuses a StreamBatch message with too many entries, or whose answer would pass max_message_bytes."""

@@ -167,3 +167,31 @@ def test_retries_whose_kept_answers_pass_the_cap_are_refused_before_anything_is_
         assert error.value.code() == EXHAUSTED
         assert "more than the server's max_message_bytes of 16384" in error.value.details()
         assert snapshot(session) == before
+
+
+def test_a_step_whose_answer_would_pass_the_message_cap_is_refused_before_it_is_applied(wide_server):
+    """200 steps of 16 inputs fit in 16 KiB; their 32 outputs do not. gRPC would refuse to send the answer only
+    after the step was applied (and would refuse its retry's kept answer the same way)."""
+    too_long = steps(200, 16)
+    assert pb.StepRequest(inputs=too_long).ByteSize() < 16 * 1024
+    with LstmClient(wide_server.address) as client, client.session() as session:
+        live, refused = live_sessions(wide_server), refusals(wide_server, "max_message_bytes")
+        for request in (pb.StepRequest(session_id=session.id, sequence_number=1, inputs=too_long),
+                        pb.StepRequest(new_session=pb.CreateSessionRequest(), inputs=too_long)):
+            with pytest.raises(grpc.RpcError) as error:
+                client.stub.Step(request)
+            assert error.value.code() == EXHAUSTED
+            assert "more than the server's max_message_bytes of 16384" in error.value.details()
+        (answer,) = client.stub.Stream(iter([pb.StepRequest(session_id=session.id, sequence_number=1,
+                                                            inputs=too_long)]))
+        assert answer.error.code == EXHAUSTED.value[0] and "max_message_bytes" in answer.error.message
+        misshapen = pb.StepRequest(session_id=session.id, sequence_number=1, inputs=steps(200, 15))
+        assert refusal_code(lambda: client.stub.Step(misshapen)) == grpc.StatusCode.INVALID_ARGUMENT  # not its size
+        assert snapshot(session)[:2] == (0, 0) and live_sessions(wide_server) == live
+        assert refusals(wide_server, "max_message_bytes") == refused + 3
+
+
+def refusal_code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value.code()

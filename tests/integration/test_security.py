@@ -1,14 +1,17 @@
 """TLS, mutual TLS, bearer tokens, sessions bound to their principal, per-principal limits; real servers."""
 
+import functools
 import secrets
 
 import grpc
 import numpy as np
 import pytest
 import torch
+from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 
 from client import Credentials, LstmClient, Session, StepError
+from client.channel import open_channel
 from client.resume import RetryPolicy
 from tests.certs import make_pki
 from tests.integration.reference import TOLERANCE, Reference
@@ -157,6 +160,18 @@ def test_a_valid_token_is_accepted_and_a_bad_or_missing_one_is_unauthenticated(t
         assert anonymous.health() == "SERVING"  # open_health_and_reflection is on by default
 
 
+def test_a_caller_without_credentials_is_unauthenticated_before_its_request_is_parsed(token_server, pki):
+    """Authentication comes first: bytes that are not the method's request do not earn a stranger an answer
+    about them (INVALID_ARGUMENT naming the message type)."""
+    for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("not-a-token", grpc.StatusCode.UNAUTHENTICATED),
+                        (pki.tokens["alice"], grpc.StatusCode.INVALID_ARGUMENT)):
+        credentials = Credentials(root_certificates=str(pki.ca.cert), token=token)
+        with open_channel(grpc, token_server.address, credentials) as channel:
+            get_state = functools.partial(channel.unary_unary("/lstmserve.v1.LstmService/GetState"),
+                                          b"\xff\xff\xff", timeout=10)
+            assert refusal(get_state).code() == code
+
+
 def test_principal_b_gets_not_found_for_every_call_on_a_session_of_a(token_server, pki, demo_model):
     reference = Reference(torch.jit.load(str(demo_model)), 1, 3)
     with client(token_server, pki, token=pki.tokens["alice"]) as alice, \
@@ -231,3 +246,33 @@ def test_per_principal_session_and_rate_limits(limited_server, pki):
 def test_health_and_reflection_can_require_credentials(limited_server, pki):
     with client(limited_server, pki) as anonymous:
         assert refusal(anonymous.health).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_step_that_opens_its_session_is_one_request_for_the_rate_limit(demo_model):
+    """A Step with new_session is one request, as CreateSession then Step are two; and when its step is refused,
+    the session it opened is closed whatever the rate limit says (it was counted as that one request)."""
+    with server_in_thread(demo_model, rate_limit=1e-6, rate_limit_burst=3) as server, \
+            LstmClient(server.address, timeout=10, retry=NO_RETRY) as caller:
+        inputs = tensors.to_proto(np.ones((1, 4), np.float32))
+        skipping = refusal(lambda: caller.stub.Step(pb.StepRequest(  # 1
+            new_session=pb.CreateSessionRequest(), sequence_number=5, inputs=inputs)))
+        assert skipping.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert server.app.engine.session_count == 0
+        opened = caller.stub.Step(pb.StepRequest(new_session=pb.CreateSessionRequest(), inputs=inputs))  # 2
+        caller.stub.Step(pb.StepRequest(session_id=opened.session_id, sequence_number=2, inputs=inputs))  # 3
+        fourth = refusal(lambda: caller.stub.Step(pb.StepRequest(new_session=pb.CreateSessionRequest(),
+                                                                 inputs=inputs)))
+        assert fourth.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate_limit=" in fourth.details()
+        assert server.app.engine.session_count == 1
+
+
+def test_a_reset_is_one_request_for_the_rate_limit(demo_model):
+    """ResetSession answers with the session's info: reading it is part of the one request, not a second one that
+    could be refused after the reset was applied."""
+    with server_in_thread(demo_model, rate_limit=1e-6, rate_limit_burst=2) as server, \
+            LstmClient(server.address, timeout=10, retry=NO_RETRY) as caller:
+        session_id = caller.stub.CreateSession(pb.CreateSessionRequest()).session_id  # 1
+        info = caller.stub.ResetSession(pb.ResetSessionRequest(session_id=session_id, sequence_number=1))  # 2
+        assert (info.session_id, info.last_sequence_number) == (session_id, 1)
+        assert refusal(lambda: caller.stub.GetSession(pb.SessionRef(session_id=session_id))).code() == \
+            grpc.StatusCode.RESOURCE_EXHAUSTED

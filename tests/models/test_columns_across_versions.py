@@ -3,6 +3,8 @@
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from lstmserve import tensors
 from lstmserve.v1 import lstm_service_pb2 as pb
 from lstmserve.v1 import lstm_service_pb2_grpc as pb_grpc
@@ -60,3 +62,29 @@ def test_an_entry_whose_model_answers_in_another_size_is_refused_alone(tmp_path)
         assert error.index == 1 and error.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         assert "messages of their own" in error.error.message
         assert stub.GetSession(pb.SessionRef(session_id=headed)).steps_applied == 0
+
+
+@pytest.mark.parametrize("inputs_shape, sequence_numbers, field", [
+    ((1, 1, SIZES[0]), [], "inputs.shape"),  # fewer rows than session ids
+    ((SIZES[0],), [], "inputs.shape"),  # not [N, T, input] at all
+    ((2, 1, SIZES[0]), [1], "sequence_numbers"),  # fewer numbers than session ids
+])
+def test_a_misshapen_message_across_models_is_invalid_argument_and_changes_nothing(tmp_path, inputs_shape,
+                                                                                   sequence_numbers, field):
+    """With several models loaded a message is routed entry by entry: one whose parts do not line up is refused
+    whole, as with one model, not answered INTERNAL."""
+    add_version(tmp_path, "small", 1, seed=1)
+    add_version(tmp_path, "other", 1, seed=2)
+    with server_in_thread(tmp_path, model_repository=str(tmp_path), default_model="small") as server, \
+            grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.LstmServiceStub(channel)
+        ids = [stub.CreateSession(pb.CreateSessionRequest()).session_id for _ in range(2)]
+        request = pb.StepColumns(session_ids=ids, sequence_numbers=sequence_numbers,
+                                 inputs=tensors.to_proto(np.zeros(inputs_shape, np.float32)))
+        with pytest.raises(grpc.RpcError) as error:
+            list(stub.StreamColumns(iter([request]), timeout=30))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        (detail,) = rpc_status.from_call(error.value).details
+        violations = error_details_pb2.BadRequest()
+        assert detail.Unpack(violations) and violations.field_violations[0].field == field
+        assert [stub.GetSession(pb.SessionRef(session_id=i)).steps_applied for i in ids] == [0, 0]

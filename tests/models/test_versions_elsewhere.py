@@ -61,6 +61,31 @@ def test_with_state_migration_carry_a_session_moves_to_the_new_version_at_its_ne
         wait_for(lambda: state_name(states(channel)[("m", 1)]) == "UNAVAILABLE", "version 1 to be unloaded")
 
 
+def test_with_carry_another_principals_request_does_not_move_a_session(tmp_path):
+    """A session is carried at its owner's next request: another principal's call on its id is NOT_FOUND and
+    leaves it where it is."""
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    repository = tmp_path / "repository"
+    add_version(repository, "m", 1, seed=1)
+    write_config(repository, "m", state_migration="carry")
+    with server_in_thread(repository, model_repository=str(repository), tls_cert_file=str(pki.server.cert),
+                          tls_key_file=str(pki.server.key), tokens_file=str(pki.tokens_file)) as server:
+        alice, bob = (LstmClient(server.address, credentials=Credentials(root_certificates=str(pki.ca.cert),
+                                                                         token=pki.tokens[name]))
+                      for name in ("alice", "bob"))
+        with alice, bob:
+            session_id = alice.session().id
+            add_version(repository, "m", 2, seed=2)
+            server.call(server.app.registry.reload())
+            with pytest.raises(grpc.RpcError) as error:
+                bob.stub.GetSession(pb.SessionRef(session_id=session_id))
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            registry = server.app.registry
+            assert registry.version_of(registry.live_engine(session_id)) == ("m", 1)
+            assert alice.session(session_id=session_id).info().model_version == 2  # its owner's request moves it
+
+
 def stored_record(url: str, session_id: str) -> SessionRecord | None:
     async def load():
         store = RedisStateStore(url, "test-reader", lease_ttl=1.0, state_ttl=60, lease_wait=0.1)
