@@ -15,21 +15,22 @@ log = logging.getLogger(__name__)
 
 # KEYS: lease, fence counter. ARGV: replica, lease ttl ms, key ttl ms, "1" for a new fence even if this replica
 # holds the lease already. Returns {1, fence} when this replica now holds the lease, {0, remaining ms} when another
-# one does.
+# one does. The counter lives as long as the state (extended here and at every save): one that expired would
+# start again at 1 and could hand a replica its old fence back after another replica wrote newer state.
 _ACQUIRE = """
 local holder = redis.call('HGET', KEYS[1], 'holder')
 if holder and holder ~= ARGV[1] then return {0, redis.call('PTTL', KEYS[1])} end
 local fence = redis.call('HGET', KEYS[1], 'fence')
 if not holder or ARGV[4] == '1' then
   fence = redis.call('INCR', KEYS[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
   redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'fence', fence)
 end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, tonumber(fence)}
 """
 
-# KEYS: state, lease. ARGV: replica, fence, seq, lease ttl ms, state ttl ms, field, value, ...
+# KEYS: state, lease, fence counter. ARGV: replica, fence, seq, lease ttl ms, state ttl ms, field, value, ...
 # Returns 1 written, 0 fenced out (the lease is gone or someone else's), -1 stale (newer state stored).
 _SAVE = """
 if redis.call('HGET', KEYS[2], 'holder') ~= ARGV[1] or redis.call('HGET', KEYS[2], 'fence') ~= ARGV[2] then
@@ -39,6 +40,7 @@ local stored = redis.call('HGET', KEYS[1], 'seq')
 if stored and tonumber(stored) > tonumber(ARGV[3]) then return -1 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
@@ -122,8 +124,7 @@ class RedisStateStore:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for record, lease in writes:
-                state_key, lease_key, _ = _keys(record.session_id)
-                await self._save(keys=[state_key, lease_key],
+                await self._save(keys=list(_keys(record.session_id)),
                                  args=[self.replica, lease.fence, record.last_applied_seq, self._lease_ms,
                                        self._state_ms, "seq", record.last_applied_seq, "record", encode(record)],
                                  client=pipe)
