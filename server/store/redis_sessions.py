@@ -65,7 +65,7 @@ class RedisSessionStore:
     async def _take_over(self, session_id: str, owner: str) -> SessionRecord | None:
         lease = await self._guard(self.redis.acquire(session_id))
         record = await self._guard(self.redis.load(session_id))  # it may have moved on while we waited
-        if record is None or record.owner != owner:
+        if record is None or record.owner != owner or record.model != self._model:
             await self.redis.release(lease)
             return None
         self._hold(lease, record.steps_applied)
@@ -82,9 +82,9 @@ class RedisSessionStore:
             self._renewed[session_id] = self._clock()
             return None
         record = await self._guard(self.redis.load(session_id))
-        if record is None:
+        if record is None or record.model != self._model:  # another model: carried onto another version there
             await self.redis.release(lease)
-            raise SessionGone(f"session {session_id} ended on another replica")
+            raise SessionGone(f"session {session_id} ended on another replica, or moved to another version there")
         self._hold(lease, record.steps_applied)
         return record
 
