@@ -93,7 +93,7 @@ class RedisSessionStore:
         already, under a fence whose writes still in flight (the other engine's, naming its model) must not land
         over this record."""
         self._hold(await self._guard(self.redis.acquire(record.session_id, anew=True)), written=-1)
-        await self._write([record], raise_errors=True)
+        await self._write([record], exact=True)
 
     def takes(self, session_id: str, steps_applied: int) -> bool:
         return self.durability is Durability.EVERY_STEP or \
@@ -187,13 +187,15 @@ class RedisSessionStore:
         self._background.discard(task)
         self._metrics.checkpoint_writes_in_flight.dec()
 
-    async def _write(self, records: list[SessionRecord], raise_errors: bool = False) -> list[StoreUnavailable | None]:
-        """Per record: None when stored (or a newer state of ours is), else the error to answer with."""
+    async def _write(self, records: list[SessionRecord], exact: bool = False) -> list[StoreUnavailable | None]:
+        """Per record: None when stored (or a newer state of ours is), else the error to answer with. `exact`: the
+        records themselves must be stored, or the error is raised; a newer state stored is another replica's then
+        (a session carried over here from a stale copy)."""
         held = [r for r in records if r.session_id in self._leases]
         try:
             results = await self._guard(self.redis.save([(r, self._leases[r.session_id]) for r in held]))
         except StoreUnavailable as error:
-            if raise_errors:
+            if exact:
                 raise
             return [error] * len(records)
         by_id = dict(zip((r.session_id for r in held), results))
@@ -206,12 +208,14 @@ class RedisSessionStore:
                 self._written[record.session_id] = max(record.steps_applied, self._written.get(record.session_id, -1))
                 self._renewed[record.session_id] = self._clock()  # a write extends the lease too
                 errors.append(None)
-            elif result == -1:
+            elif result == -1 and not exact:
                 errors.append(None)  # an overlapping write of ours already stored a newer state
             else:
                 log.warning("session %s is held by another replica; giving it up", fingerprint(record.session_id))
                 self._forget(record.session_id)  # the next request here takes it over again, or waits for it
                 errors.append(SessionMoved("the session moved to another replica; retry the request"))
+        if exact and (error := next((e for e in errors if e is not None), None)):
+            raise error
         return errors
 
     async def _guard(self, operation):

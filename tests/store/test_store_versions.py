@@ -8,7 +8,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.metrics import Metrics
-from server.store import Durability, RedisSessionStore, RedisStateStore, SessionGone, SessionRecord
+from server.store import (
+    Durability,
+    RedisSessionStore,
+    RedisStateStore,
+    SessionGone,
+    SessionRecord,
+    StoreUnavailable,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -48,4 +55,22 @@ async def test_a_takeover_waiting_for_the_lease_refuses_a_record_carried_onto_an
     await carrier.release(SID, delete=False)
     assert await taking is None
     for store in (holder, carrier, taker):
+        await store.redis.close()
+
+
+async def test_a_stale_record_carried_onto_another_version_is_refused_not_taken_for_stored(redis_url):
+    """A replica's retired-version engine still holds the session live at sequence number 2; another replica
+    took it over meanwhile and stored sequence number 5. Carrying the stale copy onto the current version must
+    fail (the session stays put and is refreshed), not pass for stored over the newer state."""
+    old, new, other = (replica(redis_url, "replica-b", "m@1"), replica(redis_url, "replica-b", "m@2"),
+                       replica(redis_url, "replica-a", "m@1"))
+    await old.redis._redis.flushdb()
+    await old.created(record("m@1", 2))
+    assert (await other.load(SID, "alice")).last_applied_seq == 2  # once b's lease lapsed
+    assert await other.commit([record("m@1", 5)]) == [None]
+    await other.release(SID, delete=False)
+    with pytest.raises(StoreUnavailable):
+        await new.created(record("m@2", 2))
+    assert (await new.redis.load(SID)).last_applied_seq == 5
+    for store in (old, new, other):
         await store.redis.close()
