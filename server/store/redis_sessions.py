@@ -132,9 +132,11 @@ class RedisSessionStore:
                 self._metrics.state_store_errors.inc()  # the lease expires by itself
 
     async def maintain(self, live: Iterable[LiveSession], record_of: RecordOf) -> list[str]:
-        """Renews the leases of sessions in use, then writes what checkpoints are due."""
+        """Renews the leases of sessions in use or with unwritten steps (a checkpoint under a lapsed lease would be
+        fenced out), then writes what checkpoints are due."""
         live = list(live)
-        in_use = [s.session_id for s in live if s.idle_for <= self.redis.lease_ttl and s.session_id in self._leases]
+        in_use = [s.session_id for s in live if s.session_id in self._leases and
+                  (s.idle_for <= self.redis.lease_ttl or s.steps_applied != self._written.get(s.session_id))]
         held = await self._guard(self.redis.renew([self._leases[sid] for sid in in_use]))
         now, lost = self._clock(), []
         for session_id, ok in zip(in_use, held):
