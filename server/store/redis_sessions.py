@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from server.logsafe import fingerprint
 from server.policies import Durability
-from server.store.record import SessionRecord
+from server.store.record import RecordRejected, SessionRecord
 from server.store.redis_store import Lease, RedisStateStore
 from server.store.seam import LiveSession, RecordOf, SessionGone, SessionMoved, StoreUnavailable
 
@@ -53,19 +53,25 @@ class RedisSessionStore:
         """Concurrent requests share the reads, but each is judged by its own principal: another principal's
         request (who learnt the id) neither takes the session's lease nor decides what the owner's request
         is answered."""
-        record = await _shared(self._reading, session_id, lambda: self._read(session_id))
+        record = await _shared(self._reading, session_id, lambda: self._stored(session_id))
         if record is None or record.owner != owner:
             return None
         return await _shared(self._taking, session_id, lambda: self._take_over(session_id, owner))
 
-    async def _read(self, session_id: str) -> SessionRecord | None:
-        record = await self._guard(self.redis.load(session_id))
+    async def _stored(self, session_id: str) -> SessionRecord | None:
+        """The session's record if it is one this engine carries on: of its model, and readable (a corrupt one is
+        logged and taken for none: the session cannot be resumed from it)."""
+        try:
+            record = await self._guard(self.redis.load(session_id))
+        except RecordRejected as error:
+            log.warning("session %s: refused its stored record: %s", fingerprint(session_id), error)
+            return None
         return record if record is not None and record.model == self._model else None
 
     async def _take_over(self, session_id: str, owner: str) -> SessionRecord | None:
         lease = await self._guard(self.redis.acquire(session_id))
-        record = await self._guard(self.redis.load(session_id))  # it may have moved on while we waited
-        if record is None or record.owner != owner or record.model != self._model:
+        record = await self._stored(session_id)  # it may have moved on while we waited
+        if record is None or record.owner != owner:
             await self.redis.release(lease)
             return None
         self._hold(lease, record.steps_applied)
@@ -81,8 +87,8 @@ class RedisSessionStore:
         if old is not None and old.fence == lease.fence:
             self._renewed[session_id] = self._clock()
             return None
-        record = await self._guard(self.redis.load(session_id))
-        if record is None or record.model != self._model:  # another model: carried onto another version there
+        record = await self._stored(session_id)
+        if record is None:  # or unreadable, or of another model (carried onto another version there)
             await self.redis.release(lease)
             raise SessionGone(f"session {session_id} ended on another replica, or moved to another version there")
         self._hold(lease, record.steps_applied)

@@ -53,3 +53,18 @@ async def test_the_owner_always_gets_its_session_whatever_request_races_it(redis
             np.testing.assert_array_equal((await second.get_state(sid, owner="alice"))[1], h)
     finally:
         await second.stop()
+
+
+async def test_a_corrupt_stored_record_is_refused_as_not_found_not_an_internal_error(redis_url):
+    first = await replica(redis_url, "first")
+    sid = (await first.create_session(owner="alice")).session_id
+    await first.stop()
+    second = await replica(redis_url, "second")
+    try:
+        damage = RedisStateStore(redis_url, "damage", lease_ttl=5.0, state_ttl=60, lease_wait=0.1)
+        await damage._redis.hset(f"lstmserve:{{{sid}}}:state", "record", b"\x05\x00\x00\x00{oops")
+        await damage.close()
+        with pytest.raises(SessionNotFound):
+            await second.get_state(sid, owner="alice")
+    finally:
+        await second.stop()
