@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, SessionNotFound
+from server.engine import Engine, LimitExceeded, SessionNotFound
 from server.metrics import Metrics
 from server.store import Durability, RedisSessionStore, RedisStateStore, model_identity
 from tests.fakes import FakeRuntime
@@ -17,11 +17,11 @@ pytestmark = pytest.mark.integration
 SESSIONS = 24
 
 
-async def replica(redis_url: str, name: str) -> Engine:
+async def replica(redis_url: str, name: str, **limits) -> Engine:
     redis = RedisStateStore(redis_url, name, lease_ttl=5.0, state_ttl=60, lease_wait=0.1)
     metrics, runtime = Metrics(CollectorRegistry()), FakeRuntime()
     store = RedisSessionStore(redis, Durability.EVERY_STEP, model_identity(runtime.metadata), 100, 5.0, metrics)
-    engine = Engine(runtime, limits_with(), metrics, store=store)
+    engine = Engine(runtime, limits_with(**limits), metrics, store=store)
     await engine.start()
     return engine
 
@@ -68,3 +68,18 @@ async def test_a_corrupt_stored_record_is_refused_as_not_found_not_an_internal_e
             await second.get_state(sid, owner="alice")
     finally:
         await second.stop()
+
+
+async def test_a_takeover_refused_for_want_of_room_leaves_the_session_to_other_replicas_at_once(redis_url):
+    first = await replica(redis_url, "first")
+    sids = [(await first.create_session(owner="alice")).session_id for _ in range(2)]
+    await first.stop()
+    full, other = await replica(redis_url, "full", max_sessions=1), await replica(redis_url, "other")
+    try:
+        await full.get_state(sids[0], owner="alice")  # taken over: this replica is full now
+        with pytest.raises(LimitExceeded):
+            await full.get_state(sids[1], owner="alice")
+        assert (await other.get_state(sids[1], owner="alice"))[0] == 0  # not held for a lease_ttl by `full`
+    finally:
+        await full.stop()
+        await other.stop()
