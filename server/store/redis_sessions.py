@@ -84,7 +84,10 @@ class RedisSessionStore:
             return None
         old = self._leases.get(session_id)
         lease = await self._guard(self.redis.acquire(session_id))
-        if old is not None and old.fence == lease.fence:
+        # held all along, or lapsed and taken again with the very next fence: no other holder came in between, so
+        # nothing newer than the live state is stored (the stored checkpoint may well be older)
+        if old is not None and (lease.fence == old.fence or lease.made and lease.fence == old.fence + 1):
+            self._leases[session_id] = lease
             self._renewed[session_id] = self._clock()
             return None
         record = await self._stored(session_id)
@@ -199,17 +202,17 @@ class RedisSessionStore:
         """Per record: None when stored (or a newer state of ours is), else the error to answer with. `exact`: the
         records themselves must be stored, or the error is raised; a newer state stored is another replica's then
         (a session carried over here from a stale copy)."""
-        held = [r for r in records if r.session_id in self._leases]
+        writes = [(r, self._leases[r.session_id]) for r in records if r.session_id in self._leases]
         try:
-            results = await self._guard(self.redis.save([(r, self._leases[r.session_id]) for r in held]))
+            results = await self._guard(self.redis.save(writes))
         except StoreUnavailable as error:
             if exact:
                 raise
             return [error] * len(records)
-        by_id = dict(zip((r.session_id for r in held), results))
+        by_id = {record.session_id: (result, lease) for (record, lease), result in zip(writes, results)}
         errors = []
         for record in records:
-            result = by_id.get(record.session_id, 0)  # no lease: given up meanwhile, as good as fenced out
+            result, lease = by_id.get(record.session_id, (0, None))  # no lease: given up meanwhile, as if fenced out
             if result == 1:
                 # writes of one session may be in flight together, and answered in another order than Redis ran
                 # them: an older one answered last must not make the session look due again
@@ -219,8 +222,9 @@ class RedisSessionStore:
             elif result == -1 and not exact:
                 errors.append(None)  # an overlapping write of ours already stored a newer state
             else:
-                log.warning("session %s is held by another replica; giving it up", fingerprint(record.session_id))
-                self._forget(record.session_id)  # the next request here takes it over again, or waits for it
+                if lease is not None and self._leases.get(record.session_id) is lease:  # not one taken again since
+                    log.warning("session %s is held by another replica; giving it up", fingerprint(record.session_id))
+                    self._forget(record.session_id)  # the next request here takes it over again, or waits for it
                 errors.append(SessionMoved("the session moved to another replica; retry the request"))
         if exact and (error := next((e for e in errors if e is not None), None)):
             raise error

@@ -14,20 +14,21 @@ from server.store.seam import StoreUnavailable
 log = logging.getLogger(__name__)
 
 # KEYS: lease, fence counter. ARGV: replica, lease ttl ms, key ttl ms, "1" for a new fence even if this replica
-# holds the lease already. Returns {1, fence} when this replica now holds the lease, {0, remaining ms} when another
-# one does. The counter lives as long as the state (extended here and at every save): one that expired would
-# start again at 1 and could hand a replica its old fence back after another replica wrote newer state.
+# holds the lease already. Returns {1, fence, 1 when this call made the fence} when this replica now holds the
+# lease, {0, remaining ms} when another one does. The counter lives as long as the state (extended here and at
+# every save): one that expired would start again at 1 and could hand a replica its old fence back after another
+# replica wrote newer state.
 _ACQUIRE = """
 local holder = redis.call('HGET', KEYS[1], 'holder')
 if holder and holder ~= ARGV[1] then return {0, redis.call('PTTL', KEYS[1])} end
-local fence = redis.call('HGET', KEYS[1], 'fence')
+local fence, made = redis.call('HGET', KEYS[1], 'fence'), 0
 if not holder or ARGV[4] == '1' then
-  fence = redis.call('INCR', KEYS[2])
+  fence, made = redis.call('INCR', KEYS[2]), 1
   redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'fence', fence)
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, tonumber(fence)}
+return {1, tonumber(fence), made}
 """
 
 # KEYS: state, lease, fence counter. ARGV: replica, fence, seq, lease ttl ms, state ttl ms, field, value, ...
@@ -65,6 +66,7 @@ class Lease:
 
     session_id: str
     fence: int
+    made: bool = False  # its fence was made when it was taken (it was free, or taken anew), not found held already
 
 
 def _keys(session_id: str) -> tuple[str, str, str]:
@@ -104,10 +106,10 @@ class RedisStateStore:
         _, lease_key, fence_key = _keys(session_id)
         deadline = time.monotonic() + self._lease_wait
         while True:
-            granted, value = await self._call(self._acquire, [lease_key, fence_key],
-                                              [self.replica, self._lease_ms, self._state_ms, "1" if anew else "0"])
+            args = [self.replica, self._lease_ms, self._state_ms, "1" if anew else "0"]
+            granted, value, *made = await self._call(self._acquire, [lease_key, fence_key], args)
             if granted:
-                return Lease(session_id, int(value))
+                return Lease(session_id, int(value), made == [1])
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StoreUnavailable("the session is in use on another replica; retry shortly",
