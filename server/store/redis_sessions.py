@@ -82,13 +82,8 @@ class RedisSessionStore:
         """Re-takes a lease that may have lapsed; a lease of a new holder means another replica may have written."""
         if self._clock() - self._renewed.get(session_id, 0.0) < self.redis.lease_ttl / 2:
             return None
-        old = self._leases.get(session_id)
         lease = await self._guard(self.redis.acquire(session_id))
-        # held all along, or lapsed and taken again with the very next fence: no other holder came in between, so
-        # nothing newer than the live state is stored (the stored checkpoint may well be older)
-        if old is not None and (lease.fence == old.fence or lease.made and lease.fence == old.fence + 1):
-            self._leases[session_id] = lease
-            self._renewed[session_id] = self._clock()
+        if self._continued(lease):
             return None
         record = await self._stored(session_id)
         if record is None:  # or unreadable, or of another model (carried onto another version there)
@@ -96,6 +91,28 @@ class RedisSessionStore:
             raise SessionGone(f"session {session_id} ended on another replica, or moved to another version there")
         self._hold(lease, record.steps_applied)
         return record
+
+    def _continued(self, lease: Lease) -> bool:
+        """Holds `lease` in place of the session's old one if no other holder came in between (held all along, or
+        lapsed and taken again with the very next fence): then nothing newer than the live state is stored, though
+        the stored checkpoint may well be older."""
+        old = self._leases.get(lease.session_id)
+        if old is None or not (lease.fence == old.fence or lease.made and lease.fence == old.fence + 1):
+            return False
+        self._leases[lease.session_id] = lease
+        self._renewed[lease.session_id] = self._clock()
+        return True
+
+    async def _taken_again(self, session_id: str) -> bool:
+        """A lapsed lease (after a store outage, a stall) taken again at once, if nobody held the session since."""
+        lease = await self._guard(self.redis.take(session_id))
+        if lease is None:
+            return False
+        if self._continued(lease):
+            return True
+        if lease.made:  # taken just now, for nothing: another replica took the session meanwhile and let it go
+            await self.redis.release(lease)
+        return False
 
     async def created(self, record: SessionRecord) -> None:
         """The lease is taken anew: a session carried from another engine of this process is held by this replica
@@ -151,7 +168,7 @@ class RedisSessionStore:
         for session_id, ok in zip(in_use, held):
             if ok:
                 self._renewed[session_id] = now
-            else:
+            elif not await self._taken_again(session_id):
                 self._forget(session_id)
                 lost.append(session_id)
         if now - self._last_checkpoint >= self._checkpoint_interval:

@@ -103,18 +103,27 @@ class RedisStateStore:
     async def acquire(self, session_id: str, anew: bool = False) -> Lease:
         """Takes the session's lease, waiting up to `lease_wait` for another replica's to be freed or expire.
         `anew`: with a new fence even if this replica holds it, so that writes under the old one are fenced out."""
-        _, lease_key, fence_key = _keys(session_id)
         deadline = time.monotonic() + self._lease_wait
         while True:
-            args = [self.replica, self._lease_ms, self._state_ms, "1" if anew else "0"]
-            granted, value, *made = await self._call(self._acquire, [lease_key, fence_key], args)
-            if granted:
-                return Lease(session_id, int(value), made == [1])
+            lease, held_for = await self._take(session_id, anew)
+            if lease is not None:
+                return lease
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StoreUnavailable("the session is in use on another replica; retry shortly",
-                                       retry_after=max(int(value), 0) / 1000)
+                                       retry_after=max(held_for, 0) / 1000)
             await asyncio.sleep(min(0.05, left))
+
+    async def take(self, session_id: str) -> Lease | None:
+        """The session's lease at once; None while another replica holds it."""
+        return (await self._take(session_id, anew=False))[0]
+
+    async def _take(self, session_id: str, anew: bool) -> tuple[Lease | None, int]:
+        """The lease, or None and the milliseconds that another replica's has left."""
+        _, lease_key, fence_key = _keys(session_id)
+        args = [self.replica, self._lease_ms, self._state_ms, "1" if anew else "0"]
+        granted, value, *made = await self._call(self._acquire, [lease_key, fence_key], args)
+        return (Lease(session_id, int(value), made == [1]), 0) if granted else (None, int(value))
 
     async def load(self, session_id: str) -> SessionRecord | None:
         data = await self._call(self._redis.hget, _keys(session_id)[0], "record")

@@ -191,3 +191,20 @@ async def test_a_write_fenced_out_under_a_lease_since_taken_again_does_not_give_
     await answered(registry)
     assert (await redis.load(SID)).steps_applied == 2 * EVERY  # written under the lease taken again
     await redis.close()
+
+
+async def test_upkeep_after_a_lapse_with_nobody_else_taking_the_session_keeps_it_live(redis_url):
+    """After a Redis outage longer than lease_ttl every renewal fails: a session nobody else took is this
+    replica's still, with steps acknowledged since its checkpoint; closing it as lost would drop them."""
+    redis = RedisStateStore(redis_url, "replica-a", lease_ttl=0.3, state_ttl=60, lease_wait=0.1)
+    await redis._redis.flushdb()
+    registry = CollectorRegistry()
+    store = RedisSessionStore(redis, Durability.CHECKPOINT, "m@1", EVERY, 3600.0, Metrics(registry))
+    await store.created(record(0))
+    assert await store.commit([record(3)]) == [None]  # acknowledged, not due yet
+    await asyncio.sleep(0.4)  # no upkeep got through meanwhile: the lease lapsed
+    assert await store.maintain([LiveSession(SID, 0.0, 3)], lambda _: record(3)) == []
+    assert await store.commit([record(5)]) == [None]
+    await answered(registry)
+    assert (await redis.load(SID)).steps_applied == 5
+    await redis.close()
