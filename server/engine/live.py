@@ -47,7 +47,7 @@ class LiveSessions:
             if session is None:
                 record = await self._store.load(session_id, owner)
                 # concurrent requests of the owner share one takeover: the first to get here adopts the record
-                session = self.table.find(session_id) or (record and self._adopt(record, accepting))
+                session = self.table.find(session_id) or (record and await self._adopt(record, accepting))
             elif session.owner == owner and not session.busy:
                 try:
                     record, gone = await self._store.refresh(session_id), False
@@ -170,9 +170,15 @@ class LiveSessions:
         session = self.table.find(session_id)
         return None if session is None else self.record(session)
 
-    def _adopt(self, record: SessionRecord, accepting: Callable[[], None]) -> Session:
-        accepting()
-        self._import([record])
+    async def _adopt(self, record: SessionRecord, accepting: Callable[[], None]) -> Session:
+        """Makes a session taken over live here; one refused here (no room, draining) is given up in the store at
+        once, or other replicas would wait for its claim to lapse."""
+        try:
+            accepting()
+            self._import([record])
+        except Exception:
+            await self._store.release(record.session_id, delete=False)
+            raise
         return self.table.find(record.session_id)
 
     def _import(self, records: list[SessionRecord]) -> None:

@@ -89,7 +89,7 @@ def decode(data: bytes | memoryview, offset: int = 0) -> tuple[SessionRecord, in
                         for seq, shape, digest in header["answers"])
         record = SessionRecord(str(header["id"]), str(header["owner"]), str(header["model"]),
                                float(header["created_at"]), int(header["seq"]), int(header["steps"]), h, c, answers)
-    except (struct.error, ValueError, KeyError, TypeError) as error:
+    except (struct.error, ValueError, KeyError, TypeError, OverflowError) as error:
         raise RecordRejected(f"corrupt record: {error}") from error
     return record, end
 

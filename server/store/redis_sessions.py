@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from server.logsafe import fingerprint
 from server.policies import Durability
-from server.store.record import SessionRecord
+from server.store.record import RecordRejected, SessionRecord
 from server.store.redis_store import Lease, RedisStateStore
 from server.store.seam import LiveSession, RecordOf, SessionGone, SessionMoved, StoreUnavailable
 
@@ -53,18 +53,24 @@ class RedisSessionStore:
         """Concurrent requests share the reads, but each is judged by its own principal: another principal's
         request (who learnt the id) neither takes the session's lease nor decides what the owner's request
         is answered."""
-        record = await _shared(self._reading, session_id, lambda: self._read(session_id))
+        record = await _shared(self._reading, session_id, lambda: self._stored(session_id))
         if record is None or record.owner != owner:
             return None
         return await _shared(self._taking, session_id, lambda: self._take_over(session_id, owner))
 
-    async def _read(self, session_id: str) -> SessionRecord | None:
-        record = await self._guard(self.redis.load(session_id))
+    async def _stored(self, session_id: str) -> SessionRecord | None:
+        """The session's record if it is one this engine carries on: of its model, and readable (a corrupt one is
+        logged and taken for none: the session cannot be resumed from it)."""
+        try:
+            record = await self._guard(self.redis.load(session_id))
+        except RecordRejected as error:
+            log.warning("session %s: refused its stored record: %s", fingerprint(session_id), error)
+            return None
         return record if record is not None and record.model == self._model else None
 
     async def _take_over(self, session_id: str, owner: str) -> SessionRecord | None:
         lease = await self._guard(self.redis.acquire(session_id))
-        record = await self._guard(self.redis.load(session_id))  # it may have moved on while we waited
+        record = await self._stored(session_id)  # it may have moved on while we waited
         if record is None or record.owner != owner:
             await self.redis.release(lease)
             return None
@@ -76,24 +82,44 @@ class RedisSessionStore:
         """Re-takes a lease that may have lapsed; a lease of a new holder means another replica may have written."""
         if self._clock() - self._renewed.get(session_id, 0.0) < self.redis.lease_ttl / 2:
             return None
-        old = self._leases.get(session_id)
         lease = await self._guard(self.redis.acquire(session_id))
-        if old is not None and old.fence == lease.fence:
-            self._renewed[session_id] = self._clock()
+        if self._continued(lease):
             return None
-        record = await self._guard(self.redis.load(session_id))
-        if record is None:
+        record = await self._stored(session_id)
+        if record is None:  # or unreadable, or of another model (carried onto another version there)
             await self.redis.release(lease)
-            raise SessionGone(f"session {session_id} ended on another replica")
+            raise SessionGone(f"session {session_id} ended on another replica, or moved to another version there")
         self._hold(lease, record.steps_applied)
         return record
+
+    def _continued(self, lease: Lease) -> bool:
+        """Holds `lease` in place of the session's old one if no other holder came in between (held all along, or
+        lapsed and taken again with the very next fence): then nothing newer than the live state is stored, though
+        the stored checkpoint may well be older."""
+        old = self._leases.get(lease.session_id)
+        if old is None or not (lease.fence == old.fence or lease.made and lease.fence == old.fence + 1):
+            return False
+        self._leases[lease.session_id] = lease
+        self._renewed[lease.session_id] = self._clock()
+        return True
+
+    async def _taken_again(self, session_id: str) -> bool:
+        """A lapsed lease (after a store outage, a stall) taken again at once, if nobody held the session since."""
+        lease = await self._guard(self.redis.take(session_id))
+        if lease is None:
+            return False
+        if self._continued(lease):
+            return True
+        if lease.made:  # taken just now, for nothing: another replica took the session meanwhile and let it go
+            await self.redis.release(lease)
+        return False
 
     async def created(self, record: SessionRecord) -> None:
         """The lease is taken anew: a session carried from another engine of this process is held by this replica
         already, under a fence whose writes still in flight (the other engine's, naming its model) must not land
         over this record."""
         self._hold(await self._guard(self.redis.acquire(record.session_id, anew=True)), written=-1)
-        await self._write([record], raise_errors=True)
+        await self._write([record], exact=True)
 
     def takes(self, session_id: str, steps_applied: int) -> bool:
         return self.durability is Durability.EVERY_STEP or \
@@ -132,15 +158,17 @@ class RedisSessionStore:
                 self._metrics.state_store_errors.inc()  # the lease expires by itself
 
     async def maintain(self, live: Iterable[LiveSession], record_of: RecordOf) -> list[str]:
-        """Renews the leases of sessions in use, then writes what checkpoints are due."""
+        """Renews the leases of sessions in use or with unwritten steps (a checkpoint under a lapsed lease would be
+        fenced out), then writes what checkpoints are due."""
         live = list(live)
-        in_use = [s.session_id for s in live if s.idle_for <= self.redis.lease_ttl and s.session_id in self._leases]
+        in_use = [s.session_id for s in live if s.session_id in self._leases and
+                  (s.idle_for <= self.redis.lease_ttl or s.steps_applied != self._written.get(s.session_id))]
         held = await self._guard(self.redis.renew([self._leases[sid] for sid in in_use]))
         now, lost = self._clock(), []
         for session_id, ok in zip(in_use, held):
             if ok:
                 self._renewed[session_id] = now
-            else:
+            elif not await self._taken_again(session_id):
                 self._forget(session_id)
                 lost.append(session_id)
         if now - self._last_checkpoint >= self._checkpoint_interval:
@@ -187,31 +215,36 @@ class RedisSessionStore:
         self._background.discard(task)
         self._metrics.checkpoint_writes_in_flight.dec()
 
-    async def _write(self, records: list[SessionRecord], raise_errors: bool = False) -> list[StoreUnavailable | None]:
-        """Per record: None when stored (or a newer state of ours is), else the error to answer with."""
-        held = [r for r in records if r.session_id in self._leases]
+    async def _write(self, records: list[SessionRecord], exact: bool = False) -> list[StoreUnavailable | None]:
+        """Per record: None when stored (or a newer state of ours is), else the error to answer with. `exact`: the
+        records themselves must be stored, or the error is raised; a newer state stored is another replica's then
+        (a session carried over here from a stale copy)."""
+        writes = [(r, self._leases[r.session_id]) for r in records if r.session_id in self._leases]
         try:
-            results = await self._guard(self.redis.save([(r, self._leases[r.session_id]) for r in held]))
+            results = await self._guard(self.redis.save(writes))
         except StoreUnavailable as error:
-            if raise_errors:
+            if exact:
                 raise
             return [error] * len(records)
-        by_id = dict(zip((r.session_id for r in held), results))
+        by_id = {record.session_id: (result, lease) for (record, lease), result in zip(writes, results)}
         errors = []
         for record in records:
-            result = by_id.get(record.session_id, 0)  # no lease: given up meanwhile, as good as fenced out
+            result, lease = by_id.get(record.session_id, (0, None))  # no lease: given up meanwhile, as if fenced out
             if result == 1:
                 # writes of one session may be in flight together, and answered in another order than Redis ran
                 # them: an older one answered last must not make the session look due again
                 self._written[record.session_id] = max(record.steps_applied, self._written.get(record.session_id, -1))
                 self._renewed[record.session_id] = self._clock()  # a write extends the lease too
                 errors.append(None)
-            elif result == -1:
+            elif result == -1 and not exact:
                 errors.append(None)  # an overlapping write of ours already stored a newer state
             else:
-                log.warning("session %s is held by another replica; giving it up", fingerprint(record.session_id))
-                self._forget(record.session_id)  # the next request here takes it over again, or waits for it
+                if lease is not None and self._leases.get(record.session_id) is lease:  # not one taken again since
+                    log.warning("session %s is held by another replica; giving it up", fingerprint(record.session_id))
+                    self._forget(record.session_id)  # the next request here takes it over again, or waits for it
                 errors.append(SessionMoved("the session moved to another replica; retry the request"))
+        if exact and (error := next((e for e in errors if e is not None), None)):
+            raise error
         return errors
 
     async def _guard(self, operation):

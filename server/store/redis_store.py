@@ -14,22 +14,24 @@ from server.store.seam import StoreUnavailable
 log = logging.getLogger(__name__)
 
 # KEYS: lease, fence counter. ARGV: replica, lease ttl ms, key ttl ms, "1" for a new fence even if this replica
-# holds the lease already. Returns {1, fence} when this replica now holds the lease, {0, remaining ms} when another
-# one does.
+# holds the lease already. Returns {1, fence, 1 when this call made the fence} when this replica now holds the
+# lease, {0, remaining ms} when another one does. The counter lives as long as the state (extended here and at
+# every save): one that expired would start again at 1 and could hand a replica its old fence back after another
+# replica wrote newer state.
 _ACQUIRE = """
 local holder = redis.call('HGET', KEYS[1], 'holder')
 if holder and holder ~= ARGV[1] then return {0, redis.call('PTTL', KEYS[1])} end
-local fence = redis.call('HGET', KEYS[1], 'fence')
+local fence, made = redis.call('HGET', KEYS[1], 'fence'), 0
 if not holder or ARGV[4] == '1' then
-  fence = redis.call('INCR', KEYS[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  fence, made = redis.call('INCR', KEYS[2]), 1
   redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'fence', fence)
 end
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, tonumber(fence)}
+return {1, tonumber(fence), made}
 """
 
-# KEYS: state, lease. ARGV: replica, fence, seq, lease ttl ms, state ttl ms, field, value, ...
+# KEYS: state, lease, fence counter. ARGV: replica, fence, seq, lease ttl ms, state ttl ms, field, value, ...
 # Returns 1 written, 0 fenced out (the lease is gone or someone else's), -1 stale (newer state stored).
 _SAVE = """
 if redis.call('HGET', KEYS[2], 'holder') ~= ARGV[1] or redis.call('HGET', KEYS[2], 'fence') ~= ARGV[2] then
@@ -39,6 +41,7 @@ local stored = redis.call('HGET', KEYS[1], 'seq')
 if stored and tonumber(stored) > tonumber(ARGV[3]) then return -1 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
@@ -63,6 +66,7 @@ class Lease:
 
     session_id: str
     fence: int
+    made: bool = False  # its fence was made when it was taken (it was free, or taken anew), not found held already
 
 
 def _keys(session_id: str) -> tuple[str, str, str]:
@@ -99,18 +103,27 @@ class RedisStateStore:
     async def acquire(self, session_id: str, anew: bool = False) -> Lease:
         """Takes the session's lease, waiting up to `lease_wait` for another replica's to be freed or expire.
         `anew`: with a new fence even if this replica holds it, so that writes under the old one are fenced out."""
-        _, lease_key, fence_key = _keys(session_id)
         deadline = time.monotonic() + self._lease_wait
         while True:
-            granted, value = await self._call(self._acquire, [lease_key, fence_key],
-                                              [self.replica, self._lease_ms, self._state_ms, "1" if anew else "0"])
-            if granted:
-                return Lease(session_id, int(value))
+            lease, held_for = await self._take(session_id, anew)
+            if lease is not None:
+                return lease
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StoreUnavailable("the session is in use on another replica; retry shortly",
-                                       retry_after=max(int(value), 0) / 1000)
+                                       retry_after=max(held_for, 0) / 1000)
             await asyncio.sleep(min(0.05, left))
+
+    async def take(self, session_id: str) -> Lease | None:
+        """The session's lease at once; None while another replica holds it."""
+        return (await self._take(session_id, anew=False))[0]
+
+    async def _take(self, session_id: str, anew: bool) -> tuple[Lease | None, int]:
+        """The lease, or None and the milliseconds that another replica's has left."""
+        _, lease_key, fence_key = _keys(session_id)
+        args = [self.replica, self._lease_ms, self._state_ms, "1" if anew else "0"]
+        granted, value, *made = await self._call(self._acquire, [lease_key, fence_key], args)
+        return (Lease(session_id, int(value), made == [1]), 0) if granted else (None, int(value))
 
     async def load(self, session_id: str) -> SessionRecord | None:
         data = await self._call(self._redis.hget, _keys(session_id)[0], "record")
@@ -122,8 +135,7 @@ class RedisStateStore:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for record, lease in writes:
-                state_key, lease_key, _ = _keys(record.session_id)
-                await self._save(keys=[state_key, lease_key],
+                await self._save(keys=list(_keys(record.session_id)),
                                  args=[self.replica, lease.fence, record.last_applied_seq, self._lease_ms,
                                        self._state_ms, "seq", record.last_applied_seq, "record", encode(record)],
                                  client=pipe)

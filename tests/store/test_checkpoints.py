@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from server.metrics import Metrics
 from server.policies import Durability
-from server.store import RedisStateStore, SessionRecord, StoreUnavailable
+from server.store import LiveSession, RedisStateStore, SessionRecord, StoreUnavailable
 from server.store.redis_sessions import RedisSessionStore
 
 pytestmark = pytest.mark.integration
@@ -136,3 +136,75 @@ async def test_an_older_checkpoint_landing_last_leaves_the_newer_one_stored(chec
     assert (await redis.load(SID)).steps_applied == 2 * EVERY  # refused by the compare on the sequence number
     await commit_steps(store, range(2 * EVERY + 1, 2 * EVERY + 2))
     assert redis.writes == [EVERY, 2 * EVERY]
+
+
+async def test_a_session_gone_quiet_keeps_its_lease_until_its_last_steps_are_checkpointed(redis_url):
+    """Steps acknowledged just before a stream went quiet are written at the next checkpoint, however long the
+    checkpoint interval is next to the lease: a checkpoint fenced out by the session's own lapsed lease left them
+    unwritten, and the next request here loaded the older checkpoint over them."""
+    now = [0.0]
+    redis = RedisStateStore(redis_url, "replica-a", lease_ttl=0.3, state_ttl=60, lease_wait=0.1)
+    await redis._redis.flushdb()
+    store = RedisSessionStore(redis, Durability.CHECKPOINT, "m@1", EVERY, 1.5, Metrics(CollectorRegistry()),
+                              clock=lambda: now[0])
+    await store.created(record(0))
+    assert await store.commit([record(3)]) == [None]  # not due yet: written at the next checkpoint
+    while now[0] < 2.0:  # quiet since: maintain() runs every maintenance_period
+        await asyncio.sleep(store.maintenance_period)
+        now[0] += store.maintenance_period
+        assert await store.maintain([LiveSession(SID, now[0], 3)], lambda _: record(3)) == []
+    assert (await redis.load(SID)).steps_applied == 3
+    await redis.close()
+
+
+async def test_a_lease_that_lapsed_with_nobody_else_taking_it_keeps_the_live_state(redis_url):
+    """Acknowledged steps not checkpointed yet are this replica's alone while no other replica took the session:
+    taking the lapsed lease again (after a stall or a short Redis outage) must not load the older checkpoint
+    over them, which sent the session back to its last checkpoint's numbering with no failure at all."""
+    redis = RedisStateStore(redis_url, "replica-a", lease_ttl=0.3, state_ttl=60, lease_wait=0.1)
+    await redis._redis.flushdb()
+    registry = CollectorRegistry()
+    store = RedisSessionStore(redis, Durability.CHECKPOINT, "m@1", EVERY, 3600.0, Metrics(registry))
+    await store.created(record(0))
+    assert await store.commit([record(3)]) == [None]  # acknowledged, not due yet
+    await asyncio.sleep(0.4)  # no upkeep ran meanwhile: the lease lapsed, and nobody took the session
+    assert await store.refresh(SID) is None  # the live state (3 steps) goes on
+    assert await store.commit([record(5)]) == [None]  # due: written under the lease taken again
+    await answered(registry)
+    assert (await redis.load(SID)).steps_applied == 5
+    await redis.close()
+
+
+async def test_a_write_fenced_out_under_a_lease_since_taken_again_does_not_give_the_session_up(redis_url):
+    redis = HeldWrites(redis_url, "replica-a", lease_ttl=0.3, state_ttl=60, lease_wait=0.1)
+    await redis._redis.flushdb()
+    registry = CollectorRegistry()
+    store = RedisSessionStore(redis, Durability.CHECKPOINT, "m@1", EVERY, 3600.0, Metrics(registry))
+    await store.created(record(0))
+    redis.held_before[EVERY] = asyncio.Event()
+    assert await store.commit([record(EVERY)]) == [None]  # its checkpoint waits before reaching Redis
+    await asyncio.sleep(0.4)  # the lease lapses meanwhile
+    assert await store.refresh(SID) is None  # taken again by this replica
+    redis.held_before[EVERY].set()
+    await answered(registry)  # fenced out: it was sent under the lapsed lease
+    assert await store.commit([record(2 * EVERY)]) == [None]
+    await answered(registry)
+    assert (await redis.load(SID)).steps_applied == 2 * EVERY  # written under the lease taken again
+    await redis.close()
+
+
+async def test_upkeep_after_a_lapse_with_nobody_else_taking_the_session_keeps_it_live(redis_url):
+    """After a Redis outage longer than lease_ttl every renewal fails: a session nobody else took is this
+    replica's still, with steps acknowledged since its checkpoint; closing it as lost would drop them."""
+    redis = RedisStateStore(redis_url, "replica-a", lease_ttl=0.3, state_ttl=60, lease_wait=0.1)
+    await redis._redis.flushdb()
+    registry = CollectorRegistry()
+    store = RedisSessionStore(redis, Durability.CHECKPOINT, "m@1", EVERY, 3600.0, Metrics(registry))
+    await store.created(record(0))
+    assert await store.commit([record(3)]) == [None]  # acknowledged, not due yet
+    await asyncio.sleep(0.4)  # no upkeep got through meanwhile: the lease lapsed
+    assert await store.maintain([LiveSession(SID, 0.0, 3)], lambda _: record(3)) == []
+    assert await store.commit([record(5)]) == [None]
+    await answered(registry)
+    assert (await redis.load(SID)).steps_applied == 5
+    await redis.close()

@@ -1,5 +1,7 @@
 """Leases, fencing and compare-and-set against a real redis-server."""
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,28 @@ async def test_unreachable_store_is_reported_as_unavailable(tmp_path):
     with pytest.raises(StoreUnavailable, match="unreachable"):
         await store.acquire(SID)
     await store.close()
+
+
+async def test_a_fence_is_never_handed_out_twice_while_the_session_is_stored(redis_url):
+    """A replica that takes its lapsed lease again trusts its live state only when the fence is its old one; the
+    fence counter must outlive every lease it numbered, or a replica can get its old fence back after another
+    one wrote newer state (seen: the counter expired `state_ttl` after the first acquire of a busy session)."""
+    a, b = (RedisStateStore(redis_url, f"replica-{name}", lease_ttl=0.5, state_ttl=1.0, lease_wait=2.0)
+            for name in "ab")
+    await a._redis.flushdb()
+    await a.acquire(SID)
+    held = await a.acquire(SID, anew=True)  # as after a takeover: a's fence is not the first
+    assert await a.save([(record(1), held)]) == [1]
+    for _ in range(3):  # a busy session: its lease renewed, then written again, stored for state_ttl more
+        await asyncio.sleep(0.2)
+        assert await a.renew([held]) == [True]
+    assert await a.save([(record(2), held)]) == [1]
+    await asyncio.sleep(0.6)  # a's lease lapsed (idle for longer than lease_ttl); its state is still stored
+    assert (await b.load(SID)).last_applied_seq == 2
+    taken = await b.acquire(SID)
+    assert await b.save([(record(3), taken)]) == [1]
+    await b.release(taken)
+    again = await a.acquire(SID)
+    assert again.fence not in (held.fence, taken.fence)
+    for store in (a, b):
+        await store.close()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.engine import Engine, SessionNotFound
+from server.engine import Engine, LimitExceeded, SessionNotFound
 from server.metrics import Metrics
 from server.store import Durability, RedisSessionStore, RedisStateStore, model_identity
 from tests.fakes import FakeRuntime
@@ -17,11 +17,11 @@ pytestmark = pytest.mark.integration
 SESSIONS = 24
 
 
-async def replica(redis_url: str, name: str) -> Engine:
+async def replica(redis_url: str, name: str, **limits) -> Engine:
     redis = RedisStateStore(redis_url, name, lease_ttl=5.0, state_ttl=60, lease_wait=0.1)
     metrics, runtime = Metrics(CollectorRegistry()), FakeRuntime()
     store = RedisSessionStore(redis, Durability.EVERY_STEP, model_identity(runtime.metadata), 100, 5.0, metrics)
-    engine = Engine(runtime, limits_with(), metrics, store=store)
+    engine = Engine(runtime, limits_with(**limits), metrics, store=store)
     await engine.start()
     return engine
 
@@ -53,3 +53,33 @@ async def test_the_owner_always_gets_its_session_whatever_request_races_it(redis
             np.testing.assert_array_equal((await second.get_state(sid, owner="alice"))[1], h)
     finally:
         await second.stop()
+
+
+async def test_a_corrupt_stored_record_is_refused_as_not_found_not_an_internal_error(redis_url):
+    first = await replica(redis_url, "first")
+    sid = (await first.create_session(owner="alice")).session_id
+    await first.stop()
+    second = await replica(redis_url, "second")
+    try:
+        damage = RedisStateStore(redis_url, "damage", lease_ttl=5.0, state_ttl=60, lease_wait=0.1)
+        await damage._redis.hset(f"lstmserve:{{{sid}}}:state", "record", b"\x05\x00\x00\x00{oops")
+        await damage.close()
+        with pytest.raises(SessionNotFound):
+            await second.get_state(sid, owner="alice")
+    finally:
+        await second.stop()
+
+
+async def test_a_takeover_refused_for_want_of_room_leaves_the_session_to_other_replicas_at_once(redis_url):
+    first = await replica(redis_url, "first")
+    sids = [(await first.create_session(owner="alice")).session_id for _ in range(2)]
+    await first.stop()
+    full, other = await replica(redis_url, "full", max_sessions=1), await replica(redis_url, "other")
+    try:
+        await full.get_state(sids[0], owner="alice")  # taken over: this replica is full now
+        with pytest.raises(LimitExceeded):
+            await full.get_state(sids[1], owner="alice")
+        assert (await other.get_state(sids[1], owner="alice"))[0] == 0  # not held for a lease_ttl by `full`
+    finally:
+        await full.stop()
+        await other.stop()
