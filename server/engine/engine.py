@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from server.engine.admission import Admission, Eviction, SharedQuotas
+from server.engine.admission import Admission, SharedQuotas
 from server.engine.columnar import Columnar
 from server.engine.errors import DRAINING_RETRY_SECONDS, Draining, SessionNotFound
 from server.engine.exactly_once import ExactlyOnce
@@ -20,9 +20,9 @@ from server.engine.predicts import Predicts
 from server.engine.scheduler import Scheduler
 from server.engine.sessions import Session, Work, inputs_digest
 from server.engine.state_pool import StatePool
+from server.engine.turnover import Turnover
 from server.engine.validation import check_at_most, check_tensor, initial_state
 from server.engine.views import ModelDescription, SessionView
-from server.logsafe import fingerprint
 from server.metrics import Metrics
 from server.model import ModelRuntime
 from server.store import MemoryStore, SessionRecord, SessionStore, model_identity
@@ -62,6 +62,8 @@ class Engine:
         self._columnar = Columnar(runtime, limits, metrics, self._scheduler, self._live, self._order,
                                   self._admission, flights)
         self._refusal_counter = RefusalCounter(metrics)
+        self._turnover = Turnover(self._live, self._admission, metrics, self._refusal_counter, limits.idle_timeout,
+                                  clock)
         self._predicts = Predicts(runtime, limits, metrics, self._scheduler.run_in_model_thread,
                                   self._refusal_counter, tracing)
         self._tasks: list[asyncio.Task] = []
@@ -94,7 +96,7 @@ class Engine:
         await self._scheduler.run_in_model_thread(self.runtime.warm_up, self.limits.max_batch_size)
         self._scheduler.start()
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._expire_forever(), name="expiry"))
+        self._tasks.append(loop.create_task(self._turnover.expire_forever(), name="expiry"))
         self._tasks.append(loop.create_task(self._live.maintain_forever(), name="state-store"))
 
     async def drain(self, timeout: float) -> None:
@@ -167,7 +169,7 @@ class Engine:
         return session.last_applied_seq, h.numpy(), c.numpy()
 
     async def close_session(self, session_id: str, owner: str = "") -> None:
-        await self._close(await self._session(session_id, owner))
+        await self._turnover.close(await self._session(session_id, owner))
 
     def on_session_closed(self, listener: Callable[[str, str], None]) -> None:
         """Calls `listener(session_id, owner)` whenever a session is closed or expires."""
@@ -191,7 +193,7 @@ class Engine:
         try:
             return session.id, *self._queue_step(session, inputs, seq, with_state)
         except Exception:
-            await self._close(session)
+            await self._turnover.close(session)
             raise
 
     def check_step_inputs(self, inputs: np.ndarray) -> None:
@@ -247,23 +249,7 @@ class Engine:
         return await self._live.find(session_id, owner, self._check_accepting)
 
     async def _open(self, h0: np.ndarray | None, c0: np.ndarray | None, owner: str) -> Session:
-        """A new session of `owner`, room made for it by the full policy; the request was admitted already."""
-        h, c = self._initial_state(h0, c0, names=("h0", "c0"))
-        with self._counting_refusals():
-            # one at a time, asking again after each: ending one awaits the store, and meanwhile other requests
-            # may take the room it made or close the next victim
-            while evictions := self._admission.room_for_session(owner, self._sessions):
-                await self._evict(evictions[0])
-            session = await self._live.open(owner, h, c)
-        self._metrics.sessions_created.inc()
-        log.debug("session %s opened for principal %r", fingerprint(session.id), owner)
-        return session
-
-    async def _close(self, session: Session) -> None:
-        await self._live.end(session, SessionNotFound(f"session {session.id} was closed before this request ran",
-                                                      session.id))
-        self._metrics.sessions_closed.inc()
-        log.debug("session %s closed by its principal", fingerprint(session.id))
+        return await self._turnover.open(owner, *self._initial_state(h0, c0, names=("h0", "c0")))
 
     def _queue_step(self, session: Session, inputs: np.ndarray, seq: int, with_state: bool
                     ) -> tuple[int, asyncio.Future]:
@@ -273,12 +259,6 @@ class Engine:
         with self._counting_refusals():
             return self._order.submit(session, seq, digest, lambda future, n: Work(
                 n, future, inputs=inputs, with_state=with_state, digest=digest))
-
-    async def _evict(self, eviction: Eviction) -> None:
-        victim, limit = eviction
-        await self._live.end(victim, SessionNotFound(f"session {victim.id} was evicted to make room ({limit})",
-                                                     victim.id))
-        self._metrics.sessions_evicted.labels(limit).inc()
 
     def _admit(self, owner: str) -> None:
         """Every request of `owner` passes its rate limit first."""
@@ -301,19 +281,4 @@ class Engine:
             raise self.draining_refusal("the server is shutting down; retry on another replica")
 
     def _view(self, session: Session) -> SessionView:
-        now_wall, now = time.time(), self._clock()
-        last_used_at = now_wall - (now - session.last_used)
-        return SessionView(session.id, session.steps_applied, session.last_applied_seq, session.created_at,
-                           last_used_at, last_used_at + self.limits.idle_timeout, self.limits.idle_timeout)
-
-    async def _expire_forever(self) -> None:
-        period = min(1.0, self.limits.idle_timeout / 4)
-        while True:
-            await asyncio.sleep(period)
-            deadline = self._clock() - self.limits.idle_timeout
-            for session in self._sessions.idle_since(deadline):
-                if not self._sessions.still_idle(session, deadline):
-                    continue  # closed or used while an earlier one's end awaited the store
-                await self._live.end(session, SessionNotFound(f"session {session.id} expired", session.id))
-                self._metrics.sessions_expired.inc()
-                log.debug("session %s expired", fingerprint(session.id))
+        return SessionView.of(session, self._clock(), self.limits.idle_timeout)
