@@ -1,7 +1,6 @@
 """The engine's public face: session lifecycle, ordered exactly-once requests, stateless sequences."""
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 
@@ -27,8 +26,6 @@ from server.metrics import Metrics
 from server.model import ModelRuntime
 from server.store import MemoryStore, SessionRecord, SessionStore, model_identity
 from server.tracing import Tracing
-
-log = logging.getLogger(__name__)
 
 
 class Engine:
