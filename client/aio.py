@@ -91,6 +91,7 @@ class AsyncSession:
         self.id = session_id
         self._next_seq = 1
         self._unsettled: list[tuple] = []  # (method, request) that may have been applied: as in Session
+        self._failed: tuple | None = None  # as in Session
         # a stream whose generator is not closed yet: leaving `async for` does not close it (the garbage
         # collector has it closed later, on the event loop)
         self._open_stream: tuple[StreamLedger, asyncio.Condition] | None = None
@@ -201,14 +202,21 @@ class AsyncSession:
 
     async def _numbered_call(self, method, request):
         """`Session._numbered_call`: a call that failed without the server's answer is settled before the next."""
-        retried = take_retry(self._unsettled, method, request)
-        request = request if retried is None else retried
-        await self._settle()  # what failed before it
+        retried = take_retry(self._unsettled, self._failed, method, request)
+        try:
+            await self._settle()  # what failed before it
+        except Exception:
+            if retried is not None:
+                self._unsettled.append(retried)  # still unsettled, still the caller's to retry
+            raise
+        self._failed = None
+        request = request if retried is None else retried[1]
         try:
             response = await self._client.call(method, request)
         except LstmError as error:
             if may_have_applied(error):
-                self._unsettled.append((method, request))
+                self._failed = (method, request)
+                self._unsettled.append(self._failed)
                 self._next_seq += 0 if retried is not None else 1
             raise
         self._next_seq += 0 if retried is not None else 1

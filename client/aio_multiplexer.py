@@ -9,7 +9,7 @@ import numpy as np
 from client.columns import ColumnStep, Packer
 from client.errors import LstmError
 from client.messages import StepError, as_steps
-from client.multiplexer import CLOSED, DEFAULT_MAX_ENTRIES, deliver, fail_all, late
+from client.multiplexer import CLOSED, DEFAULT_MAX_ENTRIES, deliver, fail_all, late, retry_of
 from client.resume import may_have_applied
 from client.tracing import trace_metadata
 
@@ -82,6 +82,8 @@ class AsyncMultiplexer:
                     attempts.progressed()
                     deliver(results)
             except grpc.RpcError as error:
+                writer.cancel()  # now, not after the backoff: it would go on taking steps for the broken call
+                call.cancel()
                 try:
                     await asyncio.sleep(attempts.delay_after(error))
                 except LstmError as final:
@@ -123,17 +125,19 @@ class AsyncMultiplexedSession:
     async def step(self, x) -> np.ndarray:
         steps, single = as_steps(x)
         async with self._turn:
-            if self._unsettled is not None:
+            retried = retry_of(self._unsettled, steps)
+            if self._unsettled is not None and retried is None:
                 await self._mux.step(self.id, *self._unsettled)
-                self._unsettled = None
+            self._unsettled = None
+            seq = self._next_seq if retried is None else retried
             try:
-                outputs = await self._mux.step(self.id, self._next_seq, steps)
+                outputs = await self._mux.step(self.id, seq, steps)
             except LstmError as error:
                 if may_have_applied(error):
-                    self._unsettled = (self._next_seq, steps)
-                    self._next_seq += 1
+                    self._unsettled = (seq, steps)
+                    self._next_seq += 0 if retried is not None else 1
                 raise
-            self._next_seq += 1
+            self._next_seq += 0 if retried is not None else 1
         return outputs[0] if single else outputs
 
     async def state(self) -> tuple[np.ndarray, np.ndarray]:

@@ -148,17 +148,19 @@ class MultiplexedSession:
         """`x[input]` -> `y[output]`, or `x[T, input]` -> `y[T, output]`."""
         steps, single = as_steps(x)
         with self._turn:
-            if self._unsettled is not None:  # re-sent with its inputs, so that its number is never reused
+            retried = retry_of(self._unsettled, steps)
+            if self._unsettled is not None and retried is None:  # re-sent with its inputs: its number is never reused
                 self._mux.step(self.id, *self._unsettled)
-                self._unsettled = None
+            self._unsettled = None
+            seq = self._next_seq if retried is None else retried
             try:
-                outputs = self._mux.step(self.id, self._next_seq, steps)
+                outputs = self._mux.step(self.id, seq, steps)
             except LstmError as error:
                 if may_have_applied(error):
-                    self._unsettled = (self._next_seq, steps)
-                    self._next_seq += 1
+                    self._unsettled = (seq, steps)
+                    self._next_seq += 0 if retried is not None else 1
                 raise
-            self._next_seq += 1
+            self._next_seq += 0 if retried is not None else 1
         return outputs[0] if single else outputs
 
     def state(self) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +168,14 @@ class MultiplexedSession:
 
     def close(self) -> None:
         self._session.close()
+
+
+def retry_of(unsettled: tuple[int, np.ndarray] | None, steps: np.ndarray) -> int | None:
+    """The number of the session's step that failed without the server's answer when `steps` repeats its inputs:
+    the caller's retry of it, sent under that number (applied once either way). None: a new step."""
+    if unsettled is None or not np.array_equal(unsettled[1], steps):
+        return None
+    return unsettled[0]
 
 
 def late(timeout: float) -> LstmError:

@@ -47,18 +47,18 @@ def may_have_applied(error: LstmError) -> bool:
         retryable(error) and error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-def take_retry(unsettled: list[tuple], method, request):
-    """The last unsettled `(method, request)` when `request` repeats it (same call and inputs, under a later number),
-    taken out of `unsettled`: the caller's retry of a call that failed without the server's answer. It is sent under
-    its own number, so it applies once whether or not the failed call was applied; None when `request` is new."""
-    if not unsettled or unsettled[-1][0] is not method:
+def take_retry(unsettled: list[tuple], failed: tuple | None, method, request) -> tuple | None:
+    """`failed`, the `(method, request)` of the caller's last call that failed without the server's answer, taken out
+    of `unsettled` when `request` repeats it (same call and inputs, under a later number): the caller's retry of it.
+    It is sent under its own number, so it applies once whether or not the failed call was applied. Only that call
+    can be retried so: what an abandoned stream left unsettled was never the caller's to retry, and a new step with
+    the same inputs as one of those is a new step. None when `request` is new."""
+    if failed is None or not unsettled or unsettled[-1] is not failed or failed[0] is not method:
         return None
     earlier = type(request)()
-    earlier.CopyFrom(unsettled[-1][1])
+    earlier.CopyFrom(failed[1])
     earlier.sequence_number = request.sequence_number
-    if earlier != request:
-        return None
-    return unsettled.pop()[1]
+    return unsettled.pop() if earlier == request else None
 
 
 def lost_steps(details: str) -> LstmError:

@@ -106,6 +106,7 @@ class Session:
         # (method, request): numbered requests that may or may not have been applied (left unanswered by an
         # abandoned stream, or failed on a lost connection or a deadline), re-sent before the next one
         self._unsettled: list[tuple] = []
+        self._failed: tuple | None = None  # the entry of _unsettled left by the caller's own last call (take_retry)
         # a stream whose generator is not closed yet: one left by `break` while the caller still holds it
         self._open_stream: tuple[StreamLedger, threading.Condition] | None = None
 
@@ -214,14 +215,21 @@ class Session:
         """A state-changing call under the next number (a retry keeps it). If it fails without an answer from
         the server, it may have been applied: it is settled before the next request, which never reuses its
         number with other inputs; the same call again is its retry, under its number (see take_retry)."""
-        retried = take_retry(self._unsettled, method, request)
-        request = request if retried is None else retried
-        self._settle()  # what failed before it
+        retried = take_retry(self._unsettled, self._failed, method, request)
+        try:
+            self._settle()  # what failed before it
+        except Exception:
+            if retried is not None:
+                self._unsettled.append(retried)  # still unsettled, still the caller's to retry
+            raise
+        self._failed = None
+        request = request if retried is None else retried[1]
         try:
             response = self._client.call(method, request)
         except LstmError as error:
             if may_have_applied(error):
-                self._unsettled.append((method, request))
+                self._failed = (method, request)
+                self._unsettled.append(self._failed)
                 self._next_seq += 0 if retried is not None else 1
             raise
         self._next_seq += 0 if retried is not None else 1

@@ -101,7 +101,7 @@ class LiveSessions:
                 await self._store.created(self.record(session))
         except Exception:
             self.table.remove(session)
-            self.pool.release(session.slot)
+            self._scheduler.release(session.slot)  # its state's and the kept answers a taken session brought
             raise
 
     def close(self, session: Session, error: Exception) -> None:

@@ -182,6 +182,30 @@ def test_a_step_lost_with_the_stream_for_good_is_settled_before_the_next(demo_se
         assert direct.session(session_id=session.id).info().steps_applied == 2
 
 
+def test_retrying_a_step_lost_with_the_stream_applies_it_once(demo_server, scripted):
+    """The caller's retry of that step (the same inputs) is sent under its number: applied once, answered with its
+    outputs; the next step follows it."""
+    xs = inputs(1, 2, seed=12)[0]
+    with tcp_proxy(demo_server.address) as proxy, LstmClient(demo_server.address, timeout=30) as direct, \
+            LstmClient(proxy.address, timeout=30, retry=RetryPolicy(max_backoff=0.1, give_up_after=0.5)) as client, \
+            client.multiplexer() as mux:
+        session = mux.session()
+        with ThreadPoolExecutor(1) as pool:
+            proxy.hold_replies()
+            lost = pool.submit(session.step, xs[0])
+            assert wait_for(lambda: direct.session(session_id=session.id).info().steps_applied == 1)
+            proxy.refuse()
+            proxy.release_replies()
+            with pytest.raises(LstmError):
+                lost.result(30)
+        proxy.accept()
+        retried, y = session.step(xs[0]), session.step(xs[1])
+        reference = Reference(scripted, 1, 3)
+        np.testing.assert_allclose(retried, reference.step(xs[0]), atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(y, reference.step(xs[1]), atol=TOLERANCE, rtol=0)
+        assert direct.session(session_id=session.id).info().steps_applied == 2
+
+
 async def test_an_asyncio_step_lost_with_the_stream_for_good_is_settled_before_the_next(demo_server, scripted):
     xs = inputs(1, 2, seed=9)[0]
     retry = RetryPolicy(max_backoff=0.1, give_up_after=0.5)
