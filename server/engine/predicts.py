@@ -15,8 +15,8 @@ from server.tracing import Tracing
 
 
 class Predicts:
-    """`run_in_model_thread(fn, *args)` runs `fn` on the model thread; `refusals` counts what the limits
-    refuse."""
+    """Stateless sequences of one model: checked, then merged with concurrent ones and run on the model thread
+    (`run_in_model_thread(fn, *args)`); `refusals` counts what the limits refuse."""
 
     def __init__(self, runtime: ModelRuntime, limits: EngineLimits, metrics: Metrics,
                  run_in_model_thread: Callable[..., Awaitable], refusals: RefusalCounter,

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class Turnover:
+    """Opens, closes and expires the sessions of one engine; `refusals` counts what the admission limits refuse."""
+
     def __init__(self, live: LiveSessions, admission: Admission, metrics: Metrics, refusals: RefusalCounter,
                  idle_timeout: float, clock):
         self._live = live
@@ -42,12 +44,15 @@ class Turnover:
         return session
 
     async def close(self, session: Session) -> None:
+        """Ends a session its principal closed, here and in the store; its queued requests fail as closed."""
         await self._live.end(session, SessionNotFound(f"session {session.id} was closed before this request ran",
                                                       session.id))
         self._metrics.sessions_closed.inc()
         log.debug("session %s closed by its principal", fingerprint(session.id))
 
     async def expire_forever(self) -> None:
+        """Ends every session idle past the timeout (and not busy when its turn comes), checking every second or
+        quarter of the timeout, whichever is shorter."""
         period = min(1.0, self._idle_timeout / 4)
         while True:
             await asyncio.sleep(period)
