@@ -157,6 +157,22 @@ async def test_the_asyncio_multiplexer_with_a_step_of_the_wrong_input_size(demo_
         check(scripted, [xs[0]], [answers[0][None]])
 
 
+def lose_a_step(proxy, direct: LstmClient, session, x) -> LstmError:
+    """Steps `session` (multiplexed through `proxy`) with `x`: the server applies it, but its answer is held and then
+    lost with the connection, which stays refused until the multiplexer gives up. Returns the step's error, once the
+    proxy accepts connections again."""
+    with ThreadPoolExecutor(1) as pool:
+        proxy.hold_replies()
+        lost = pool.submit(session.step, x)
+        assert wait_for(lambda: direct.session(session_id=session.id).info().steps_applied == 1)
+        proxy.refuse()
+        proxy.release_replies()
+        with pytest.raises(LstmError) as broken:
+            lost.result(30)
+    proxy.accept()
+    return broken.value
+
+
 def test_a_step_lost_with_the_stream_for_good_is_settled_before_the_next(demo_server, scripted):
     """The server applies a step, its answer is lost with the connection, which stays down past the retries: the
     step fails, but the session's next step must not reuse its number with other inputs."""
@@ -165,16 +181,7 @@ def test_a_step_lost_with_the_stream_for_good_is_settled_before_the_next(demo_se
             LstmClient(proxy.address, timeout=30, retry=RetryPolicy(max_backoff=0.1, give_up_after=0.5)) as client, \
             client.multiplexer() as mux:
         session = mux.session()
-        with ThreadPoolExecutor(1) as pool:
-            proxy.hold_replies()
-            lost = pool.submit(session.step, xs[0])
-            assert wait_for(lambda: direct.session(session_id=session.id).info().steps_applied == 1)
-            proxy.refuse()
-            proxy.release_replies()
-            with pytest.raises(LstmError) as broken:
-                lost.result(30)
-        assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
-        proxy.accept()
+        assert lose_a_step(proxy, direct, session, xs[0]).code() == grpc.StatusCode.UNAVAILABLE
         y = session.step(xs[1])
         reference = Reference(scripted, 1, 3)
         reference.step(xs[0])
@@ -190,15 +197,7 @@ def test_retrying_a_step_lost_with_the_stream_applies_it_once(demo_server, scrip
             LstmClient(proxy.address, timeout=30, retry=RetryPolicy(max_backoff=0.1, give_up_after=0.5)) as client, \
             client.multiplexer() as mux:
         session = mux.session()
-        with ThreadPoolExecutor(1) as pool:
-            proxy.hold_replies()
-            lost = pool.submit(session.step, xs[0])
-            assert wait_for(lambda: direct.session(session_id=session.id).info().steps_applied == 1)
-            proxy.refuse()
-            proxy.release_replies()
-            with pytest.raises(LstmError):
-                lost.result(30)
-        proxy.accept()
+        lose_a_step(proxy, direct, session, xs[0])
         retried, y = session.step(xs[0]), session.step(xs[1])
         reference = Reference(scripted, 1, 3)
         np.testing.assert_allclose(retried, reference.step(xs[0]), atol=TOLERANCE, rtol=0)
